@@ -1,0 +1,1 @@
+"""The teacher-output cache: the Zarr store's schema, writer and reader."""

@@ -1,0 +1,113 @@
+"""The cache store's schema: the contract between `richkd precompute` and everything that reads its output.
+
+A Zarr v3 group. V views, N samples, C classes, P prompt templates, k view parameters.
+Per-sample arrays are chunked along N and sharded so that one shard holds one write unit
+(`shard_size` samples of one view): writers of different (view, shard) blocks never touch the
+same file, and `progress/done[view, shard]` records which blocks are fully written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+FORMAT = "richkd-cache"
+SCHEMA_VERSION = 1
+
+# Arrays written block by block, shape (V, N, ...): row i is dataset index i.
+PER_VIEW_ARRAYS = ("views/params", "teacher/logits", "teacher/features", "clip/image_embeds", "clip/logits")
+# Arrays written once, when the store is created.
+STATIC_ARRAYS = ("labels", "keys", "clip/class_embeds", "clip/prompt_embeds")
+DONE = "progress/done"
+
+PRECISIONS = ("float16", "float32")
+
+# Provenance sections that must agree for a run to continue an existing store.
+IDENTITY_SECTIONS = ("layout", "dataset", "views", "teacher", "clip")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every dimension of a store, and how it is cut into chunks and shards."""
+
+    views: int
+    samples: int
+    classes: int
+    teacher_dim: int
+    clip_dim: int
+    prompts: int
+    view_params: int
+    shard_size: int
+    chunk_size: int
+    precision: str
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.samples // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.samples)
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Every (view, shard) write unit, view-major."""
+        return [(view, shard) for view in range(self.views) for shard in range(self.num_shards)]
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        V, N, C = self.views, self.samples, self.classes
+        chunk, shard = min(self.chunk_size, self.shard_size), self.shard_size
+
+        def per_view(width: int, dtype: str) -> ArraySpec:
+            return ArraySpec((V, N, width), dtype, (1, chunk, width), (1, shard, width))
+
+        def per_sample(dtype: str) -> ArraySpec:
+            return ArraySpec((N,), dtype, (chunk,), (shard,))
+
+        class_chunk = min(C, 128)
+        return {
+            "labels": per_sample("int64"),
+            "keys": per_sample("str"),
+            "views/params": per_view(self.view_params, "int32"),
+            "teacher/logits": per_view(C, self.precision),
+            "teacher/features": per_view(self.teacher_dim, self.precision),
+            "clip/image_embeds": per_view(self.clip_dim, self.precision),
+            "clip/logits": per_view(C, self.precision),
+            "clip/class_embeds": ArraySpec((C, self.clip_dim), "float32", (class_chunk, self.clip_dim), None),
+            "clip/prompt_embeds": ArraySpec(
+                (C, self.prompts, self.clip_dim), "float32", (class_chunk, self.prompts, self.clip_dim), None),
+            # One chunk per flag: concurrent writers of different blocks never rewrite each other's flags.
+            DONE: ArraySpec((V, self.num_shards), "bool", (1, 1), None),
+        }
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def compressors(dtype: str) -> list:
+    """Blosc zstd, then a CRC32C checksum of every compressed chunk, so corruption is detected on read."""
+    if dtype == "str":
+        return [BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle"), Crc32cCodec()]
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
+
+
+def create_array(group: zarr.Group, name: str, spec: ArraySpec) -> zarr.Array:
+    return group.create_array(
+        name,
+        shape=spec.shape,
+        dtype=str if spec.dtype == "str" else spec.dtype,
+        chunks=spec.chunks,
+        shards=spec.shards,
+        compressors=compressors(spec.dtype),
+        fill_value=None if spec.dtype == "str" else 0,
+    )

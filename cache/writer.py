@@ -1,0 +1,67 @@
+"""Creating a cache store, or continuing an unfinished one, and writing it block by block."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from richkd.cache.reader import first_difference, is_cache, open_existing_group
+from richkd.cache.schema import DONE, FORMAT, IDENTITY_SECTIONS, PER_VIEW_ARRAYS, SCHEMA_VERSION, Layout, create_array
+from richkd.pipeline.errors import UserError
+
+
+class CacheWriter:
+    """Writes (view, shard) blocks; a block counts as written only once its `progress/done` flag is set."""
+
+    def __init__(self, group: zarr.Group, layout: Layout):
+        self.group = group
+        self.layout = layout
+        for name, spec in layout.arrays().items():
+            if name not in group:
+                create_array(group, name, spec)
+        self.arrays = {name: group[name] for name in layout.arrays()}
+
+    @classmethod
+    def open(cls, url: str, layout: Layout, provenance: dict, overwrite: bool = False) -> CacheWriter:
+        """A new store at `url`, or the existing one when it was made with the same configuration.
+
+        `provenance` holds the identity sections (which must match to continue a store) and any
+        other root attributes. Anything at `url` that is not a richkd store is never replaced.
+        """
+        group = open_existing_group(url, mode="r+")
+        if group is not None:
+            if not is_cache(group):
+                raise UserError(f"{url} exists but is not a richkd cache store; refusing to replace it")
+            if not overwrite:
+                stored = {section: group.attrs.get(section) for section in IDENTITY_SECTIONS}
+                wanted = {section: provenance[section] for section in IDENTITY_SECTIONS}
+                difference = first_difference(stored, wanted)
+                if difference:
+                    raise UserError(
+                        f"cache {url} was made with another configuration ({difference}); "
+                        "pass --overwrite to replace it or choose another --out"
+                    )
+                return cls(group, layout)
+        group = zarr.open_group(url, mode="w")
+        group.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, **provenance})
+        return cls(group, layout)
+
+    def done(self) -> np.ndarray:
+        return self.arrays[DONE][...]
+
+    def pending_blocks(self) -> list[tuple[int, int]]:
+        """The (view, shard) blocks not yet fully written, view-major."""
+        done = self.done()
+        return [(view, shard) for view, shard in self.layout.blocks() if not done[view, shard]]
+
+    def write_static(self, arrays: dict[str, np.ndarray]) -> None:
+        """The arrays that do not depend on the view (labels, keys, class and prompt embeddings)."""
+        for name, values in arrays.items():
+            self.arrays[name][...] = values
+
+    def write_block(self, view: int, shard: int, outputs: dict[str, np.ndarray]) -> None:
+        """All per-view arrays of one block, then its done flag."""
+        start, stop = self.layout.shard_range(shard)
+        for name in PER_VIEW_ARRAYS:
+            self.arrays[name][view, start:stop] = outputs[name]
+        self.arrays[DONE][view, shard] = True

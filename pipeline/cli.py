@@ -1,0 +1,89 @@
+"""The `richkd` command line.
+
+Stage commands get one flag per field of the stage's config dataclass; `--config params.yaml` fills the
+same fields from the file's section for that stage, and flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.text import Text
+
+from richkd.pipeline.config import build_config, field_type
+from richkd.pipeline.errors import UserError, one_line
+from richkd.pipeline.runtime import console
+from richkd.stages import inspect_store, precompute
+
+app = typer.Typer(
+    name="richkd",
+    help="Distil compact image classifiers from a teacher and CLIP at once, from a cache of their outputs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Set by the --debug flag: show the traceback of user errors instead of one line.
+debug_mode = {"enabled": False}
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(help="Show full tracebacks for errors.")] = False) -> None:
+    debug_mode["enabled"] = debug
+
+
+def add_stage_command(name: str, config_class: type, run: Callable, summary: str) -> None:
+    """A command whose flags are `config_class`'s fields, plus `--config` for a params file."""
+
+    def command(ctx: typer.Context, **values) -> None:
+        params_file = values.pop("config")
+        # typer bundles its own click, so the source enum is compared by name.
+        given = {key: value for key, value in values.items()
+                 if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"}
+        run(build_config(config_class, name, params_file, given))
+
+    parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    for field in dataclasses.fields(config_class):
+        flag_type = field_type(config_class, field.name)
+        annotation = Annotated[Optional[flag_type] if field.default is None else flag_type,
+                               typer.Option(help=field.metadata["help"])]
+        parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=field.default, annotation=annotation))
+    config_help = f"A params file whose '{name}:' section sets these options; flags given here win."
+    parameters.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Optional[Path], typer.Option(help=config_help)]))
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    app.command(name, help=summary)(command)
+
+
+add_stage_command(
+    "precompute", precompute.PrecomputeConfig, precompute.run,
+    "Run the teacher and CLIP over every augmented view of a dataset and cache their outputs in a Zarr store.",
+)
+app.command("inspect")(inspect_store.command)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit status: 2 with one line on stderr for a user error."""
+    try:
+        app(args=argv, prog_name="richkd")
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except UserError as error:
+        if debug_mode["enabled"]:
+            raise
+        console.print(Text.assemble(("error: ", "bold red"), one_line(error)), soft_wrap=True)
+        return 2
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_cli())
+

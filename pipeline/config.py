@@ -1,0 +1,102 @@
+"""Stage configuration: one dataclass per stage, filled from defaults, a params file and CLI flags.
+
+Each field carries its CLI help text in its metadata, so the dataclass is the single description
+of a stage's options: the CLI builds its flags from it and `params.yaml` sections are checked
+against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from richkd.pipeline.errors import UserError
+
+Config = TypeVar("Config")
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its CLI help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_type(config_class: type, name: str) -> type:
+    """The plain type of a field: `int | None` gives `int`."""
+    hint = typing.get_type_hints(config_class)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def read_params_section(path: str | Path, section: str) -> dict[str, Any]:
+    """The `section:` mapping of a YAML params file (empty when the file has no such section)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UserError(f"cannot read params file {path}: {error.strerror or error}") from error
+    try:
+        params = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"params file {path} is not valid YAML{line}: {getattr(error, 'problem', error)}") from error
+    if not isinstance(params, dict):
+        raise UserError(f"params file {path} must be a mapping of stage sections, found {type(params).__name__}")
+    values = params.get(section) or {}
+    if not isinstance(values, dict):
+        raise UserError(f"params file {path}: section '{section}' must be a mapping, found {type(values).__name__}")
+    return values
+
+
+def coerce(config_class: type, name: str, value: Any, source: str) -> Any:
+    """Check a params-file value against the field's type (YAML already parsed numbers and booleans)."""
+    if value is None:
+        return None
+    wanted = field_type(config_class, name)
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if wanted is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+        raise UserError(f"{source}: '{name}' must be {wanted.__name__}, got {value!r}")
+    return value
+
+
+def build_config(
+    config_class: type[Config],
+    section: str,
+    params_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults, then the params file's `section`, then `overrides` (the flags the user gave)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values: dict[str, Any] = {}
+    if params_path is not None:
+        source = f"{params_path} [{section}]"
+        for name, value in read_params_section(params_path, section).items():
+            if name not in names:
+                raise UserError(f"{source}: unknown field '{name}'; fields are: {', '.join(sorted(names))}")
+            values[name] = coerce(config_class, name, value, source)
+    values.update(overrides or {})
+    config = config_class(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON/YAML-ready data."""
+    return dataclasses.asdict(config)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a UserError with `message` unless `condition` holds."""
+    if not condition:
+        raise UserError(message)

@@ -1,0 +1,193 @@
+"""Datasets by name: each split gives its labels, sample keys and class names up front, and original images by index.
+
+Row `i` of every per-sample array in the cache is dataset index `i`; `keys[i]` is the sample's own key
+(a file path relative to the split's root, or the index for array-backed datasets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.transforms.v2 import functional as TF
+
+from richkd.pipeline.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageDataset:
+    """One split of a dataset, indexable without decoding any image."""
+
+    name: str
+    split: str
+    class_names: list[str]
+    labels: np.ndarray
+    keys: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Side of the (square) images when every image has it, else None.
+    native_size: int | None
+    load: Callable[[int], torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> torch.Tensor:
+        """The original image as a uint8 (3, H, W) tensor."""
+        return self.load(index)
+
+    def fingerprint(self) -> str:
+        """sha256 over labels and keys: what a cache built from this split must match."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
+        digest.update("\n".join(self.keys).encode())
+        return digest.hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "split": self.split,
+            "num_samples": len(self),
+            "class_names": list(self.class_names),
+            "fingerprint": self.fingerprint(),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+DATASETS: dict[str, Callable[[Path, str, bool], ImageDataset]] = {}
+
+
+def register_dataset(name: str):
+    def register(build: Callable[[Path, str, bool], ImageDataset]):
+        DATASETS[name] = build
+        return build
+
+    return register
+
+
+def open_dataset(name: str, root: str | Path, split: str = "train", download: bool = False) -> ImageDataset:
+    """The `split` of dataset `name` stored under `root` (fetched first when `download`)."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; known datasets: {', '.join(sorted(DATASETS))}")
+    dataset = DATASETS[name](Path(root), split, download)
+    if len(dataset) == 0:
+        raise UserError(f"dataset '{name}' split '{split}' under {root} has no samples")
+    return dataset
+
+
+def _check_split(split: str, splits: tuple[str, ...], name: str) -> None:
+    if split not in splits:
+        raise UserError(f"dataset '{name}' has no split '{split}'; splits: {', '.join(splits)}")
+
+
+def _local_cifar(base: type[torchvision.datasets.CIFAR10]) -> type[torchvision.datasets.CIFAR10]:
+    """torchvision's CIFAR reader, checking that the batch files exist rather than their md5.
+
+    A download still verifies the archive's md5; locally prepared files (subsets, tests) load as they are.
+    """
+    return type(
+        f"Local{base.__name__}",
+        (base,),
+        {
+            "train_list": [[name, None] for name, _ in base.train_list],
+            "test_list": [[name, None] for name, _ in base.test_list],
+            "meta": {**base.meta, "md5": None},
+        },
+    )
+
+
+def _cifar(name: str, base: type, mean, std) -> None:
+    reader = _local_cifar(base)
+
+    @register_dataset(name)
+    def build(root: Path, split: str, download: bool) -> ImageDataset:
+        _check_split(split, ("train", "test"), name)
+        try:
+            cifar = reader(str(root), train=split == "train", download=download)
+        except RuntimeError as error:
+            raise UserError(
+                f"no {name} data under {root} (expected {root / base.base_folder}/); pass --download to fetch it"
+            ) from error
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:  # truncated or foreign files
+            raise UserError(f"cannot read {name} data under {root / base.base_folder}: {error}") from error
+        images = cifar.data
+        return ImageDataset(
+            name=name,
+            split=split,
+            class_names=list(cifar.classes),
+            labels=np.asarray(cifar.targets, dtype=np.int64),
+            keys=[str(i) for i in range(len(images))],
+            mean=mean,
+            std=std,
+            native_size=32,
+            load=CifarImages(images),
+        )
+
+
+@dataclass
+class CifarImages:
+    """Index -> CHW uint8 tensor over CIFAR's in-memory HWC array (picklable for loader workers)."""
+
+    images: np.ndarray
+
+    def __call__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1).contiguous()
+
+
+_cifar("cifar10", torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_cifar("cifar100", torchvision.datasets.CIFAR100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+
+
+@dataclass
+class FolderImages:
+    """Index -> CHW uint8 tensor, decoding the file with torchvision's ImageFolder loader."""
+
+    paths: list[str]
+    loader: Callable
+
+    def __call__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            return TF.pil_to_tensor(self.loader(path))
+        except Exception as error:
+            raise UserError(f"cannot read image {path}: {error}") from error
+
+
+@register_dataset("imagefolder")
+def _imagefolder(root: Path, split: str, download: bool) -> ImageDataset:
+    """`root/<split>/<class>/<image>`: class names are the folder names, in sorted order."""
+    if download:
+        raise UserError("dataset 'imagefolder' cannot be downloaded; point --data-root at the folder")
+    folder = root / split
+    if not folder.is_dir():
+        raise UserError(f"no split folder {folder} (an image folder dataset is <root>/<split>/<class>/<image>)")
+    try:
+        images = torchvision.datasets.ImageFolder(str(folder))
+    except FileNotFoundError as error:
+        raise UserError(f"no images under {folder}: {error}") from error
+    paths = [path for path, _ in images.samples]
+    return ImageDataset(
+        name="imagefolder",
+        split=split,
+        class_names=list(images.classes),
+        labels=np.asarray(images.targets, dtype=np.int64),
+        keys=[Path(path).relative_to(folder).as_posix() for path in paths],
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        native_size=None,
+        load=FolderImages(paths, images.loader),
+    )
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, scaled to [0, 1] and standardised per channel."""
+    return TF.normalize(images.float().div_(255), list(mean), list(std))

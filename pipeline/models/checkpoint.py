@@ -1,0 +1,131 @@
+"""Reading and writing model checkpoints.
+
+Accepted formats: mdistiller's {"model": state_dict, "epoch": ..., ...}, a plain state_dict,
+{"state_dict": state_dict, ...}, and richkd's own {"model": state_dict, "arch": ..., "num_classes": ...}.
+"""
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from richkd.pipeline.errors import UserError
+
+STATE_DICT_ENTRIES = ("model", "state_dict")
+DDP_PREFIX = "module."
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, arch: str, num_classes: int, **extra: Any) -> None:
+    """Write a richkd checkpoint atomically: readers see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "arch": arch, "num_classes": num_classes, **extra}
+    # Same directory, so the rename is atomic; opened normally so the file gets the usual permissions.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint strictly into `model` (from create_model); return its other entries (e.g. epoch)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever the unpickler trips on, the file is unusable
+        raise UserError(f"checkpoint {path}: {_unreadable_reason(error)}") from error
+    split = _split_payload(payload)
+    if split is None:
+        raise UserError(
+            f"checkpoint {path}: holds no state_dict (neither a state_dict nor a dict with a "
+            f"{' or '.join(map(repr, STATE_DICT_ENTRIES))} entry)"
+        )
+    state, metadata = split
+    # checkpoints saved from a DistributedDataParallel wrapper
+    if all(key.startswith(DDP_PREFIX) for key in state):
+        state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
+    mismatch = _describe_mismatch(model, state, metadata)
+    if mismatch:
+        raise UserError(f"checkpoint {path}: {mismatch}")
+    model.load_state_dict(state, strict=True)
+    return metadata
+
+
+def _unreadable_reason(error: Exception) -> str:
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if refused:
+        return f"holds a {refused[1]} object, which weights-only loading refuses"
+    return "not a torch checkpoint"
+
+
+def _is_state_dict(candidate: object) -> bool:
+    return (
+        isinstance(candidate, Mapping)
+        and len(candidate) > 0
+        and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in candidate.items())
+    )
+
+
+def _split_payload(payload: object) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None:
+    """(state_dict, other entries) of a loaded checkpoint, None when it holds no state_dict."""
+    if _is_state_dict(payload):
+        return payload, {}
+    if isinstance(payload, Mapping):
+        for entry in STATE_DICT_ENTRIES:
+            if _is_state_dict(payload.get(entry)):
+                return payload[entry], {key: value for key, value in payload.items() if key != entry}
+    return None
+
+
+def _preview(items: list[str], limit: int = 3) -> str:
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+def _describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> str:
+    """Why `state` does not fit `model`, most telling reason first; empty if it fits."""
+    arch = metadata.get("arch")
+    if arch is not None and arch != model.arch:
+        return f"saved for arch {arch!r}, the model is {model.arch!r}"
+    classifier_weight = state.get(f"{model.classifier_name}.weight")
+    if classifier_weight is not None and classifier_weight.shape[0] != model.num_classes:
+        return f"checkpoint has {classifier_weight.shape[0]} classes, model has {model.num_classes}"
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys ({_preview(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
+    if problems:
+        return "; ".join(problems)
+    wrong_shapes = [
+        f"{key} is {list(state[key].shape)} in the checkpoint, {list(value.shape)} in the model"
+        for key, value in expected.items()
+        if state[key].shape != value.shape
+    ]
+    if wrong_shapes:
+        return f"{len(wrong_shapes)} shape mismatches: {_preview(wrong_shapes)}"
+    return ""

@@ -1,0 +1,77 @@
+"""Where and how a stage runs: device, progress display, software versions."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from importlib import metadata
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import TimeRemainingColumn
+from rich.text import Text
+
+from richkd.pipeline.errors import UserError
+
+console = Console(stderr=True)
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"unknown device '{name}'; use {DEVICE_CHOICES}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device '{name}'; use {DEVICE_CHOICES}")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 on the CPU, where results must be reproducible bit for bit."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("richkd", "torch", "torchvision", "open_clip_torch", "timm", "zarr", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+class RateColumn(ProgressColumn):
+    """Items per second over the task's lifetime."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        rate = task.completed / task.elapsed if task.elapsed else 0.0
+        return Text(f"{rate:,.1f} {self.unit}/s", style="progress.data.speed")
+
+
+def progress_bar(unit: str) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        # Gone when done: a run's summary line follows, and an error stays the last (only) line.
+        transient=True,
+    )

@@ -1,0 +1,120 @@
+"""Augmented views: geometric parameters sampled once per (seed, view, sample), stored, and replayed.
+
+Parameters are in the original image's coordinates. Replaying them with `ViewPolicy.replay` on the
+original image gives the same uint8 pixels wherever it runs, so the student sees exactly what the
+teacher and CLIP saw when the cache was written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from richkd.pipeline.errors import UserError
+
+
+def view_rng(seed: int, view: int, index: int) -> np.random.Generator:
+    """The random stream of one (view, sample): independent of batching, sharding and worker order."""
+    return np.random.default_rng((seed, view, index))
+
+
+@dataclass(frozen=True)
+class PadCrop:
+    """`RandomCrop(size, padding)` + horizontal flip: params (top, left, flip), top/left may be negative."""
+
+    size: int
+    padding: int = 4
+    name = "pad_crop"
+    param_names = ("top", "left", "flip")
+
+    def sample(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, ...]:
+        top = int(rng.integers(-self.padding, height + self.padding - self.size + 1))
+        left = int(rng.integers(-self.padding, width + self.padding - self.size + 1))
+        return top, left, int(rng.random() < 0.5)
+
+    def replay(self, image: torch.Tensor, params) -> torch.Tensor:
+        top, left, flip = (int(p) for p in params)
+        view = TF.crop(image, top, left, self.size, self.size)  # zero-fills outside the image, as padding does
+        return TF.horizontal_flip(view) if flip else view
+
+
+@dataclass(frozen=True)
+class ResizedCrop:
+    """`RandomResizedCrop(size, scale, ratio)` + horizontal flip: params (top, left, height, width, flip)."""
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    name = "resized_crop"
+    param_names = ("top", "left", "height", "width", "flip")
+
+    def sample(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, ...]:
+        box = self._box(rng, height, width)
+        return (*box, int(rng.random() < 0.5))
+
+    def _box(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+        # torchvision's RandomResizedCrop.get_params, drawn from this view's own generator.
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            h, w = height, width
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def replay(self, image: torch.Tensor, params) -> torch.Tensor:
+        top, left, height, width, flip = (int(p) for p in params)
+        view = TF.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
+        return TF.horizontal_flip(view) if flip else view
+
+
+VIEW_POLICIES = {policy.name: policy for policy in (PadCrop, ResizedCrop)}
+
+# Output side of resized crops when the user gives none (the ImageNet convention).
+DEFAULT_RESIZED_SIZE = 224
+
+
+def make_view_policy(name: str, native_size: int | None, image_size: int | None) -> PadCrop | ResizedCrop:
+    """`auto` pad-crops datasets whose images all share one small side (CIFAR) and resized-crops the rest."""
+    if name == "auto":
+        name = "pad_crop" if native_size is not None and native_size <= 64 else "resized_crop"
+    if name not in VIEW_POLICIES:
+        raise UserError(f"unknown view policy '{name}'; known: auto, {', '.join(VIEW_POLICIES)}")
+    if name == "pad_crop":
+        if native_size is None:
+            raise UserError("view policy pad_crop needs images of one size; use resized_crop for this dataset")
+        return PadCrop(size=image_size or native_size)
+    return ResizedCrop(size=image_size or DEFAULT_RESIZED_SIZE)
+
+
+def describe_policy(policy: PadCrop | ResizedCrop) -> dict:
+    return {"policy": policy.name, "param_names": list(policy.param_names), **asdict(policy)}
+
+
+def policy_from_description(description: dict) -> PadCrop | ResizedCrop:
+    """The policy recorded in a store's attributes."""
+    fields = {k: v for k, v in description.items() if k not in ("policy", "param_names", "seed", "count")}
+    policy_class = VIEW_POLICIES[description["policy"]]
+    if policy_class is ResizedCrop:
+        fields = {**fields, "scale": tuple(fields["scale"]), "ratio": tuple(fields["ratio"])}
+    return policy_class(**fields)
+
+
+def sample_view(policy: PadCrop | ResizedCrop, seed: int, view: int, index: int, image: torch.Tensor) -> np.ndarray:
+    """The stored parameters of view `view` of sample `index`."""
+    rng = view_rng(seed, view, index)
+    return np.asarray(policy.sample(rng, image.shape[-2], image.shape[-1]), dtype=np.int32)

@@ -1,0 +1,159 @@
+"""`richkd inspect STORE`: what a cache holds and how good its targets are, computed from the store alone."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from richkd.cache.reader import CacheReader
+from richkd.pipeline.fusion import CLIP_SCALES, clip_scale_value, fuse_logits
+from richkd.pipeline.metrics import ClassificationMeter
+from richkd.pipeline.runtime import progress_bar
+
+ALPHAS = tuple(round(0.1 * step, 1) for step in range(11))
+DEFAULT_ALPHA = 0.7
+
+
+def array_summary(reader: CacheReader) -> list[dict]:
+    summary = []
+    for name in reader.layout.arrays():
+        array = reader.array(name)
+        summary.append({
+            "name": name,
+            "shape": list(array.shape),
+            "dtype": str(array.dtype),
+            "chunks": list(array.chunks),
+            "shards": list(array.shards) if array.shards else None,
+            "bytes": int(array.nbytes),
+            "bytes_stored": int(array.nbytes_stored()),
+        })
+    return summary
+
+
+def target_quality(reader: CacheReader, max_views: int | None = None) -> dict:
+    """Top-1 of the teacher, CLIP and fused logits over every written block, and the alpha sweep."""
+    layout = reader.layout
+    logit_scale = reader.attrs["clip"]["logit_scale"]
+    scales = {name: clip_scale_value(name, logit_scale) for name in CLIP_SCALES}
+    teacher_meter, clip_meter = ClassificationMeter(), ClassificationMeter()
+    sweep = {(name, alpha): ClassificationMeter() for name in scales for alpha in ALPHAS}
+    labels_all = reader.array("labels")[...]
+    teacher_logits, clip_logits = reader.array("teacher/logits"), reader.array("clip/logits")
+    done = reader.done()
+    views = range(min(layout.views, max_views or layout.views))
+    blocks = [(view, shard) for view in views for shard in range(layout.num_shards) if done[view, shard]]
+    with progress_bar("block") as progress:
+        for view, shard in progress.track(blocks, description="reading blocks"):
+            start, stop = layout.shard_range(shard)
+            labels = torch.from_numpy(labels_all[start:stop])
+            z_teacher = torch.from_numpy(teacher_logits[view, start:stop].astype(np.float32))
+            s_clip = torch.from_numpy(clip_logits[view, start:stop].astype(np.float32))
+            teacher_meter.update(z_teacher, labels)
+            clip_meter.update(scales["clip"] * s_clip, labels)
+            for (name, alpha), meter in sweep.items():
+                meter.update(fuse_logits(z_teacher, s_clip, alpha, scales[name]), labels)
+    samples = teacher_meter.count
+    return {
+        "samples_evaluated": samples,
+        "views_evaluated": len(views),
+        "teacher_top1": teacher_meter.result()["top1"] if samples else None,
+        "clip_top1": clip_meter.result()["top1"] if samples else None,
+        "fused_top1": sweep[("raw", DEFAULT_ALPHA)].result()["top1"] if samples else None,
+        "fused_alpha": DEFAULT_ALPHA,
+        "alpha_sweep": [
+            {"clip_scale": name, "alpha": alpha, **{k: v for k, v in meter.result().items() if k != "count"}}
+            for (name, alpha), meter in sweep.items()
+        ] if samples else [],
+    }
+
+
+def inspect_store(url: str, max_views: int | None = None) -> dict:
+    reader = CacheReader(url)
+    done = reader.done()
+    attrs = reader.attrs
+    return {
+        "store": url,
+        "provenance": {key: attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout", "software",
+                                                   "created") if key in attrs},
+        "complete": bool(done.all()),
+        "blocks_done": int(done.sum()),
+        "blocks_total": int(done.size),
+        "arrays": array_summary(reader),
+        "quality": target_quality(reader, max_views),
+    }
+
+
+def size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def print_report(report: dict, console: Console) -> None:
+    p = report["provenance"]
+    dataset, views, teacher, clip = p["dataset"], p["views"], p["teacher"], p["clip"]
+    console.print(f"[bold]{report['store']}[/]")
+    console.print(f"dataset   {dataset['name']} / {dataset['split']}: {dataset['num_samples']} samples, "
+                  f"{len(dataset['class_names'])} classes")
+    console.print(f"views     {views['count']} x {views['policy']} (size {views['size']}), seed {views['seed']}")
+    console.print(f"teacher   {teacher['arch']}, checkpoint sha256 {teacher['checkpoint_sha256'][:16]}")
+    weights = clip["pretrained"] or (clip["checkpoint_sha256"] or "")[:16]
+    console.print(f"clip      {clip['model']} ({weights}), {len(clip['templates'])} templates, "
+                  f"logit_scale {clip['logit_scale']:.2f}")
+    console.print(f"precision {p['layout']['precision']}, created {p.get('created', '?')}, "
+                  f"torch {p.get('software', {}).get('torch', '?')}")
+    state = "complete" if report["complete"] else "INCOMPLETE"
+    console.print(f"blocks    {report['blocks_done']} of {report['blocks_total']} written ({state})")
+
+    arrays = Table(title="arrays", title_justify="left")
+    for column in ("array", "shape", "dtype", "chunk", "shard", "size", "on disk"):
+        arrays.add_column(column, justify="right" if column in ("size", "on disk") else "left")
+    for a in report["arrays"]:
+        arrays.add_row(a["name"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])),
+                       str(tuple(a["shards"])) if a["shards"] else "-", size(a["bytes"]), size(a["bytes_stored"]))
+    console.print(arrays)
+
+    quality = report["quality"]
+    console.print(f"top-1 over {quality['samples_evaluated']} (view, sample) pairs of {quality['views_evaluated']} "
+                  f"views: teacher {percent(quality['teacher_top1'])}, CLIP {percent(quality['clip_top1'])}, "
+                  f"fused (alpha {quality['fused_alpha']}, raw) {percent(quality['fused_top1'])}")
+    if quality["alpha_sweep"]:
+        sweep = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C)", title_justify="left")
+        sweep.add_column("alpha", justify="right")
+        for name in CLIP_SCALES:
+            for metric in ("top-1", "NLL", "ECE"):
+                sweep.add_column(f"{name} {metric}", justify="right")
+        for alpha in ALPHAS:
+            row = [f"{alpha:.1f}"]
+            for name in CLIP_SCALES:
+                r = next(x for x in quality["alpha_sweep"] if x["clip_scale"] == name and x["alpha"] == alpha)
+                row += [percent(r["top1"]), f"{r['nll']:.3f}", percent(r["ece"])]
+            sweep.add_row(*row)
+        console.print(sweep)
+
+
+def command(
+    store: Annotated[str, typer.Argument(help="The cache store (a path or fsspec URL).")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    views: Annotated[int | None, typer.Option(help="Only evaluate the first N views (default: all).", min=1)] = None,
+) -> None:
+    """Show a cache's provenance, arrays and completeness, and the accuracy of its targets."""
+    report = inspect_store(store, views)
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report, Console())
+

@@ -1,0 +1,248 @@
+"""`richkd precompute`: run the teacher and CLIP once over every view of every sample and cache their outputs.
+
+Work is cut into (view, shard) blocks, the store's write unit. Blocks already marked done are never
+recomputed, so an interrupted run continues where it stopped; batches never cross a block boundary,
+so a resumed store is identical to one written in one go.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from richkd.cache.schema import PER_VIEW_ARRAYS, PRECISIONS, Layout
+from richkd.cache.writer import CacheWriter
+from richkd.pipeline.clip import DEFAULT_TEMPLATES, load_clip, prompt_class_name, read_class_names, read_templates
+from richkd.pipeline.clip import zero_shot_classifier
+from richkd.pipeline.config import option, require, to_dict
+from richkd.pipeline.data import ImageDataset, normalize, open_dataset
+from richkd.pipeline.errors import UserError
+from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
+from richkd.pipeline.runtime import DEVICE_CHOICES, autocast, console, progress_bar, resolve_device
+from richkd.pipeline.runtime import software_versions
+from richkd.pipeline.views import describe_policy, make_view_policy, sample_view
+
+
+@dataclass
+class PrecomputeConfig:
+    dataset: str = option("cifar100", "Dataset name: cifar10, cifar100 or imagefolder.")
+    data_root: str = option("data", "Where the dataset is stored (torchvision layout, or <root>/<split>/<class>/).")
+    split: str = option("train", "Dataset split to cache.")
+    download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets only).")
+    teacher: str = option("resnet32x4", "Teacher architecture: a zoo name, tv:<torchvision model> or timm:<model>.")
+    teacher_checkpoint: str | None = option(None, "Teacher weights: an mdistiller, plain or richkd checkpoint.")
+    clip: str = option("ViT-L-14", "open_clip model name, hf-hub:ORG/REPO or local-dir:PATH.")
+    clip_pretrained: str | None = option(
+        "openai", "CLIP weights: an open_clip pretrained tag, a checkpoint file, or 'random' (untrained).")
+    templates: str | None = option(None, "Prompt templates file, one per line with {} for the class name.")
+    class_names: str | None = option(None, "Class names file for the prompts, one per line in class order.")
+    raw_class_names: bool = option(False, "Use class names as the dataset spells them (no '_' -> ' ').")
+    views: int = option(8, "Augmented views per sample.")
+    view_policy: str = option("auto", "auto, pad_crop (RandomCrop+flip, 32x32 data) or resized_crop.")
+    image_size: int | None = option(None, "Side of each view (default: the images' side, or 224 for resized crops).")
+    seed: int = option(0, "Seed of the view parameters.")
+    out: str = option("cache/teachers.zarr", "The store to write (a path or fsspec URL).")
+    dtype: str = option("float16", "Precision of stored logits and features: float16 or float32.")
+    shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.")
+    batch_size: int = option(256, "Images per forward pass.")
+    num_workers: int = option(2, "Data loading worker processes (0 loads in the main process).")
+    device: str = option("auto", f"Device: {DEVICE_CHOICES}.")
+    overwrite: bool = option(False, "Replace an existing store made with another configuration.")
+
+    def validate(self) -> None:
+        require(self.views >= 1, f"--views must be at least 1, got {self.views}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
+        require(self.num_workers >= 0, f"--num-workers must be 0 or more, got {self.num_workers}")
+        require(self.image_size is None or self.image_size >= 1, f"--image-size must be positive, got {self.image_size}")
+        require(self.dtype in PRECISIONS, f"--dtype must be one of {', '.join(PRECISIONS)}, got '{self.dtype}'")
+        require(self.teacher_checkpoint is not None, "--teacher-checkpoint is required")
+
+
+@dataclass
+class PrecomputeResult:
+    store: str
+    blocks_written: int
+    images: int
+    seconds: float
+
+
+class ViewImages(Dataset):
+    """(view, index) -> the replayed view as uint8 pixels, with its parameters."""
+
+    def __init__(self, dataset: ImageDataset, policy, seed: int):
+        self.dataset, self.policy, self.seed = dataset, policy, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        view, index = item
+        image = self.dataset.image(index)
+        params = sample_view(self.policy, self.seed, view, index, image)
+        return self.policy.replay(image, params), torch.from_numpy(params)
+
+
+def block_batches(layout: Layout, blocks: list[tuple[int, int]], batch_size: int):
+    """Batches of (view, index) items, each inside one block, in block order."""
+    for view, shard in blocks:
+        start, stop = layout.shard_range(shard)
+        for first in range(start, stop, batch_size):
+            yield [(view, index) for index in range(first, min(first + batch_size, stop))]
+
+
+def to_storage(name: str, values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """A model output as the store's dtype, refusing NaN and inf rather than caching them."""
+    if not torch.isfinite(values).all():
+        raise UserError(f"{name} has NaN or inf values: check the model and its checkpoint")
+    with np.errstate(over="ignore"):  # overflow is reported below, as a user error
+        stored = values.cpu().numpy().astype(dtype)
+    if not np.isfinite(stored).all():
+        raise UserError(f"{name} has values beyond the range of {dtype}: use --dtype float32")
+    return stored
+
+
+class Models:
+    """The teacher and CLIP, and one batched forward pass of both on the same views."""
+
+    def __init__(self, teacher, dataset: ImageDataset, clip, class_embeds: torch.Tensor, device: torch.device):
+        self.teacher, self.dataset, self.clip, self.device = teacher, dataset, clip, device
+        self.class_embeds = class_embeds.to(device)
+        if device.type == "cuda":
+            self.teacher.to(memory_format=torch.channels_last)
+            self.clip.model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        views = views.to(self.device, non_blocking=True)
+        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        teacher_input = normalize(views, self.dataset.mean, self.dataset.std).contiguous(memory_format=memory_format)
+        clip_input = self.clip.preprocess(views).contiguous(memory_format=memory_format)
+        with autocast(self.device):
+            teacher_logits, teacher_features = self.teacher(teacher_input)
+            image_embeds = self.clip.encode_images(clip_input)
+        image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+        return {
+            "teacher/logits": teacher_logits.float(),
+            "teacher/features": teacher_features.float(),
+            "clip/image_embeds": image_embeds,
+            "clip/logits": image_embeds @ self.class_embeds.T,
+        }
+
+
+def load_teacher(arch: str, checkpoint: str, num_classes: int, device: torch.device) -> torch.nn.Module:
+    teacher = create_model(arch, num_classes)
+    load_checkpoint(teacher, checkpoint)
+    return teacher.to(device).eval()
+
+
+def run(config: PrecomputeConfig) -> PrecomputeResult:
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+    policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size)
+    if not Path(config.teacher_checkpoint).is_file():
+        raise UserError(f"teacher checkpoint {config.teacher_checkpoint} does not exist")
+    teacher = load_teacher(config.teacher, config.teacher_checkpoint, len(dataset.class_names), device)
+    clip = load_clip(config.clip, config.clip_pretrained, device)
+    templates = read_templates(config.templates) if config.templates else list(DEFAULT_TEMPLATES)
+    if config.class_names:
+        names = read_class_names(config.class_names, len(dataset.class_names))
+    else:
+        names = list(dataset.class_names)
+    prompt_names = names if config.raw_class_names else [prompt_class_name(name) for name in names]
+    class_embeds, prompt_embeds = zero_shot_classifier(clip, prompt_names, templates, device)
+
+    layout = Layout(
+        views=config.views,
+        samples=len(dataset),
+        classes=len(dataset.class_names),
+        teacher_dim=teacher.feature_dim,
+        clip_dim=class_embeds.shape[-1],
+        prompts=len(templates),
+        view_params=len(policy.param_names),
+        shard_size=config.shard_size,
+        chunk_size=min(1024, config.shard_size),
+        precision=config.dtype,
+    )
+    provenance = {
+        "layout": layout.describe(),
+        "dataset": dataset.describe(),
+        "views": {**describe_policy(policy), "seed": config.seed, "count": config.views},
+        "teacher": {
+            "arch": config.teacher,
+            "checkpoint_sha256": file_sha256(config.teacher_checkpoint),
+            "feature_dim": teacher.feature_dim,
+            "input_transform": {"mean": list(dataset.mean), "std": list(dataset.std)},
+        },
+        "clip": {**clip.describe(), "templates": templates, "class_names": prompt_names},
+        "software": software_versions(),
+        "config": to_dict(config),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    writer = CacheWriter.open(config.out, layout, provenance, overwrite=config.overwrite)
+    writer.write_static({
+        "labels": dataset.labels,
+        "keys": np.asarray(dataset.keys, dtype=str),
+        "clip/class_embeds": class_embeds.cpu().numpy(),
+        "clip/prompt_embeds": prompt_embeds.cpu().numpy(),
+    })
+    pending = writer.pending_blocks()
+    total_blocks = len(layout.blocks())
+    if len(pending) < total_blocks:
+        console.print(f"continuing {config.out}: {total_blocks - len(pending)} of {total_blocks} blocks already done")
+    images = sum(stop - start for start, stop in (layout.shard_range(shard) for _, shard in pending))
+
+    models = Models(teacher, dataset, clip, class_embeds, device)
+    loader = DataLoader(
+        ViewImages(dataset, policy, config.seed),
+        batch_sampler=list(block_batches(layout, pending, config.batch_size)),
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    write_blocks(writer, layout, pending, loader, models, images)
+    writer_done = writer.done()
+    if not writer_done.all():
+        raise RuntimeError(f"{int((~writer_done).sum())} blocks of {config.out} were not written")
+    seconds = time.perf_counter() - started
+    console.print(f"cache complete: {config.out} ({layout.views} views x {layout.samples} samples, {seconds:.1f} s)")
+    return PrecomputeResult(store=config.out, blocks_written=len(pending), images=images, seconds=seconds)
+
+
+def write_blocks(writer: CacheWriter, layout: Layout, blocks, loader, models: Models, images: int) -> None:
+    """Fill each block's buffers batch by batch; hand full blocks to a writer thread so writing overlaps compute."""
+    numpy_dtype = np.dtype(layout.precision)
+    block_iter = iter(blocks)
+    writes: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as pool, progress_bar("img") as progress:
+        task = progress.add_task("precompute", total=images)
+        view = shard = None
+        buffers: dict[str, list[np.ndarray]] = {}
+        filled = size = 0
+        for views, params in loader:
+            if filled == size:
+                view, shard = next(block_iter)
+                start, stop = layout.shard_range(shard)
+                size, filled = stop - start, 0
+                buffers = {name: [] for name in PER_VIEW_ARRAYS}
+            outputs = models(views)
+            buffers["views/params"].append(params.numpy())
+            for name, values in outputs.items():
+                buffers[name].append(to_storage(name, values, numpy_dtype))
+            filled += len(views)
+            progress.advance(task, len(views))
+            if filled == size:
+                block = {name: np.concatenate(parts) for name, parts in buffers.items()}
+                writes.append(pool.submit(writer.write_block, view, shard, block))
+                # At most two blocks in memory waiting to be written; a failed write stops the run here.
+                while len(writes) > 1:
+                    writes.pop(0).result()
+        for write in writes:
+            write.result()

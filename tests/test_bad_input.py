@@ -1,0 +1,158 @@
+"""Every user error of `richkd precompute`: exit status 2, one line naming the problem, no complete store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from richkd.pipeline.cli import run_cli
+from richkd.pipeline.models import create_model
+
+
+def replace_flag(args: list[str], flag: str, value: str) -> list[str]:
+    """`args` with `flag` set to `value`, replacing its value when present."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+        return args
+    return [*args, flag, value]
+
+
+def assert_user_error(args: list[str], capsys, *fragments: str) -> str:
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def assert_no_complete_store(out) -> None:
+    if out.exists():
+        assert not zarr.open_group(out, mode="r")["progress/done"][...].all()
+
+
+def image_folder(root, broken: str | None = None):
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog")):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(3):
+            size = (40 + 4 * i, 36 + label)
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    if broken:
+        (root / "train" / "dog" / broken).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+
+@pytest.mark.parametrize("flag, value, fragments", [
+    ("--data-root", "/nowhere", ("no cifar100 data under /nowhere", "--download")),
+    ("--dataset", "mnist", ("unknown dataset 'mnist'", "cifar100")),
+    ("--teacher", "resnet9000", ("unknown model 'resnet9000'",)),
+    ("--teacher-checkpoint", "/nowhere/teacher.pth", ("teacher checkpoint /nowhere/teacher.pth does not exist",)),
+    ("--clip", "ViT-Nope", ("unknown CLIP model 'ViT-Nope'",)),
+    ("--clip-pretrained", "laion9b", ("'laion9b' is not a pretrained tag of",)),
+    ("--clip-pretrained", "/nowhere/clip.pt", ("CLIP checkpoint /nowhere/clip.pt does not exist",)),
+    ("--views", "0", ("--views must be at least 1, got 0",)),
+    ("--batch-size", "0", ("--batch-size must be at least 1",)),
+    ("--dtype", "int8", ("--dtype must be one of float16, float32",)),
+    ("--split", "validation", ("has no split 'validation'",)),
+])
+def test_bad_flags(tiny_world, tmp_path, capsys, flag, value, fragments):
+    out = tmp_path / "cache.zarr"
+    assert_user_error(replace_flag(tiny_world.precompute_args(out), flag, value), capsys, *fragments)
+    assert_no_complete_store(out)
+
+
+def test_checkpoint_of_another_architecture(tiny_world, tmp_path, capsys):
+    checkpoint = tmp_path / "resnet14.pth"
+    torch.save({"model": create_model("resnet14", 100).state_dict()}, checkpoint)
+    out = tmp_path / "cache.zarr"
+    assert_user_error(replace_flag(tiny_world.precompute_args(out), "--teacher-checkpoint", str(checkpoint)),
+                      capsys, str(checkpoint), "unexpected")
+    assert_no_complete_store(out)
+
+
+def test_checkpoint_with_another_class_count(tiny_world, tmp_path, capsys):
+    checkpoint = tmp_path / "resnet8_cifar10.pth"
+    torch.save({"model": create_model("resnet8", 10).state_dict()}, checkpoint)
+    out = tmp_path / "cache.zarr"
+    assert_user_error(replace_flag(tiny_world.precompute_args(out), "--teacher-checkpoint", str(checkpoint)),
+                      capsys, str(checkpoint), "10 classes", "100")
+
+
+def test_class_names_file_of_the_wrong_length(tiny_world, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("apple\npear\n")
+    out = tmp_path / "cache.zarr"
+    assert_user_error(tiny_world.precompute_args(out, "--class-names", str(names)), capsys,
+                      f"class names file {names} has 2 names, the dataset has 100 classes")
+
+
+def test_template_without_a_slot(tiny_world, tmp_path, capsys):
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}\na photo\n")
+    assert_user_error(tiny_world.precompute_args(tmp_path / "c.zarr", "--templates", str(templates)), capsys,
+                      "template 2 'a photo' must contain '{}' exactly once")
+
+
+def test_empty_image_folder(tiny_world, tmp_path, capsys):
+    (tmp_path / "images" / "train" / "cat").mkdir(parents=True)
+    args = tiny_world.precompute_args(tmp_path / "c.zarr")
+    args = replace_flag(replace_flag(args, "--dataset", "imagefolder"), "--data-root", str(tmp_path / "images"))
+    assert_user_error(args, capsys, "no images under")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_unreadable_image_is_named(tiny_world, tmp_path, capsys, workers):
+    image_folder(tmp_path / "images", broken="9.png")
+    checkpoint = tmp_path / "teacher.pth"
+    torch.save(create_model("resnet8", 2).state_dict(), checkpoint)  # a plain state_dict
+    out = tmp_path / "c.zarr"
+    args = tiny_world.precompute_args(out, "--image-size", "32")
+    for flag, value in (("--dataset", "imagefolder"), ("--data-root", str(tmp_path / "images")),
+                        ("--teacher-checkpoint", str(checkpoint)), ("--num-workers", workers)):
+        args = replace_flag(args, flag, value)
+    assert_user_error(args, capsys, f"cannot read image {tmp_path / 'images' / 'train' / 'dog' / '9.png'}")
+    assert_no_complete_store(out)
+
+
+def test_non_finite_teacher_output(tiny_world, tmp_path, capsys):
+    teacher = create_model("resnet8", 100)
+    state = teacher.state_dict()
+    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    checkpoint = tmp_path / "nan.pth"
+    torch.save({"model": state}, checkpoint)
+    out = tmp_path / "c.zarr"
+    assert_user_error(replace_flag(tiny_world.precompute_args(out), "--teacher-checkpoint", str(checkpoint)),
+                      capsys, "teacher/logits has NaN or inf values")
+    assert_no_complete_store(out)
+
+
+def test_float16_overflow_asks_for_float32(tiny_world, tmp_path, capsys):
+    teacher = create_model("resnet8", 100)
+    state = teacher.state_dict()
+    state["fc.bias"] = torch.full_like(state["fc.bias"], 1e6)
+    checkpoint = tmp_path / "huge.pth"
+    torch.save({"model": state}, checkpoint)
+    args = replace_flag(tiny_world.precompute_args(tmp_path / "c.zarr"), "--teacher-checkpoint", str(checkpoint))
+    assert_user_error(args, capsys, "teacher/logits has values beyond the range of float16: use --dtype float32")
+
+
+def test_malformed_params_file(tiny_world, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("precompute:\n  views: [1,\n")
+    assert_user_error(["precompute", "--config", str(params)], capsys, f"params file {params} is not valid YAML")
+    params.write_text("precompute:\n  viewz: 3\n")
+    assert_user_error(["precompute", "--config", str(params)], capsys, "unknown field 'viewz'")
+    params.write_text("precompute:\n  views: many\n")
+    assert_user_error(["precompute", "--config", str(params)], capsys, "'views' must be int, got 'many'")
+
+
+def test_debug_shows_the_traceback(tiny_world, tmp_path):
+    args = replace_flag(tiny_world.precompute_args(tmp_path / "c.zarr"), "--views", "0")
+    with pytest.raises(Exception, match="--views must be at least 1"):
+        run_cli(["--debug", *args])

@@ -1,0 +1,137 @@
+"""`richkd precompute` end to end on a CIFAR-100 folder in torchvision's format, read back with zarr itself."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+
+from conftest import TINY_CLIP
+from richkd.pipeline.cli import run_cli
+from richkd.pipeline.models import create_model, load_checkpoint
+
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+TEMPLATES = ("a photo of a {}", "a sketch of a {}")
+
+
+@pytest.fixture(scope="module")
+def store(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("precompute") / "cache.zarr"
+    templates = out.parent / "templates.txt"
+    templates.write_text("# two templates\n" + "\n".join(TEMPLATES) + "\n")
+    assert run_cli(tiny_world.precompute_args(out, "--dtype", "float32", "--templates", str(templates))) == 0
+    return out
+
+
+def raw_cifar(tiny_world, split="train"):
+    with open(tiny_world.data_root / "cifar-100-python" / split, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    return batch["data"].reshape(-1, 3, 32, 32), np.asarray(batch["fine_labels"])
+
+
+def replay_by_hand(image: np.ndarray, top: int, left: int, flip: int) -> np.ndarray:
+    """RandomCrop(32, padding=4) + flip, written with numpy: zero-pad, cut, mirror."""
+    padded = np.pad(image, ((0, 0), (4, 4), (4, 4)))
+    view = padded[:, top + 4: top + 36, left + 4: left + 36]
+    return view[:, :, ::-1] if flip else view
+
+
+def test_store_follows_the_schema(store, tiny_world):
+    group = zarr.open_group(store, mode="r")
+    expected = {
+        "labels": ((40,), "int64"),
+        "views/params": ((2, 40, 3), "int32"),
+        "teacher/logits": ((2, 40, 100), "float32"),
+        "teacher/features": ((2, 40, 64), "float32"),
+        "clip/image_embeds": ((2, 40, 32), "float32"),
+        "clip/logits": ((2, 40, 100), "float32"),
+        "clip/class_embeds": ((100, 32), "float32"),
+        "clip/prompt_embeds": ((100, 2, 32), "float32"),
+        "progress/done": ((2, 3), "bool"),
+    }
+    for name, (shape, dtype) in expected.items():
+        assert group[name].shape == shape, name
+        assert str(group[name].dtype) == dtype, name
+    assert group["keys"][:].tolist() == [str(i) for i in range(40)]
+    assert group["progress/done"][...].all()
+
+    metadata = json.loads((store / "teacher" / "logits" / "zarr.json").read_text())
+    sharding = metadata["codecs"][0]
+    assert sharding["name"] == "sharding_indexed"
+    assert metadata["chunk_grid"]["configuration"]["chunk_shape"] == [1, 16, 100]
+    inner = [codec["name"] for codec in sharding["configuration"]["codecs"]]
+    assert inner == ["bytes", "blosc", "crc32c"]
+    assert sharding["configuration"]["codecs"][1]["configuration"]["cname"] == "zstd"
+
+    attrs = group.attrs.asdict()
+    assert attrs["format"] == "richkd-cache"
+    assert attrs["dataset"]["name"] == "cifar100" and attrs["dataset"]["num_samples"] == 40
+    assert attrs["dataset"]["class_names"] == tiny_world.class_names
+    assert attrs["views"] == {"policy": "pad_crop", "param_names": ["top", "left", "flip"], "size": 32,
+                              "padding": 4, "seed": 0, "count": 2}
+    assert attrs["teacher"]["arch"] == "resnet8" and len(attrs["teacher"]["checkpoint_sha256"]) == 64
+    assert attrs["clip"]["model"] == TINY_CLIP and attrs["clip"]["templates"] == list(TEMPLATES)
+    assert attrs["clip"]["class_names"][3] == "thing 03"  # underscores read as spaces in prompts
+    assert attrs["layout"]["precision"] == "float32"
+    assert {"torch", "zarr", "open_clip_torch"} <= set(attrs["software"])
+
+
+def test_cached_outputs_are_the_models_outputs_on_the_replayed_pixels(store, tiny_world):
+    """Recompute everything from the raw pickle and the stored view parameters, without richkd's data path."""
+    group = zarr.open_group(store, mode="r")
+    images, labels = raw_cifar(tiny_world)
+    assert np.array_equal(group["labels"][:], labels)
+    params = group["views/params"][...]
+    assert params[..., :2].min() >= -4 and params[..., :2].max() <= 4 and set(np.unique(params[..., 2])) <= {0, 1}
+    assert not np.array_equal(params[0], params[1])
+
+    teacher = create_model("resnet8", 100)
+    load_checkpoint(teacher, tiny_world.teacher_checkpoint)
+    teacher.eval()
+    clip = open_clip.create_model(TINY_CLIP, pretrained=str(tiny_world.clip_checkpoint)).eval()
+    mean, std = torch.tensor(CIFAR100_MEAN)[:, None, None], torch.tensor(CIFAR100_STD)[:, None, None]
+    clip_mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
+    clip_std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
+    for view in range(2):
+        pixels = torch.from_numpy(np.stack([replay_by_hand(images[i], *params[view, i]) for i in range(40)]).copy())
+        x = pixels.float() / 255
+        with torch.no_grad():
+            logits, features = teacher((x - mean) / std)
+            clip_x = F.interpolate(x, size=(40, 40), mode="bicubic", antialias=True, align_corners=False)
+            embeds = F.normalize(clip.encode_image((clip_x - clip_mean) / clip_std), dim=-1)
+        np.testing.assert_allclose(group["teacher/logits"][view], logits.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(group["teacher/features"][view], features.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(group["clip/image_embeds"][view], embeds.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(group["clip/logits"][view], group["clip/image_embeds"][view]
+                                   @ group["clip/class_embeds"][...].T, rtol=1e-5, atol=1e-6)
+
+
+def test_class_embeddings_are_the_prompt_ensemble(store, tiny_world):
+    group = zarr.open_group(store, mode="r")
+    clip = open_clip.create_model(TINY_CLIP, pretrained=str(tiny_world.clip_checkpoint)).eval()
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP)
+    names = [name.replace("_", " ") for name in tiny_world.class_names]
+    with torch.no_grad():
+        per_template = torch.stack([
+            F.normalize(clip.encode_text(tokenizer([t.format(n) for n in names])), dim=-1) for t in TEMPLATES], dim=1)
+    ensemble = F.normalize(per_template.mean(dim=1), dim=-1)
+    np.testing.assert_allclose(group["clip/prompt_embeds"][...], per_template.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(group["clip/class_embeds"][...], ensemble.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_float16_is_the_default_and_matches_float32(store, tiny_world, tmp_path):
+    out = tmp_path / "half.zarr"
+    templates = store.parent / "templates.txt"
+    assert run_cli(tiny_world.precompute_args(out, "--templates", str(templates))) == 0
+    half, full = zarr.open_group(out, mode="r"), zarr.open_group(store, mode="r")
+    for name in ("teacher/logits", "teacher/features", "clip/image_embeds", "clip/logits"):
+        assert half[name].dtype == np.float16
+        np.testing.assert_array_equal(half[name][...], full[name][...].astype(np.float16))
+    assert np.array_equal(half["views/params"][...], full["views/params"][...])
