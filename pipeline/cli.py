@@ -52,7 +52,7 @@ def add_stage_command(name: str, config_class: type, run: Callable, summary: str
     for field in dataclasses.fields(config_class):
         flag_type = field_type(config_class, field.name)
         annotation = Annotated[Optional[flag_type] if field.default is None else flag_type,
-                               typer.Option(help=field.metadata["help"])]
+                               typer.Option(help=field.metadata["help"], rich_help_panel=field.metadata["panel"])]
         parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=field.default, annotation=annotation))
     config_help = f"A params file whose '{name}:' section sets these options; flags given here win."

@@ -20,9 +20,9 @@ from richkd.pipeline.errors import UserError
 Config = TypeVar("Config")
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with its CLI help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default: Any, help: str, panel: str | None = None) -> Any:
+    """A config field with its CLI help text and the `--help` section it is listed in."""
+    return dataclasses.field(default=default, metadata={"help": help, "panel": panel})
 
 
 def field_type(config_class: type, name: str) -> type:

@@ -188,6 +188,28 @@ def _imagefolder(root: Path, split: str, download: bool) -> ImageDataset:
     )
 
 
+def write_cifar(root: str | Path, name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                class_names: list[str]) -> None:
+    """Write images in torchvision's on-disk CIFAR format (python pickles), e.g. a subset or a synthetic set.
+
+    `splits` maps "train"/"test" to (uint8 images (N, 32, 32, 3), int labels (N,)).
+    """
+    base = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    folder = Path(root) / base.base_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "fine_labels" if name == "cifar100" else "labels"
+    files = {"train": base.train_list, "test": base.test_list}
+    for split, (images, labels) in splits.items():
+        rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
+        parts = np.array_split(np.arange(len(images)), len(files[split]))  # CIFAR-10 has 5 train batches
+        for (filename, _), part in zip(files[split], parts):
+            batch = {"data": rows[part], label_key: [int(labels[i]) for i in part]}
+            with open(folder / filename, "wb") as f:
+                pickle.dump(batch, f)
+    with open(folder / base.meta["filename"], "wb") as f:
+        pickle.dump({base.meta["key"]: list(class_names)}, f)
+
+
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, scaled to [0, 1] and standardised per channel."""
     return TF.normalize(images.float().div_(255), list(mean), list(std))

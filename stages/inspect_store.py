@@ -27,7 +27,7 @@ def array_summary(reader: CacheReader) -> list[dict]:
         summary.append({
             "name": name,
             "shape": list(array.shape),
-            "dtype": str(array.dtype),
+            "dtype": "str" if array.dtype.kind == "T" else str(array.dtype),
             "chunks": list(array.chunks),
             "shards": list(array.shards) if array.shards else None,
             "bytes": int(array.nbytes),
@@ -119,12 +119,22 @@ def print_report(report: dict, console: Console) -> None:
     console.print(f"blocks    {report['blocks_done']} of {report['blocks_total']} written ({state})")
 
     arrays = Table(title="arrays", title_justify="left")
-    for column in ("array", "shape", "dtype", "chunk", "shard", "size", "on disk"):
-        arrays.add_column(column, justify="right" if column in ("size", "on disk") else "left")
+    arrays.add_column("array", no_wrap=True)
+    for column in ("shape", "dtype", "chunk"):
+        arrays.add_column(column, no_wrap=True)
+    for column in ("size", "on disk"):
+        arrays.add_column(column, justify="right", no_wrap=True)
+
+    def dims(values) -> str:
+        return "x".join(map(str, values))
+
     for a in report["arrays"]:
-        arrays.add_row(a["name"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])),
-                       str(tuple(a["shards"])) if a["shards"] else "-", size(a["bytes"]), size(a["bytes_stored"]))
+        arrays.add_row(a["name"], dims(a["shape"]), a["dtype"], dims(a["chunks"]), size(a["bytes"]),
+                       size(a["bytes_stored"]))
     console.print(arrays)
+    layout = p["layout"]
+    console.print(f"per-sample arrays: chunks of {min(layout['chunk_size'], layout['shard_size'])} samples, "
+                  f"one shard file per block of {layout['shard_size']} samples of one view")
 
     quality = report["quality"]
     console.print(f"top-1 over {quality['samples_evaluated']} (view, sample) pairs of {quality['views_evaluated']} "

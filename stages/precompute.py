@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from richkd.cache.schema import PER_VIEW_ARRAYS, PRECISIONS, Layout
 from richkd.cache.writer import CacheWriter
@@ -32,29 +32,37 @@ from richkd.pipeline.views import describe_policy, make_view_policy, sample_view
 
 @dataclass
 class PrecomputeConfig:
-    dataset: str = option("cifar100", "Dataset name: cifar10, cifar100 or imagefolder.")
-    data_root: str = option("data", "Where the dataset is stored (torchvision layout, or <root>/<split>/<class>/).")
-    split: str = option("train", "Dataset split to cache.")
-    download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets only).")
-    teacher: str = option("resnet32x4", "Teacher architecture: a zoo name, tv:<torchvision model> or timm:<model>.")
-    teacher_checkpoint: str | None = option(None, "Teacher weights: an mdistiller, plain or richkd checkpoint.")
-    clip: str = option("ViT-L-14", "open_clip model name, hf-hub:ORG/REPO or local-dir:PATH.")
+    dataset: str = option("cifar100", "Dataset name: cifar10, cifar100 or imagefolder.", "Data")
+    data_root: str = option(
+        "data", "Where the dataset is stored (torchvision layout, or <root>/<split>/<class>/).", "Data")
+    split: str = option("train", "Dataset split to cache.", "Data")
+    download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets).", "Data")
+    teacher: str = option(
+        "resnet32x4", "Teacher architecture: a zoo name, tv:<torchvision model> or timm:<model>.", "Teachers")
+    teacher_checkpoint: str | None = option(
+        None, "Teacher weights: an mdistiller, plain or richkd checkpoint (required).", "Teachers")
+    clip: str = option("ViT-L-14", "open_clip model name, hf-hub:ORG/REPO or local-dir:PATH.", "Teachers")
     clip_pretrained: str | None = option(
-        "openai", "CLIP weights: an open_clip pretrained tag, a checkpoint file, or 'random' (untrained).")
-    templates: str | None = option(None, "Prompt templates file, one per line with {} for the class name.")
-    class_names: str | None = option(None, "Class names file for the prompts, one per line in class order.")
-    raw_class_names: bool = option(False, "Use class names as the dataset spells them (no '_' -> ' ').")
-    views: int = option(8, "Augmented views per sample.")
-    view_policy: str = option("auto", "auto, pad_crop (RandomCrop+flip, 32x32 data) or resized_crop.")
-    image_size: int | None = option(None, "Side of each view (default: the images' side, or 224 for resized crops).")
-    seed: int = option(0, "Seed of the view parameters.")
-    out: str = option("cache/teachers.zarr", "The store to write (a path or fsspec URL).")
-    dtype: str = option("float16", "Precision of stored logits and features: float16 or float32.")
-    shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.")
-    batch_size: int = option(256, "Images per forward pass.")
-    num_workers: int = option(2, "Data loading worker processes (0 loads in the main process).")
-    device: str = option("auto", f"Device: {DEVICE_CHOICES}.")
-    overwrite: bool = option(False, "Replace an existing store made with another configuration.")
+        "openai", "CLIP weights: an open_clip pretrained tag, a checkpoint file, or 'random' (untrained).",
+        "Teachers")
+    templates: str | None = option(
+        None, "Prompt templates file, one per line with {} for the class name.", "Teachers")
+    class_names: str | None = option(
+        None, "Class names file for the prompts, one per line in class order.", "Teachers")
+    raw_class_names: bool = option(
+        False, "Use class names as the dataset spells them (no '_' -> ' ').", "Teachers")
+    views: int = option(8, "Augmented views per sample.", "Views")
+    view_policy: str = option("auto", "auto, pad_crop (RandomCrop+flip, 32x32 data) or resized_crop.", "Views")
+    image_size: int | None = option(
+        None, "Side of each view (default: the images' side, or 224 for resized crops).", "Views")
+    seed: int = option(0, "Seed of the view parameters.", "Views")
+    out: str = option("cache/teachers.zarr", "The store to write (a path or fsspec URL).", "Store")
+    dtype: str = option("float16", "Precision of stored logits and features: float16 or float32.", "Store")
+    shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.", "Store")
+    overwrite: bool = option(False, "Replace an existing store made with another configuration.", "Store")
+    batch_size: int = option(256, "Images per forward pass.", "Execution")
+    num_workers: int = option(2, "Data loading worker processes (0 loads in the main process).", "Execution")
+    device: str = option("auto", f"Device: {DEVICE_CHOICES}.", "Execution")
 
     def validate(self) -> None:
         require(self.views >= 1, f"--views must be at least 1, got {self.views}")
@@ -71,7 +79,12 @@ class PrecomputeResult:
     store: str
     blocks_written: int
     images: int
-    seconds: float
+    seconds: float  # the whole run, model loading and text encoding included
+    loop_seconds: float  # from the first batch requested to the last block written
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.loop_seconds if self.loop_seconds else 0.0
 
 
 class ViewImages(Dataset):
@@ -90,12 +103,21 @@ class ViewImages(Dataset):
         return self.policy.replay(image, params), torch.from_numpy(params)
 
 
-def block_batches(layout: Layout, blocks: list[tuple[int, int]], batch_size: int):
-    """Batches of (view, index) items, each inside one block, in block order."""
-    for view, shard in blocks:
-        start, stop = layout.shard_range(shard)
-        for first in range(start, stop, batch_size):
-            yield [(view, index) for index in range(first, min(first + batch_size, stop))]
+class BlockBatches(Sampler):
+    """Batches of (view, index) items, each inside one block, in block order (generated lazily)."""
+
+    def __init__(self, layout: Layout, blocks: list[tuple[int, int]], batch_size: int):
+        self.layout, self.blocks, self.batch_size = layout, blocks, batch_size
+
+    def __iter__(self):
+        for view, shard in self.blocks:
+            start, stop = self.layout.shard_range(shard)
+            for first in range(start, stop, self.batch_size):
+                yield [(view, index) for index in range(first, min(first + self.batch_size, stop))]
+
+    def __len__(self) -> int:
+        sizes = (stop - start for start, stop in (self.layout.shard_range(shard) for _, shard in self.blocks))
+        return sum(-(-size // self.batch_size) for size in sizes)
 
 
 def to_storage(name: str, values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
@@ -203,17 +225,20 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     models = Models(teacher, dataset, clip, class_embeds, device)
     loader = DataLoader(
         ViewImages(dataset, policy, config.seed),
-        batch_sampler=list(block_batches(layout, pending, config.batch_size)),
+        batch_sampler=BlockBatches(layout, pending, config.batch_size),
         num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
     )
+    loop_started = time.perf_counter()
     write_blocks(writer, layout, pending, loader, models, images)
+    loop_seconds = time.perf_counter() - loop_started
     writer_done = writer.done()
     if not writer_done.all():
         raise RuntimeError(f"{int((~writer_done).sum())} blocks of {config.out} were not written")
     seconds = time.perf_counter() - started
     console.print(f"cache complete: {config.out} ({layout.views} views x {layout.samples} samples, {seconds:.1f} s)")
-    return PrecomputeResult(store=config.out, blocks_written=len(pending), images=images, seconds=seconds)
+    return PrecomputeResult(store=config.out, blocks_written=len(pending), images=images, seconds=seconds,
+                            loop_seconds=loop_seconds)
 
 
 def write_blocks(writer: CacheWriter, layout: Layout, blocks, loader, models: Models, images: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 
+from richkd.pipeline.data import write_cifar  # noqa: E402
 from richkd.pipeline.models import create_model  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -29,24 +29,12 @@ TINY_CLIP_CONFIG = {
 
 
 def write_cifar100(root: Path, train: int, test: int, seed: int = 0, classes: int = 100) -> list[str]:
-    """A CIFAR-100 folder in torchvision's on-disk format (python pickles), with random images."""
+    """A CIFAR-100 folder in torchvision's on-disk format, with random images."""
     rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
     names = [f"thing_{i:02d}" for i in range(classes)]
-    for split, count in (("train", train), ("test", test)):
-        labels = rng.integers(0, classes, count).tolist()
-        batch = {
-            "filenames": [f"img_{i}.png" for i in range(count)],
-            "batch_label": f"{split} batch",
-            "fine_labels": labels,
-            "coarse_labels": [label // 5 for label in labels],
-            "data": rng.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8),
-        }
-        with open(folder / split, "wb") as f:
-            pickle.dump(batch, f)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": names, "coarse_label_names": [f"group_{i}" for i in range(20)]}, f)
+    splits = {split: (rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, count))
+              for split, count in (("train", train), ("test", test))}
+    write_cifar(root, "cifar100", splits, names)
     return names
 
 

@@ -135,3 +135,90 @@ def test_float16_is_the_default_and_matches_float32(store, tiny_world, tmp_path)
         assert half[name].dtype == np.float16
         np.testing.assert_array_equal(half[name][...], full[name][...].astype(np.float16))
     assert np.array_equal(half["views/params"][...], full["views/params"][...])
+
+
+def test_params_file_fills_the_config_and_flags_win(tiny_world, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("precompute:\n  views: 3\n  seed: 5\n  shard_size: 32\nother_stage:\n  alpha: 0.1\n")
+    out = tmp_path / "cache.zarr"
+    assert run_cli([*tiny_world.precompute_args(out), "--config", str(params), "--seed", "7"]) == 0
+    attrs = zarr.open_group(out, mode="r").attrs.asdict()
+    # precompute_args passes --views 2 and --shard-size 16 on the command line: flags beat the file.
+    assert (attrs["views"]["count"], attrs["views"]["seed"], attrs["layout"]["shard_size"]) == (2, 7, 16)
+    assert attrs["config"]["views"] == 2 and attrs["config"]["seed"] == 7
+
+    bare = [arg for arg in tiny_world.precompute_args(out) if arg not in ("--views", "2")]
+    assert run_cli([*bare, "--config", str(params), "--overwrite"]) == 0
+    attrs = zarr.open_group(out, mode="r").attrs.asdict()
+    assert (attrs["views"]["count"], attrs["views"]["seed"]) == (3, 5)
+
+
+def test_class_names_file_and_raw_names(tiny_world, tmp_path):
+    names = [f"Kind_{i}" for i in range(100)]
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(names))
+    out = tmp_path / "cache.zarr"
+    assert run_cli(tiny_world.precompute_args(out, "--class-names", str(names_file), "--raw-class-names")) == 0
+    clip = zarr.open_group(out, mode="r").attrs["clip"]
+    assert clip["class_names"] == names
+    assert clip["templates"][0] == "a photo of a {}" and len(clip["templates"]) == 12
+
+
+def test_image_folder_with_resized_crops(tiny_world, tmp_path):
+    """Images of several sizes: keys are relative paths and the stored boxes replay to the teacher's pixels."""
+    from PIL import Image
+
+    from richkd.pipeline.views import ResizedCrop
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 256, (30 + 7 * i, 50 - 3 * i, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / name / f"{name}{i}.png")
+    teacher = create_model("resnet8", 2)
+    checkpoint = tmp_path / "teacher.pth"
+    torch.save(teacher.state_dict(), checkpoint)
+    args = tiny_world.precompute_args(tmp_path / "cache.zarr", "--image-size", "24", "--dtype", "float32")
+    for flag, value in (("--dataset", "imagefolder"), ("--data-root", str(root)),
+                        ("--teacher-checkpoint", str(checkpoint))):
+        args[args.index(flag) + 1] = value
+    assert run_cli(args) == 0
+
+    group = zarr.open_group(tmp_path / "cache.zarr", mode="r")
+    keys = group["keys"][:].tolist()
+    assert keys == [f"{name}/{name}{i}.png" for name in ("cat", "dog") for i in range(5)]
+    assert group["labels"][:].tolist() == [0] * 5 + [1] * 5
+    assert group.attrs["views"]["policy"] == "resized_crop" and group.attrs["views"]["size"] == 24
+    params = group["views/params"][...]
+    assert params.shape == (2, 10, 5)
+
+    teacher.eval()
+    mean = torch.tensor((0.485, 0.456, 0.406))[:, None, None]
+    std = torch.tensor((0.229, 0.224, 0.225))[:, None, None]
+    policy = ResizedCrop(size=24)
+    for view in range(2):
+        views = []
+        for i, key in enumerate(keys):
+            image = torch.from_numpy(np.array(Image.open(root / "train" / key).convert("RGB"))).permute(2, 0, 1)
+            top, left, height, width, _ = params[view, i]
+            assert 0 <= top and top + height <= image.shape[1] and 0 <= left and left + width <= image.shape[2]
+            views.append(policy.replay(image, params[view, i]))
+        with torch.no_grad():
+            logits, _ = teacher((torch.stack(views).float() / 255 - mean) / std)
+        np.testing.assert_allclose(group["teacher/logits"][view], logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cifar10_in_five_batch_files(tiny_world, tmp_path):
+    from richkd.pipeline.data import open_dataset, write_cifar
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 23)
+    write_cifar(tmp_path, "cifar10", {"train": (images, labels), "test": (images[:4], labels[:4])},
+                [f"c{i}" for i in range(10)])
+    assert len(list((tmp_path / "cifar-10-batches-py").glob("data_batch_*"))) == 5
+    train = open_dataset("cifar10", tmp_path, "train")
+    assert len(train) == 23 and train.labels.tolist() == labels.tolist()
+    assert torch.equal(train.image(7), torch.from_numpy(images[7]).permute(2, 0, 1))
+    assert len(open_dataset("cifar10", tmp_path, "test")) == 4

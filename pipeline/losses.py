@@ -1,0 +1,124 @@
+"""The distillation losses: KD and DKD on fused logits, CRD on fused features.
+
+All take the fused targets as plain tensors, so they are the same whether the targets come from the
+cache or from teachers run online.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(z_F / T) || softmax(z_S / T)), averaged over the batch."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_target = F.log_softmax(target_logits / temperature, dim=1)
+    return F.kl_div(log_student, log_target, reduction="batchmean", log_target=True) * temperature**2
+
+
+def dkd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+             tckd_weight: float, nckd_weight: float, temperature: float) -> torch.Tensor:
+    """Decoupled KD: target-class KD (binary: label vs rest) plus non-target-class KD (among the rest)."""
+    label_mask = F.one_hot(labels, student_logits.shape[1]).bool()
+    p_student = F.softmax(student_logits / temperature, dim=1)
+    p_target = F.softmax(target_logits / temperature, dim=1)
+
+    def binary(p: torch.Tensor) -> torch.Tensor:
+        on_label = (p * label_mask).sum(dim=1, keepdim=True)
+        return torch.cat([on_label, 1 - on_label], dim=1)
+
+    b_student, b_target = binary(p_student), binary(p_target)
+    tckd = (b_target * (b_target.log() - b_student.log())).sum(dim=1).mean() * temperature**2
+    # Among non-target classes: push the label's logit far down so its probability vanishes.
+    masked_student = F.log_softmax(student_logits / temperature - 1000.0 * label_mask, dim=1)
+    masked_target = F.softmax(target_logits / temperature - 1000.0 * label_mask, dim=1)
+    nckd = F.kl_div(masked_student, masked_target, reduction="batchmean") * temperature**2
+    return tckd_weight * tckd + nckd_weight * nckd
+
+
+class Embed(nn.Module):
+    """Linear projection to the contrastive space, then L2 normalisation."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x), dim=1)
+
+
+class ContrastMemory(nn.Module):
+    """CRD's two momentum memory banks (one per view) and the NCE scores of a batch against them."""
+
+    def __init__(self, dim: int, num_data: int, nce_temperature: float = 0.07, momentum: float = 0.5,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.num_data, self.nce_temperature, self.momentum = num_data, nce_temperature, momentum
+        bound = 1.0 / (dim / 3) ** 0.5
+        for name in ("memory_v1", "memory_v2"):
+            self.register_buffer(name, torch.rand(num_data, dim, generator=generator) * 2 * bound - bound)
+        # Normalisation constants, fixed from the first batch as in CRD (negative: not set yet).
+        self.register_buffer("Z_v1", torch.tensor(-1.0))
+        self.register_buffer("Z_v2", torch.tensor(-1.0))
+
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, index: torch.Tensor,
+                contrast_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B, K+1) of each view against the other view's memory; column 0 is the positive."""
+        batch, candidates = contrast_index.shape
+        weight_v1 = self.memory_v1[contrast_index.reshape(-1)].view(batch, candidates, -1).detach()
+        weight_v2 = self.memory_v2[contrast_index.reshape(-1)].view(batch, candidates, -1).detach()
+        out_v2 = torch.exp(torch.bmm(weight_v1, v2.unsqueeze(2)).squeeze(2) / self.nce_temperature)
+        out_v1 = torch.exp(torch.bmm(weight_v2, v1.unsqueeze(2)).squeeze(2) / self.nce_temperature)
+        with torch.no_grad():
+            if self.Z_v1 < 0:
+                self.Z_v1.fill_(out_v1.mean().item() * self.num_data)
+            if self.Z_v2 < 0:
+                self.Z_v2.fill_(out_v2.mean().item() * self.num_data)
+            self._update(self.memory_v1, v1, index)
+            self._update(self.memory_v2, v2, index)
+        return out_v1 / self.Z_v1, out_v2 / self.Z_v2
+
+    def _update(self, memory: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
+        mixed = memory[index] * self.momentum + values.detach() * (1 - self.momentum)
+        memory.index_copy_(0, index, F.normalize(mixed, dim=1))
+
+
+def contrast_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """NCE loss of CRD: the positive (column 0) against K noise samples drawn uniformly from the data."""
+    batch, negatives = scores.shape[0], scores.shape[1] - 1
+    noise = negatives / num_data
+    positive, negative = scores[:, 0], scores[:, 1:]
+    log_d1 = torch.log(positive / (positive + noise + eps))
+    log_d0 = torch.log(noise / (negative + noise + eps))
+    return -(log_d1.sum() + log_d0.sum()) / batch
+
+
+class FusedCRD(nn.Module):
+    """CRD between the student's embedding and the fused teacher/CLIP embedding of the same sample.
+
+    f_F = normalize(lam * E_T(f_T) + (1 - lam) * E_C(f_C)); loss = contrast(E_S(f_S)) + contrast(f_F).
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, clip_dim: int, num_data: int, lam: float,
+                 embed_dim: int = 128, nce_temperature: float = 0.07, momentum: float = 0.5,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.lam = lam
+        self.embed_student = Embed(student_dim, embed_dim)
+        self.embed_teacher = Embed(teacher_dim, embed_dim)
+        self.embed_clip = Embed(clip_dim, embed_dim)
+        self.memory = ContrastMemory(embed_dim, num_data, nce_temperature, momentum, generator)
+
+    def fused_embedding(self, teacher_features: torch.Tensor, clip_features: torch.Tensor) -> torch.Tensor:
+        mixed = self.lam * self.embed_teacher(teacher_features) + (1 - self.lam) * self.embed_clip(clip_features)
+        return F.normalize(mixed, dim=1)
+
+    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor,
+                clip_features: torch.Tensor, index: torch.Tensor, contrast_index: torch.Tensor) -> torch.Tensor:
+        student = self.embed_student(student_features)
+        fused = self.fused_embedding(teacher_features, clip_features)
+        out_student, out_fused = self.memory(student, fused, index, contrast_index)
+        num_data = self.memory.num_data
+        return contrast_loss(out_student, num_data) + contrast_loss(out_fused, num_data)

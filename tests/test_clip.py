@@ -1,0 +1,60 @@
+"""CLIP through open_clip: the ways to name its weights, and the prompt-ensemble classifier."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_CLIP
+from richkd.pipeline.clip import DEFAULT_TEMPLATES, load_clip, prompt_class_name, zero_shot_classifier
+from richkd.pipeline.errors import UserError
+
+
+def test_prompt_class_names():
+    assert prompt_class_name("aquarium_fish") == "aquarium fish"
+    assert prompt_class_name("sweet_pepper ") == "sweet pepper"
+    assert prompt_class_name("maple tree") == "maple tree"
+
+
+def test_checkpoint_file_and_local_dir_bundle_load_the_same_weights(tiny_world):
+    from_file = load_clip(TINY_CLIP, str(tiny_world.clip_checkpoint))
+    from_bundle = load_clip(f"local-dir:{tiny_world.clip_bundle}", None)
+    for (name, a), (_, b) in zip(from_file.model.state_dict().items(), from_bundle.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert len(from_file.checkpoint_sha256) == 64 and len(from_bundle.checkpoint_sha256) == 64
+    assert from_file.image_size == (40, 40)
+    assert from_file.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_zero_shot_classifier_averages_normalised_prompt_embeddings(tiny_world):
+    clip = load_clip(TINY_CLIP, str(tiny_world.clip_checkpoint))
+    names = ["apple", "maple tree", "sweet pepper"]
+    class_embeds, prompt_embeds = zero_shot_classifier(clip, names, list(DEFAULT_TEMPLATES))
+    assert class_embeds.shape == (3, 32) and prompt_embeds.shape == (3, 12, 32)
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP)
+    with torch.no_grad():
+        for c, name in enumerate(names):
+            texts = tokenizer([template.format(name) for template in DEFAULT_TEMPLATES])
+            per_prompt = F.normalize(clip.model.encode_text(texts), dim=-1)
+            torch.testing.assert_close(prompt_embeds[c], per_prompt, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(class_embeds[c], F.normalize(per_prompt.mean(0), dim=0), rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_hub_weights_need_a_connection():
+    # HF_HUB_OFFLINE=1 (set for the suite): the real download path runs and fails with a clear error.
+    with pytest.raises(UserError, match="cannot load CLIP ViT-B-32 with weights openai"):
+        load_clip("ViT-B-32", "openai")
+
+
+@pytest.mark.parametrize("name, pretrained, message", [
+    ("ViT-Nope", "openai", "unknown CLIP model 'ViT-Nope'"),
+    (TINY_CLIP, None, "--clip-pretrained is required"),
+    (TINY_CLIP, "laion2b", "'laion2b' is not a pretrained tag of richkd-test-tiny"),
+    ("local-dir:/nowhere", None, "cannot load CLIP local-dir:/nowhere"),
+])
+def test_bad_clip_names(tiny_world, name, pretrained, message):
+    with pytest.raises(UserError, match=message):
+        load_clip(name, pretrained)

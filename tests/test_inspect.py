@@ -1,0 +1,84 @@
+"""`richkd inspect`: provenance, sizes and target quality, checked against numpy on the raw arrays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from richkd.pipeline.cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def store(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inspect") / "cache.zarr"
+    assert run_cli(tiny_world.precompute_args(out)) == 0
+    return out
+
+
+def nll_and_ece(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[float, float]:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    nll = -log_probs[np.arange(len(labels)), labels].mean()
+    probs = np.exp(log_probs)
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return nll, ece
+
+
+def test_json_report_matches_numpy(store, capsys):
+    assert run_cli(["inspect", str(store), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    group = zarr.open_group(store, mode="r")
+    labels = np.tile(group["labels"][:], 2)
+    teacher = group["teacher/logits"][...].astype(np.float32).reshape(80, 100)
+    cosines = group["clip/logits"][...].astype(np.float32).reshape(80, 100)
+    logit_scale = group.attrs["clip"]["logit_scale"]
+
+    assert report["complete"] and report["blocks_done"] == report["blocks_total"] == 6
+    quality = report["quality"]
+    assert quality["samples_evaluated"] == 80
+    assert quality["teacher_top1"] == pytest.approx(np.mean(teacher.argmax(1) == labels))
+    assert quality["clip_top1"] == pytest.approx(np.mean(cosines.argmax(1) == labels))
+    assert quality["fused_top1"] == pytest.approx(np.mean((0.7 * teacher + 0.3 * cosines).argmax(1) == labels))
+    rows = {(row["clip_scale"], row["alpha"]): row for row in quality["alpha_sweep"]}
+    assert len(rows) == 22
+    for scale_name, scale in (("raw", 1.0), ("clip", logit_scale)):
+        for alpha in (0.0, 0.3, 1.0):
+            fused = alpha * teacher + (1 - alpha) * scale * cosines
+            nll, ece = nll_and_ece(fused, labels)
+            row = rows[(scale_name, alpha)]
+            assert row["top1"] == pytest.approx(np.mean(fused.argmax(1) == labels))
+            assert row["nll"] == pytest.approx(nll, rel=1e-4)
+            assert row["ece"] == pytest.approx(ece, abs=1e-5)
+
+    arrays = {a["name"]: a for a in report["arrays"]}
+    assert arrays["teacher/logits"]["shape"] == [2, 40, 100] and arrays["teacher/logits"]["dtype"] == "float16"
+    assert 0 < arrays["teacher/logits"]["bytes_stored"]
+    assert report["provenance"]["teacher"]["arch"] == "resnet8"
+
+
+def test_table_report_and_incomplete_store(store, tmp_path, capsys):
+    import shutil
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(store, partial)
+    zarr.open_group(partial, mode="r+")["progress/done"][1, 2] = False
+    assert run_cli(["inspect", str(partial)]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 6 written (INCOMPLETE)" in out
+    assert "fused targets by alpha" in out and "teacher/logits" in out
+    assert "top-1 over 72 (view, sample) pairs" in " ".join(out.split())
+
+
+def test_inspect_refuses_what_is_not_a_store(tmp_path, capsys):
+    assert run_cli(["inspect", str(tmp_path / "missing.zarr")]) == 2
+    assert "no cache store at" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""View parameters: sampled once per (seed, view, sample), and replayed to the same pixels anywhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from richkd.pipeline.views import PadCrop, ResizedCrop, describe_policy, make_view_policy, policy_from_description
+from richkd.pipeline.views import sample_view
+
+
+def test_parameters_depend_only_on_seed_view_and_sample():
+    policy = PadCrop(size=32)
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    first = [sample_view(policy, 0, 1, i, image) for i in range(200)]
+    again = [sample_view(policy, 0, 1, i, image) for i in reversed(range(200))][::-1]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    other_view = [sample_view(policy, 0, 2, i, image) for i in range(200)]
+    other_seed = [sample_view(policy, 1, 1, i, image) for i in range(200)]
+    assert not np.array_equal(first, other_view) and not np.array_equal(first, other_seed)
+    params = np.stack(first)
+    # RandomCrop(32, padding=4): every offset in [-4, 4] occurs, and both flips, about half each.
+    assert set(params[:, 0]) == set(range(-4, 5)) and set(params[:, 1]) == set(range(-4, 5))
+    assert 70 < params[:, 2].sum() < 130
+
+
+def test_pad_crop_replay_is_zero_padding_then_crop_then_flip():
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, (3, 32, 32), dtype=np.uint8)
+    padded = np.pad(image, ((0, 0), (4, 4), (4, 4)))
+    policy = PadCrop(size=32)
+    for top in range(-4, 5):
+        for left in (-4, 0, 3):
+            for flip in (0, 1):
+                expected = padded[:, top + 4: top + 36, left + 4: left + 36]
+                expected = expected[:, :, ::-1] if flip else expected
+                replayed = policy.replay(torch.from_numpy(image), (top, left, flip))
+                assert replayed.dtype == torch.uint8
+                assert np.array_equal(replayed.numpy(), expected)
+
+
+def test_resized_crop_boxes_follow_random_resized_crop():
+    policy = ResizedCrop(size=24)
+    image = torch.zeros(3, 60, 90, dtype=torch.uint8)
+    boxes = np.stack([sample_view(policy, 3, 0, i, image) for i in range(500)])
+    top, left, height, width, flip = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 60).all() and (left + width <= 90).all()
+    area = height * width / (60 * 90)
+    assert area.min() >= 0.07 and area.max() <= 1.0 and area.min() < 0.2 and area.max() > 0.8
+    aspect = width / height
+    assert aspect.min() >= 0.7 and aspect.max() <= 1.4
+    assert set(flip) == {0, 1}
+
+
+def test_resized_crop_replay_is_crop_then_antialiased_resize():
+    rng = np.random.default_rng(1)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 50, 70), dtype=np.uint8))
+    replayed = ResizedCrop(size=24).replay(image, (5, 9, 30, 40, 1))
+    crop = image[:, 5:35, 9:49].float()[None]
+    expected = F.interpolate(crop, size=(24, 24), mode="bilinear", antialias=True, align_corners=False)
+    expected = expected.round().clamp(0, 255)[0].flip(-1)
+    assert replayed.shape == (3, 24, 24)
+    assert (replayed.float() - expected).abs().max() <= 1  # uint8 kernels round once, floats at the end
+
+
+def test_policy_choice_and_round_trip():
+    assert make_view_policy("auto", 32, None) == PadCrop(size=32)
+    assert make_view_policy("auto", None, None) == ResizedCrop(size=224)
+    assert make_view_policy("resized_crop", 32, 64) == ResizedCrop(size=64)
+    for policy in (PadCrop(size=32), ResizedCrop(size=96)):
+        description = {**describe_policy(policy), "seed": 0, "count": 4}
+        assert policy_from_description(description) == policy
