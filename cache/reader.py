@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 import fsspec
 import numpy as np
+import torch
 import zarr
 
 from richkd.cache.schema import DONE, FORMAT, SCHEMA_VERSION, Layout
@@ -86,6 +89,18 @@ class CacheReader:
                 "re-run the same `richkd precompute` command to finish it"
             )
 
+    def fits_in_memory(self, names: tuple[str, ...], memory_budget: int) -> bool:
+        """Whether one view of the arrays `names` fits `memory_budget` bytes."""
+        return view_nbytes(self.layout, {name: self.array(name) for name in names}, names) <= memory_budget
+
+    def open_view(self, view: int, names: tuple[str, ...], order: np.ndarray,
+                  in_memory: bool) -> InMemoryView | StreamedView:
+        """View `view` of the per-view arrays `names`, whole in memory or streamed in `order`."""
+        arrays = {name: self.array(name) for name in names}
+        if in_memory:
+            return InMemoryView({name: array[view] for name, array in arrays.items()})
+        return StreamedView(arrays, self.layout, view, order)
+
     def check_dataset(self, dataset) -> None:
         """Refuse a store built from another dataset, split or class list than `dataset`."""
         stored = self.attrs["dataset"]
@@ -94,3 +109,97 @@ class CacheReader:
             if stored[field] != wanted[field]:
                 difference = first_difference(stored[field], wanted[field], f"dataset.{field}")
                 raise UserError(f"cache {self.url} was built for another dataset ({difference})")
+
+
+def view_nbytes(layout: Layout, arrays: dict, names: tuple[str, ...]) -> int:
+    """Bytes of one view of the per-view arrays `names`, decompressed."""
+    return sum(layout.samples * arrays[name].shape[-1] * arrays[name].dtype.itemsize for name in names)
+
+
+def block_shuffled_order(layout: Layout, generator: torch.Generator) -> np.ndarray:
+    """Every index once: shards in random order, rows in random order within each shard.
+
+    Reading the store in this order touches one shard file at a time, front to back.
+    """
+    order = []
+    for shard in torch.randperm(layout.num_shards, generator=generator).tolist():
+        start, stop = layout.shard_range(shard)
+        order.append(start + torch.randperm(stop - start, generator=generator).numpy())
+    return np.concatenate(order)
+
+
+class InMemoryView:
+    """One view's arrays, read whole into memory."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def gather(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(values[indices].astype(np.float32)) for name, values in self.arrays.items()}
+
+    def close(self) -> None:
+        self.arrays = {}
+
+
+class StreamedView:
+    """One view's arrays, read shard by shard in the epoch's order by a background thread.
+
+    At most `prefetch` shards wait in the queue and two are held for gathering, so memory stays
+    bounded whatever the store's size.
+    """
+
+    def __init__(self, arrays: dict[str, zarr.Array], layout: Layout, view: int, order: np.ndarray,
+                 prefetch: int = 2):
+        self.layout = layout
+        shard_of = order // layout.shard_size
+        keep = np.ones(len(order), dtype=bool)
+        keep[1:] = shard_of[1:] != shard_of[:-1]
+        self.shard_sequence = shard_of[keep].tolist()
+        self.position = {shard: position for position, shard in enumerate(self.shard_sequence)}
+        self.loaded: dict[int, dict[str, np.ndarray]] = {}
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(arrays, view), daemon=True)
+        self.thread.start()
+
+    def _read(self, arrays: dict[str, zarr.Array], view: int) -> None:
+        for shard in self.shard_sequence:
+            start, stop = self.layout.shard_range(shard)
+            try:
+                block = {name: array[view, start:stop] for name, array in arrays.items()}
+            except Exception as error:  # handed to the consumer, which raises it
+                block = error
+            while not self.stop.is_set():
+                try:
+                    self.queue.put((shard, block), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self.stop.is_set() or isinstance(block, Exception):
+                return
+
+    def gather(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        shards = indices // self.layout.shard_size
+        needed = set(np.unique(shards).tolist())
+        while not needed <= self.loaded.keys():
+            shard, block = self.queue.get()
+            if isinstance(block, Exception):
+                raise block
+            self.loaded[shard] = block
+        oldest = min(self.position[shard] for shard in needed)
+        for shard in [s for s in self.loaded if self.position[s] < oldest]:
+            del self.loaded[shard]
+        rows = indices - shards * self.layout.shard_size
+        gathered = {}
+        for name in next(iter(self.loaded.values())):
+            parts = np.empty((len(indices), self.loaded[shards[0]][name].shape[-1]), dtype=np.float32)
+            for shard in needed:
+                mask = shards == shard
+                parts[mask] = self.loaded[shard][name][rows[mask]]
+            gathered[name] = torch.from_numpy(parts)
+        return gathered
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.loaded = {}

@@ -19,7 +19,7 @@ from rich.text import Text
 from richkd.pipeline.config import build_config, field_type
 from richkd.pipeline.errors import UserError, one_line
 from richkd.pipeline.runtime import console
-from richkd.stages import inspect_store, precompute
+from richkd.stages import demo, distill, evaluate, inspect_store, precompute, train, train_clip
 
 app = typer.Typer(
     name="richkd",
@@ -46,7 +46,7 @@ def add_stage_command(name: str, config_class: type, run: Callable, summary: str
         # typer bundles its own click, so the source enum is compared by name.
         given = {key: value for key, value in values.items()
                  if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"}
-        run(build_config(config_class, name, params_file, given))
+        run(build_config(config_class, name.replace("-", "_"), params_file, given))
 
     parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     for field in dataclasses.fields(config_class):
@@ -55,7 +55,7 @@ def add_stage_command(name: str, config_class: type, run: Callable, summary: str
                                typer.Option(help=field.metadata["help"], rich_help_panel=field.metadata["panel"])]
         parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=field.default, annotation=annotation))
-    config_help = f"A params file whose '{name}:' section sets these options; flags given here win."
+    config_help = f"A params file whose '{name.replace('-', '_')}:' section sets these options; flags given here win."
     parameters.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[Optional[Path], typer.Option(help=config_help)]))
     command.__signature__ = inspect.Signature(parameters)
@@ -64,8 +64,28 @@ def add_stage_command(name: str, config_class: type, run: Callable, summary: str
 
 
 add_stage_command(
+    "demo", demo.DemoConfig, demo.run,
+    "Write the built-in demo dataset: small images of eight kinds of object, with a caption each.",
+)
+add_stage_command(
+    "train-clip", train_clip.TrainClipConfig, train_clip.run,
+    "Train an open_clip model on a dataset's images and captions: a vision-language teacher of your own.",
+)
+add_stage_command(
     "precompute", precompute.PrecomputeConfig, precompute.run,
     "Run the teacher and CLIP over every augmented view of a dataset and cache their outputs in a Zarr store.",
+)
+add_stage_command(
+    "train", train.TrainConfig, train.run,
+    "Train a model on labels alone: a teacher for your own dataset, or the label-only baseline.",
+)
+add_stage_command(
+    "distill", distill.DistillConfig, distill.run,
+    "Train a student against fused teacher and CLIP targets read from a cache (no teacher forward pass).",
+)
+add_stage_command(
+    "evaluate", evaluate.EvaluateConfig, evaluate.run,
+    "Accuracy, calibration and confident-correct / confidently-wrong rates of a checkpoint on a split.",
 )
 app.command("inspect")(inspect_store.command)
 

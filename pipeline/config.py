@@ -8,6 +8,7 @@ against it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -94,6 +95,18 @@ def build_config(
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain JSON/YAML-ready data."""
     return dataclasses.asdict(config)
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str = "size") -> int:
+    """A byte count such as `4GiB`, `512MB` or `1000000`."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match[2].upper() not in SIZE_UNITS:
+        raise UserError(f"{flag} must be a size such as 4GiB, 512MB or a number of bytes, got '{text}'")
+    return int(float(match[1]) * SIZE_UNITS[match[2].upper()])
 
 
 def require(condition: bool, message: str) -> None:

@@ -7,6 +7,7 @@ Row `i` of every per-sample array in the cache is dataset index `i`; `keys[i]` i
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
 from richkd.pipeline.errors import UserError
@@ -164,17 +166,24 @@ class FolderImages:
 
 @register_dataset("imagefolder")
 def _imagefolder(root: Path, split: str, download: bool) -> ImageDataset:
-    """`root/<split>/<class>/<image>`: class names are the folder names, in sorted order."""
     if download:
         raise UserError("dataset 'imagefolder' cannot be downloaded; point --data-root at the folder")
+    return open_image_folder(root, split)
+
+
+def open_image_folder(root: Path, split: str) -> ImageDataset:
+    """`root/<split>/<class>/<image>`: class names are the folder names, in sorted order."""
     folder = root / split
     if not folder.is_dir():
         raise UserError(f"no split folder {folder} (an image folder dataset is <root>/<split>/<class>/<image>)")
     try:
-        images = torchvision.datasets.ImageFolder(str(folder))
+        # A class folder may be empty in one split; the class list stays that of the folders.
+        images = torchvision.datasets.ImageFolder(str(folder), allow_empty=True)
     except FileNotFoundError as error:
-        raise UserError(f"no images under {folder}: {error}") from error
+        raise UserError(f"no class folders under {folder}: {error}") from error
     paths = [path for path, _ in images.samples]
+    if not paths:
+        raise UserError(f"no images under {folder} (supported: {', '.join(IMG_EXTENSIONS)})")
     return ImageDataset(
         name="imagefolder",
         split=split,
@@ -213,3 +222,21 @@ def write_cifar(root: str | Path, name: str, splits: dict[str, tuple[np.ndarray,
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, scaled to [0, 1] and standardised per channel."""
     return TF.normalize(images.float().div_(255), list(mean), list(std))
+
+
+def read_captions(path: str | Path, keys: list[str]) -> list[str]:
+    """One caption per sample from a JSON file mapping each sample key to its caption."""
+    try:
+        captions = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UserError(f"cannot read captions file {path}: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"captions file {path} is not valid JSON: {error}") from error
+    missing = [key for key in keys if key not in captions]
+    if missing:
+        raise UserError(f"captions file {path} has no caption for {len(missing)} samples (e.g. {missing[0]})")
+    return [captions[key] for key in keys]
+
+
+# Registers the built-in demo dataset (its module needs the registry above).
+from richkd.pipeline import demo  # noqa: E402,F401

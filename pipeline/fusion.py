@@ -32,9 +32,13 @@ def standardize(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (logits - mean) / (std + eps)
 
 
-def fuse_logits(teacher_logits: torch.Tensor, clip_cosines: torch.Tensor, alpha: float, scale: float,
-                standardized: bool = False) -> torch.Tensor:
-    clip_logits = scale * clip_cosines
-    if standardized:
-        teacher_logits, clip_logits = standardize(teacher_logits), standardize(clip_logits)
-    return alpha * teacher_logits + (1 - alpha) * clip_logits
+def fuse_logits(teacher_logits: torch.Tensor | None, clip_cosines: torch.Tensor | None, alpha: float,
+                scale: float, standardized: bool = False) -> torch.Tensor:
+    """z_F; a source whose weight is zero may be None (it is then never read from the cache)."""
+    parts = []
+    if alpha > 0:
+        parts.append(alpha * (standardize(teacher_logits) if standardized else teacher_logits))
+    if alpha < 1:
+        clip_logits = scale * clip_cosines
+        parts.append((1 - alpha) * (standardize(clip_logits) if standardized else clip_logits))
+    return sum(parts)

@@ -6,6 +6,8 @@ cache or from teachers run online.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,19 +68,34 @@ class ContrastMemory(nn.Module):
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, index: torch.Tensor,
                 contrast_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B, K+1) of each view against the other view's memory; column 0 is the positive."""
-        batch, candidates = contrast_index.shape
-        weight_v1 = self.memory_v1[contrast_index.reshape(-1)].view(batch, candidates, -1).detach()
-        weight_v2 = self.memory_v2[contrast_index.reshape(-1)].view(batch, candidates, -1).detach()
-        out_v2 = torch.exp(torch.bmm(weight_v1, v2.unsqueeze(2)).squeeze(2) / self.nce_temperature)
-        out_v1 = torch.exp(torch.bmm(weight_v2, v1.unsqueeze(2)).squeeze(2) / self.nce_temperature)
         with torch.no_grad():
             if self.Z_v1 < 0:
-                self.Z_v1.fill_(out_v1.mean().item() * self.num_data)
+                self.Z_v1.fill_(self._exp_scores(self.memory_v2, v1, contrast_index).mean().item() * self.num_data)
             if self.Z_v2 < 0:
-                self.Z_v2.fill_(out_v2.mean().item() * self.num_data)
+                self.Z_v2.fill_(self._exp_scores(self.memory_v1, v2, contrast_index).mean().item() * self.num_data)
+        # exp(s / T) / Z in one exp: the scores are a million entries per batch at K = 16384.
+        out_v2 = torch.exp(self._similarities(self.memory_v1, v2, contrast_index) / self.nce_temperature
+                           - torch.log(self.Z_v2))
+        out_v1 = torch.exp(self._similarities(self.memory_v2, v1, contrast_index) / self.nce_temperature
+                           - torch.log(self.Z_v1))
+        with torch.no_grad():
             self._update(self.memory_v1, v1, index)
             self._update(self.memory_v2, v2, index)
-        return out_v1 / self.Z_v1, out_v2 / self.Z_v2
+        return out_v1, out_v2
+
+    def _exp_scores(self, memory: torch.Tensor, values: torch.Tensor, contrast_index: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self._similarities(memory, values, contrast_index) / self.nce_temperature)
+
+    @staticmethod
+    def _similarities(memory: torch.Tensor, values: torch.Tensor, contrast_index: torch.Tensor) -> torch.Tensor:
+        """<memory[contrast_index[b, k]], values[b]> for every (b, k)."""
+        batch, candidates = contrast_index.shape
+        if memory.shape[0] < batch * candidates:
+            # Scoring the whole bank reads it once; gathering would copy B x (K+1) rows of it. The copy
+            # keeps what backward needs safe from the in-place memory update that follows.
+            return (values @ memory.detach().clone().T).gather(1, contrast_index)
+        rows = memory.detach()[contrast_index.reshape(-1)].view(batch, candidates, -1)
+        return torch.bmm(rows, values.unsqueeze(2)).squeeze(2)
 
     def _update(self, memory: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
         mixed = memory[index] * self.momentum + values.detach() * (1 - self.momentum)
@@ -91,8 +108,9 @@ def contrast_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> tor
     noise = negatives / num_data
     positive, negative = scores[:, 0], scores[:, 1:]
     log_d1 = torch.log(positive / (positive + noise + eps))
-    log_d0 = torch.log(noise / (negative + noise + eps))
-    return -(log_d1.sum() + log_d0.sum()) / batch
+    # sum of log(noise / (P_neg + noise + eps)), with the constant log(noise) taken out of the sum
+    log_d0 = negative.numel() * math.log(noise) - torch.log(negative + (noise + eps)).sum()
+    return -(log_d1.sum() + log_d0) / batch
 
 
 class FusedCRD(nn.Module):
@@ -111,9 +129,15 @@ class FusedCRD(nn.Module):
         self.embed_clip = Embed(clip_dim, embed_dim)
         self.memory = ContrastMemory(embed_dim, num_data, nce_temperature, momentum, generator)
 
-    def fused_embedding(self, teacher_features: torch.Tensor, clip_features: torch.Tensor) -> torch.Tensor:
-        mixed = self.lam * self.embed_teacher(teacher_features) + (1 - self.lam) * self.embed_clip(clip_features)
-        return F.normalize(mixed, dim=1)
+    def fused_embedding(self, teacher_features: torch.Tensor | None,
+                        clip_features: torch.Tensor | None) -> torch.Tensor:
+        """A source whose weight is zero may be None."""
+        parts = []
+        if self.lam > 0:
+            parts.append(self.lam * self.embed_teacher(teacher_features))
+        if self.lam < 1:
+            parts.append((1 - self.lam) * self.embed_clip(clip_features))
+        return F.normalize(sum(parts), dim=1)
 
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor,
                 clip_features: torch.Tensor, index: torch.Tensor, contrast_index: torch.Tensor) -> torch.Tensor:

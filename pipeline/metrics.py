@@ -9,10 +9,19 @@ ECE_BINS = 15
 
 
 class ClassificationMeter:
-    """Streams (logits, labels) batches; `result()` gives the metrics over everything seen."""
+    """Streams (logits, labels) batches; `result()` gives the metrics over everything seen.
 
-    def __init__(self, bins: int = ECE_BINS):
+    Confident-correct / confidently-wrong are the shares of all samples predicted with confidence at
+    least `confidence_threshold` and right / wrong; per-class accuracy needs `num_classes`.
+    """
+
+    def __init__(self, bins: int = ECE_BINS, confidence_threshold: float = 0.9, num_classes: int | None = None):
         self.bins = bins
+        self.confidence_threshold = confidence_threshold
+        self.confident_correct = 0
+        self.confidently_wrong = 0
+        self.class_total = torch.zeros(num_classes or 0, dtype=torch.long)
+        self.class_correct = torch.zeros(num_classes or 0, dtype=torch.long)
         self.count = 0
         self.top1 = 0
         self.top5 = 0
@@ -31,6 +40,12 @@ class ClassificationMeter:
         self.top5 += int((logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).sum())
         self.nll += float(F.nll_loss(log_probs, labels, reduction="sum"))
         self.count += len(labels)
+        confident = confidence >= self.confidence_threshold
+        self.confident_correct += int((confident & correct).sum())
+        self.confidently_wrong += int((confident & ~correct).sum())
+        if len(self.class_total):
+            self.class_total += torch.bincount(labels, minlength=len(self.class_total))
+            self.class_correct += torch.bincount(labels[correct], minlength=len(self.class_total))
         # Equal-width confidence bins (lower, upper]; a confidence of exactly 0 cannot occur.
         bin_index = (confidence.double() * self.bins).ceil().long().clamp(1, self.bins) - 1
         self.bin_count += torch.bincount(bin_index, minlength=self.bins).double()
@@ -44,4 +59,10 @@ class ClassificationMeter:
     def result(self) -> dict[str, float]:
         n = max(self.count, 1)
         return {"top1": self.top1 / n, "top5": self.top5 / n, "nll": self.nll / n, "ece": self.ece(),
+                "confident_correct": self.confident_correct / n, "confidently_wrong": self.confidently_wrong / n,
                 "count": self.count}
+
+    def per_class_accuracy(self) -> list[float | None]:
+        """Accuracy of each class (None for a class with no samples)."""
+        return [correct / total if total else None
+                for correct, total in zip(self.class_correct.tolist(), self.class_total.tolist())]

@@ -41,6 +41,10 @@ class PadCrop:
         view = TF.crop(image, top, left, self.size, self.size)  # zero-fills outside the image, as padding does
         return TF.horizontal_flip(view) if flip else view
 
+    def center(self, image: torch.Tensor) -> torch.Tensor:
+        """The evaluation view: the image itself (centre-cropped or zero-padded to `size`)."""
+        return TF.center_crop(image, [self.size, self.size])
+
 
 @dataclass(frozen=True)
 class ResizedCrop:
@@ -81,6 +85,11 @@ class ResizedCrop:
         view = TF.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
         return TF.horizontal_flip(view) if flip else view
 
+    def center(self, image: torch.Tensor) -> torch.Tensor:
+        """The evaluation view: shorter side resized to size / 0.875, then the central size x size crop."""
+        resized = TF.resize(image, [round(self.size / 0.875)], antialias=True)
+        return TF.center_crop(resized, [self.size, self.size])
+
 
 VIEW_POLICIES = {policy.name: policy for policy in (PadCrop, ResizedCrop)}
 
@@ -95,8 +104,8 @@ def make_view_policy(name: str, native_size: int | None, image_size: int | None)
     if name not in VIEW_POLICIES:
         raise UserError(f"unknown view policy '{name}'; known: auto, {', '.join(VIEW_POLICIES)}")
     if name == "pad_crop":
-        if native_size is None:
-            raise UserError("view policy pad_crop needs images of one size; use resized_crop for this dataset")
+        if native_size is None and image_size is None:
+            raise UserError("view policy pad_crop needs --image-size for a dataset whose images may differ in size")
         return PadCrop(size=image_size or native_size)
     return ResizedCrop(size=image_size or DEFAULT_RESIZED_SIZE)
 

@@ -66,3 +66,14 @@ def test_dkd_against_its_definition():
         total += (1.0 * tckd + 8.0 * nckd) * T**2
     expected = total / 6
     assert dkd_loss(student, target, labels, 1.0, 8.0, T).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("bank_size", [50, 5000])  # scored whole (50 < 8 x 33) or gathered row by row
+def test_memory_similarities_either_way(bank_size):
+    from richkd.pipeline.losses import ContrastMemory
+
+    generator = torch.Generator().manual_seed(0)
+    memory, values = torch.randn(bank_size, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    contrast_index = torch.randint(0, bank_size, (8, 33), generator=generator)
+    expected = torch.einsum("bkd,bd->bk", memory[contrast_index], values)
+    torch.testing.assert_close(ContrastMemory._similarities(memory, values, contrast_index), expected)

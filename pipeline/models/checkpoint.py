@@ -47,8 +47,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, arch: str, num_cl
         raise
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint strictly into `model` (from create_model); return its other entries (e.g. epoch)."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, the checkpoint's other entries) of any accepted format, without a model."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path}: no such file")
@@ -66,6 +66,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]
     # checkpoints saved from a DistributedDataParallel wrapper
     if all(key.startswith(DDP_PREFIX) for key in state):
         state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
+    return dict(state), metadata
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint strictly into `model` (from create_model); return its other entries (e.g. epoch)."""
+    state, metadata = read_checkpoint(path)
     mismatch = _describe_mismatch(model, state, metadata)
     if mismatch:
         raise UserError(f"checkpoint {path}: {mismatch}")

@@ -1,0 +1,136 @@
+"""Seconds per epoch of a resnet8x4 student: labels alone, distilled from the cache, and distilled online.
+
+(a) cross-entropy only (`richkd train`, and `richkd distill --variant none` on the cache's views): the limit;
+(b) `richkd distill --variant LF` from a cache: KD on fused logits + CRD on fused features;
+(c) the same losses computed online, running resnet32x4 and CLIP ViT-B-32 (random weights) on every
+    batch, as the method's reference implementation does.
+All on the same CIFAR-shaped images, on this machine's CPU. Goals: (b)/(a) <= 1.10 and (c)/(b) >= 10.
+
+Epoch times are medians over alternating runs of (a) and (b), as this machine's speed drifts.
+
+    python benchmarks/distill_speed.py [--images 1024] [--epochs 2] [--rounds 2] [--nce-k 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from richkd.cache.reader import CacheReader
+from richkd.pipeline.clip import load_clip, zero_shot_classifier
+from richkd.pipeline.config import build_config
+from richkd.pipeline.data import normalize, open_dataset, write_cifar
+from richkd.pipeline.fusion import fuse_logits
+from richkd.pipeline.losses import FusedCRD, kd_loss
+from richkd.pipeline.models import create_model, save_checkpoint
+from richkd.pipeline.training import LabelledViews, data_loader
+from richkd.pipeline.views import policy_from_description
+from richkd.stages import distill, precompute, train
+from richkd.stages.distill import sample_negatives
+
+
+TRAIN = "(a') richkd train, cross-entropy (fresh random views)"
+LIMIT = "(a) richkd distill --variant none (cross-entropy)"
+CACHED = "(b) richkd distill --variant LF"
+ONLINE = "(c) online: resnet32x4 + ViT-B-32 forward on every batch"
+
+
+def online_epoch_seconds(root: Path, args) -> float:
+    """One epoch with teacher and CLIP forward passes on every batch, then the student step."""
+    device = torch.device("cpu")
+    dataset = open_dataset("cifar100", root / "data", "train")
+    reader = CacheReader(str(root / "cache.zarr"))
+    teacher = create_model("resnet32x4", 100).eval()
+    clip = load_clip("ViT-B-32", "random")
+    class_embeds, _ = zero_shot_classifier(clip, [f"class {i}" for i in range(100)], ["a photo of a {}"])
+    models = precompute.Models(teacher, dataset, clip, class_embeds, device)
+    torch.manual_seed(0)
+    student = create_model("resnet8x4", 100).to(memory_format=torch.channels_last)
+    crd = FusedCRD(student.feature_dim, teacher.feature_dim, class_embeds.shape[1], num_data=len(dataset), lam=0.7)
+    optimizer = torch.optim.SGD([*student.parameters(), *crd.parameters()], lr=0.05, momentum=0.9,
+                                weight_decay=5e-4)
+    params = reader.array("views/params")[0]
+    policy = policy_from_description(reader.attrs["views"])
+    loader = data_loader(LabelledViews(dataset, policy, params), args.batch_size, args.num_workers, device,
+                         sampler=torch.randperm(len(dataset)).tolist())
+    negatives = np.random.default_rng(0)
+    student.train()
+    started = time.perf_counter()
+    for views, labels, indices in loader:
+        # The forward passes the cache saves (cloned out of inference mode to enter the loss graph).
+        targets = {name: values.clone() for name, values in models(views).items()}
+        logits, features = student(normalize(views, dataset.mean, dataset.std).contiguous(
+            memory_format=torch.channels_last))
+        fused = fuse_logits(targets["teacher/logits"], targets["clip/logits"], 0.7, 1.0)
+        negative = sample_negatives(labels.numpy(), dataset.labels, args.nce_k, negatives)
+        contrast = torch.cat([indices[:, None], negative], dim=1)
+        loss = (F.cross_entropy(logits, labels) + 3.0 * kd_loss(logits, fused, 3.0)
+                + 0.8 * crd(features, targets["teacher/features"], targets["clip/image_embeds"], indices, contrast))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run of (a) and (b); (c) runs one")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of (a) and (b)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--nce-k", type=int, default=16384)
+    parser.add_argument("--num-workers", type=int, default=1)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 100, args.images)
+        write_cifar(root / "data", "cifar100", {"train": (images, labels), "test": (images[:256], labels[:256])},
+                    [f"class {i}" for i in range(100)])
+        torch.manual_seed(0)
+        save_checkpoint(create_model("resnet32x4", 100), root / "teacher.pth", arch="resnet32x4", num_classes=100)
+        (root / "templates.txt").write_text("a photo of a {}\n")
+        precompute.run(build_config(precompute.PrecomputeConfig, "precompute", overrides=dict(
+            data_root=str(root / "data"), teacher_checkpoint=str(root / "teacher.pth"), clip="ViT-B-32",
+            clip_pretrained="random", templates=str(root / "templates.txt"), views=1, shard_size=512,
+            device="cpu", out=str(root / "cache.zarr"))))
+
+        common = dict(data_root=str(root / "data"), arch="resnet8x4", epochs=args.epochs,
+                      batch_size=args.batch_size, num_workers=args.num_workers, device="cpu", overwrite=True)
+        epochs: dict[str, list[float]] = {}
+
+        def measure(label: str, summary: dict) -> None:
+            epochs.setdefault(label, []).extend(summary["epoch_train_seconds"])
+
+        measure(TRAIN, train.run(build_config(train.TrainConfig, "train", overrides={
+            **common, "out": str(root / "train")})))
+        # (a) and (b) alternate, so that drift in this machine's speed reaches both alike.
+        for _ in range(args.rounds):
+            for variant, label in (("none", LIMIT), ("LF", CACHED)):
+                measure(label, distill.run(build_config(distill.DistillConfig, "distill", overrides={
+                    **common, "cache": str(root / "cache.zarr"), "variant": variant, "nce_k": args.nce_k,
+                    "out": str(root / variant)})))
+        epochs[ONLINE] = [online_epoch_seconds(root, args)]
+
+    seconds = {label: statistics.median(values) for label, values in epochs.items()}
+    print(json.dumps({"images": args.images, "batch_size": args.batch_size, "nce_k": args.nce_k,
+                      "rounds": args.rounds, "epochs_per_run": args.epochs, "torch_threads": torch.get_num_threads()}))
+    for label, value in seconds.items():
+        runs = ", ".join(f"{v:.2f}" for v in epochs[label])
+        print(f"{label:55s} {value:7.2f} s/epoch (median of {runs})")
+    print(f"(b)/(a) = {seconds[CACHED] / seconds[LIMIT]:.3f} (goal <= 1.10)")
+    print(f"(c)/(b) = {seconds[ONLINE] / seconds[CACHED]:.1f} (goal >= 10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""The training loop shared by `richkd train` and `richkd distill`.
+
+Everything random is drawn from generators seeded by (seed, epoch, purpose), and a checkpoint after
+every epoch holds all other state, so on the CPU a resumed run ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from richkd.pipeline.config import option, require, to_dict
+from richkd.pipeline.data import ImageDataset, normalize
+from richkd.pipeline.errors import UserError
+from richkd.pipeline.metrics import ClassificationMeter
+from richkd.pipeline.models import create_model, read_checkpoint, save_checkpoint
+from richkd.pipeline.runtime import DEVICE_CHOICES, autocast, console, progress_bar, resolve_device
+from richkd.pipeline.views import sample_view
+
+OPTIMIZERS = {
+    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay),
+}
+SCHEDULES = ("multistep", "cosine")
+# Config fields that may change when a run is resumed.
+RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "eval_batch_size"}
+
+
+@dataclass
+class TrainingOptions:
+    """Options of every training run; `train` and `distill` add their own."""
+
+    dataset: str = option("cifar100", "Dataset name: cifar10, cifar100 or imagefolder.", "Data")
+    data_root: str = option(
+        "data", "Where the dataset is stored (torchvision layout, or <root>/<split>/<class>/).", "Data")
+    split: str = option("train", "Split to train on.", "Data")
+    eval_split: str = option(
+        "test", "Held-out split evaluated after every epoch; the best checkpoint is chosen on it.", "Data")
+    download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets).", "Data")
+    arch: str = option("resnet8x4", "Architecture: a zoo name, tv:<torchvision model> or timm:<model>.", "Model")
+    epochs: int = option(240, "Training epochs.", "Optimisation")
+    batch_size: int = option(64, "Training batch size.", "Optimisation")
+    optimizer: str = option("sgd", "sgd (with momentum) or adamw.", "Optimisation")
+    lr: float = option(0.05, "Base learning rate.", "Optimisation")
+    momentum: float = option(0.9, "SGD momentum.", "Optimisation")
+    weight_decay: float = option(5e-4, "Weight decay.", "Optimisation")
+    schedule: str = option("multistep", "Learning-rate schedule: multistep or cosine.", "Optimisation")
+    milestones: str = option("150,180,210", "Epochs at which multistep decays the learning rate.", "Optimisation")
+    lr_decay: float = option(0.1, "Multistep decay factor.", "Optimisation")
+    warmup_epochs: int = option(0, "Epochs of linear learning-rate warmup.", "Optimisation")
+    seed: int = option(0, "Seed of initialisation, data order and every other random draw.", "Run")
+    out: str = option("runs/model", "Run directory: checkpoints, metrics, resolved config.", "Run")
+    resume: bool = option(False, "Continue the run in --out from its last checkpoint.", "Run")
+    overwrite: bool = option(False, "Start over, replacing the run in --out.", "Run")
+    num_workers: int = option(2, "Data loading worker processes (0 loads in the main process).", "Execution")
+    eval_batch_size: int = option(256, "Batch size of the held-out evaluation.", "Execution")
+    device: str = option("auto", f"Device: {DEVICE_CHOICES}.", "Execution")
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                                              f"got '{self.optimizer}'")
+        require(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        require(0 <= self.warmup_epochs < self.epochs, f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
+        require(self.num_workers >= 0, f"--batch-workers must be 0 or more, got {self.num_workers}")
+        require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        self.milestone_list()
+
+    def milestone_list(self) -> list[int]:
+        try:
+            milestones = [int(part) for part in str(self.milestones).split(",") if part.strip()]
+        except ValueError:
+            raise UserError(f"--milestones must be comma-separated epochs, got '{self.milestones}'") from None
+        require(milestones == sorted(milestones) and all(m > 0 for m in milestones),
+                f"--milestones must be increasing positive epochs, got '{self.milestones}'")
+        return milestones
+
+
+class LearningRateFactor:
+    """Factor of the base learning rate at an epoch: warmup, then multistep decay or cosine."""
+
+    def __init__(self, options: TrainingOptions):
+        self.schedule, self.epochs = options.schedule, options.epochs
+        self.milestones, self.decay = options.milestone_list(), options.lr_decay
+        self.warmup = options.warmup_epochs
+
+    def __call__(self, epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / self.warmup) if self.warmup else 1.0
+        if self.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        return warm * self.decay ** sum(epoch >= milestone for milestone in self.milestones)
+
+
+def seeded_model(arch: str, num_classes: int, seed: int) -> nn.Module:
+    """A fresh model whose initial weights depend on `seed` alone."""
+    torch.manual_seed(seed)
+    return create_model(arch, num_classes)
+
+
+def seeded_generator(seed: int, epoch: int, purpose: int) -> torch.Generator:
+    """An independent stream per (seed, epoch, purpose): nothing depends on what ran before it."""
+    state = np.random.SeedSequence([seed, epoch, purpose]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# Purposes of the per-epoch generators.
+ORDER, NEGATIVES, CRD_MEMORY = 0, 1, 2
+
+
+class LabelledViews(Dataset):
+    """index -> (uint8 view, label, index): the stored view `params[index]`, a fresh random view, or the centre."""
+
+    def __init__(self, dataset: ImageDataset, policy, params: np.ndarray | None = None, seed: int = 0,
+                 stream: int = 0, center: bool = False):
+        self.dataset, self.policy, self.params = dataset, policy, params
+        self.seed, self.stream, self.center = seed, stream, center
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image = self.dataset.image(index)
+        if self.center:
+            view = self.policy.center(image)
+        else:
+            params = self.params[index] if self.params is not None else sample_view(
+                self.policy, self.seed, self.stream, index, image)
+            view = self.policy.replay(image, params)
+        return view, int(self.dataset.labels[index]), index
+
+
+class Objective(Protocol):
+    """What a training run optimises, beyond the model: its losses, extra modules and per-epoch data."""
+
+    def epoch_data(self, epoch: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """(stored view params per sample or None for fresh random views, the epoch's sample order)."""
+
+    def losses(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+               indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """Weighted loss terms of a batch; their sum is minimised."""
+
+    def end_epoch(self) -> None: ...
+
+
+def rng_states() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                      "has_gauss": has_gauss, "cached": cached}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_states(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, mean, std,
+                   meter: ClassificationMeter) -> ClassificationMeter:
+    model.eval()
+    for views, labels, _ in loader:
+        x = normalize(views.to(device, non_blocking=True), mean, std)
+        with autocast(device):
+            logits, _ = model(x)
+        meter.update(logits.float().cpu(), labels)
+    return meter
+
+
+def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+
+
+class Trainer:
+    """Runs epochs of `objective` on `model`, evaluating, checkpointing and logging after each."""
+
+    def __init__(self, options: TrainingOptions, model: nn.Module, objective: nn.Module, dataset: ImageDataset,
+                 eval_dataset: ImageDataset, policy, checkpoint_info: dict):
+        self.options, self.objective = options, objective
+        self.dataset, self.eval_dataset, self.policy = dataset, eval_dataset, policy
+        self.device = resolve_device(options.device)
+        self.model = model.to(self.device)
+        self.objective.to(self.device)
+        # Channels-last convolutions are faster with cuDNN and with oneDNN on the CPU alike.
+        self.model.to(memory_format=torch.channels_last)
+        self.run_dir = Path(options.out)
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.checkpoint_info = checkpoint_info
+        parameters = [*self.model.parameters(), *self.objective.parameters()]
+        self.optimizer = OPTIMIZERS[options.optimizer](parameters, options)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LearningRateFactor(options))
+
+    def checkpoint_payload(self, epoch: int, best: dict) -> dict:
+        return {
+            "epoch": epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "rng": rng_states(),
+            "best": best,
+            "config": to_dict(self.options),
+            **self.checkpoint_info,
+        }
+
+    def restore(self) -> tuple[int, dict]:
+        last = self.checkpoints / "last.pt"
+        state, saved = read_checkpoint(last)
+        for key, value in saved["config"].items():
+            now = getattr(self.options, key, None)
+            if key not in RESUMABLE_CHANGES and now != value:
+                raise UserError(f"cannot resume {self.run_dir}: it was run with {key}={value!r}, now {now!r}")
+        self.model.load_state_dict(state)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.objective.load_state_dict(saved["objective"])
+        restore_rng_states(saved["rng"])
+        return saved["epoch"], saved["best"]
+
+    def prepare_run_dir(self) -> tuple[int, dict]:
+        """(first epoch, best so far): a fresh run, or where the last checkpoint left off."""
+        has_run = (self.checkpoints / "last.pt").exists()
+        if has_run and self.options.resume:
+            return self.restore()
+        if has_run and not self.options.overwrite:
+            raise UserError(f"{self.run_dir} already holds a run: pass --resume to continue it or --overwrite")
+        if self.options.resume:
+            console.print(f"nothing to resume in {self.run_dir}: starting from epoch 0")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("last.pt", "best.pt"):
+            (self.checkpoints / stale).unlink(missing_ok=True)
+        return 0, {"epoch": None, "top1": None, "selected_on": self.options.eval_split}
+
+    def train_epoch(self, epoch: int, progress, task) -> dict[str, float]:
+        params, order = self.objective.epoch_data(epoch)
+        views = LabelledViews(self.dataset, self.policy, params, seed=self.options.seed, stream=epoch)
+        loader = data_loader(views, self.options.batch_size, self.options.num_workers, self.device,
+                             sampler=order.tolist())
+        self.model.train()
+        self.objective.train()
+        totals: dict[str, float] = {}
+        seen = 0
+        try:
+            for views_batch, labels, indices in loader:
+                x = normalize(views_batch.to(self.device, non_blocking=True), self.dataset.mean, self.dataset.std)
+                labels = labels.to(self.device, non_blocking=True)
+                with autocast(self.device):
+                    logits, features = self.model(x.contiguous(memory_format=torch.channels_last))
+                losses = self.objective.losses(logits.float(), features.float(), labels, indices, epoch)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise UserError(f"training diverged in epoch {epoch + 1}: the loss is {loss.item()}; "
+                                    "lower --lr or check the loss weights")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                batch = len(labels)
+                seen += batch
+                for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}.items():
+                    totals[name] = totals.get(name, 0.0) + value.item() * batch
+                progress.advance(task, batch)
+        finally:
+            self.objective.end_epoch()
+        self.scheduler.step()
+        return {name: total / seen for name, total in totals.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        views = LabelledViews(self.eval_dataset, self.policy, center=True)
+        loader = data_loader(views, self.options.eval_batch_size, self.options.num_workers, self.device)
+        meter = evaluate_model(self.model, loader, self.device, self.eval_dataset.mean, self.eval_dataset.std,
+                               ClassificationMeter())
+        return meter.result()
+
+    def run(self) -> dict:
+        from dvclive import Live
+
+        first_epoch, best = self.prepare_run_dir()
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.options), sort_keys=False))
+        (self.run_dir / "run.json").write_text(json.dumps(self.checkpoint_info, indent=2))
+        epoch_seconds = []
+        with Live(str(self.run_dir / "dvclive"), resume=first_epoch > 0, save_dvc_exp=False, dvcyaml=None,
+                  report=None) as live, progress_bar("img") as progress:
+            if first_epoch == 0:
+                live.log_params(to_dict(self.options))
+            for epoch in range(first_epoch, self.options.epochs):
+                lr = self.optimizer.param_groups[0]["lr"]
+                task = progress.add_task(f"epoch {epoch + 1}/{self.options.epochs}", total=len(self.dataset))
+                started = time.perf_counter()
+                train_metrics = self.train_epoch(epoch, progress, task)
+                epoch_seconds.append(time.perf_counter() - started)
+                progress.remove_task(task)
+                eval_metrics = self.evaluate()
+                if best["top1"] is None or eval_metrics["top1"] > best["top1"]:
+                    best = {"epoch": epoch + 1, "top1": eval_metrics["top1"], "selected_on": self.options.eval_split}
+                    is_best = True
+                else:
+                    is_best = False
+                payload = self.checkpoint_payload(epoch + 1, best)
+                save_checkpoint(self.model, self.checkpoints / "last.pt", **payload)
+                if is_best:
+                    save_checkpoint(self.model, self.checkpoints / "best.pt", **payload)
+                live.step = epoch
+                for name, value in train_metrics.items():
+                    live.log_metric(f"train/{name}", value)
+                for name in ("top1", "top5", "nll", "ece"):
+                    live.log_metric(f"{self.options.eval_split}/{name}", eval_metrics[name])
+                live.log_metric("lr", lr)
+                live.log_metric("epoch_seconds", epoch_seconds[-1])
+                live.next_step()
+                console.print(f"epoch {epoch + 1}/{self.options.epochs}: loss {train_metrics['loss']:.4f}, "
+                              f"{self.options.eval_split} top-1 {100 * eval_metrics['top1']:.2f}% "
+                              f"({epoch_seconds[-1]:.1f} s)")
+        summary = {
+            "epochs": self.options.epochs,
+            "best": best,
+            "last": self.evaluate() if first_epoch == self.options.epochs else eval_metrics,
+            "train_seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+            "epoch_train_seconds": epoch_seconds,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+class SupervisedObjective(nn.Module):
+    """Cross-entropy on labels, with a fresh random view of every sample each epoch."""
+
+    def __init__(self, num_samples: int, seed: int):
+        super().__init__()
+        self.num_samples, self.seed = num_samples, seed
+
+    def epoch_data(self, epoch: int) -> tuple[None, np.ndarray]:
+        return None, torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch, ORDER)).numpy()
+
+    def losses(self, logits, features, labels, indices, epoch) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(logits, labels)}
+
+    def end_epoch(self) -> None:
+        pass

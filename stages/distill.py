@@ -1,0 +1,208 @@
+"""`richkd distill`: train a student against fused targets read from the cache, with no teacher forward pass.
+
+Epoch e replays view e mod V: the student sees the pixels the teacher and CLIP saw when the cache was
+written, and its targets are those models' outputs on exactly those pixels.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from richkd.cache.reader import CacheReader, block_shuffled_order
+from richkd.pipeline.config import option, parse_size, require
+from richkd.pipeline.data import open_dataset
+from richkd.pipeline.fusion import clip_scale_value, fuse_logits
+from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
+from richkd.pipeline.training import CRD_MEMORY, NEGATIVES, ORDER, Trainer, TrainingOptions, seeded_generator
+from richkd.pipeline.training import seeded_model
+from richkd.pipeline.views import policy_from_description
+
+VARIANTS = {"none": (False, False), "L": (True, False), "F": (False, True), "LF": (True, True)}
+DEFAULT_LOGIT_WEIGHTS = {"kd": 3.0, "dkd": 1.0}
+LOGIT_LOSSES = tuple(DEFAULT_LOGIT_WEIGHTS)
+
+
+@dataclass
+class DistillConfig(TrainingOptions):
+    cache: str = option("cache/teachers.zarr", "The cache store written by `richkd precompute`.", "Cache")
+    cache_memory: str = option(
+        "4GiB", "Memory for cached targets: views that fit are read whole, larger ones streamed.", "Cache")
+    variant: str = option(
+        "LF", "none (cross-entropy only), L (logits), F (features) or LF (both).", "Distillation")
+    logit_loss: str = option("kd", "Loss on fused logits: kd or dkd.", "Distillation")
+    alpha: float = option(0.7, "Logit fusion weight: z_F = alpha z_T + (1 - alpha) z_C; 1 is plain KD.",
+                          "Distillation")
+    lam: float | None = option(None, "Feature fusion weight of the teacher (default: alpha).", "Distillation")
+    temperature: float = option(3.0, "Distillation temperature T.", "Distillation")
+    clip_scale: str = option(
+        "raw", "CLIP logits z_C = scale * cosine: raw (1), clip (exp(logit_scale)) or a number.", "Distillation")
+    standardize: bool = option(False, "z-score each sample's teacher and CLIP logits before fusing.",
+                               "Distillation")
+    ce_weight: float = option(1.0, "Weight of cross-entropy on labels.", "Loss weights")
+    logit_weight: float | None = option(None, "Weight of the logit loss (default: 3 for kd, 1 for dkd).",
+                                        "Loss weights")
+    feature_weight: float = option(0.8, "Weight of the CRD feature loss.", "Loss weights")
+    dkd_alpha: float = option(1.0, "DKD: weight of target-class KD.", "Loss weights")
+    dkd_beta: float = option(8.0, "DKD: weight of non-target-class KD.", "Loss weights")
+    dkd_warmup: int = option(20, "DKD: epochs over which its weight ramps up linearly.", "Loss weights")
+    nce_k: int = option(16384, "CRD: negatives per sample.", "CRD")
+    nce_temperature: float = option(0.07, "CRD: NCE temperature.", "CRD")
+    nce_momentum: float = option(0.5, "CRD: memory bank momentum.", "CRD")
+    embed_dim: int = option(128, "CRD: dimension of the contrastive embedding.", "CRD")
+    out: str = option("runs/student", "Run directory: checkpoints, metrics, resolved config.", "Run")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.variant in VARIANTS, f"--variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
+        require(self.logit_loss in LOGIT_LOSSES, f"--logit-loss must be kd or dkd, got '{self.logit_loss}'")
+        require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
+        require(self.lam is None or 0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
+        require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        for name in ("ce_weight", "logit_weight", "feature_weight", "dkd_alpha", "dkd_beta"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        require(self.dkd_warmup >= 0, f"--dkd-warmup must be 0 or more, got {self.dkd_warmup}")
+        require(self.nce_k >= 1, f"--nce-k must be at least 1, got {self.nce_k}")
+        require(self.nce_temperature > 0, f"--nce-temperature must be positive, got {self.nce_temperature}")
+        require(0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), got {self.nce_momentum}")
+        require(self.embed_dim >= 1, f"--embed-dim must be at least 1, got {self.embed_dim}")
+        clip_scale_value(self.clip_scale, logit_scale=1.0)  # checks the flag; the store supplies the real scale
+        parse_size(self.cache_memory, "--cache-memory")
+
+    @property
+    def feature_lam(self) -> float:
+        return self.alpha if self.lam is None else self.lam
+
+    @property
+    def logit_loss_weight(self) -> float:
+        """DKD carries its own alpha and beta, so it is weighted 1 unless told otherwise (as in DKD's paper)."""
+        if self.logit_weight is not None:
+            return self.logit_weight
+        return DEFAULT_LOGIT_WEIGHTS[self.logit_loss]
+
+    @property
+    def uses_logits(self) -> bool:
+        return VARIANTS[self.variant][0] and self.logit_loss_weight > 0
+
+    @property
+    def uses_features(self) -> bool:
+        return VARIANTS[self.variant][1] and self.feature_weight > 0
+
+    def cached_arrays(self) -> tuple[str, ...]:
+        """The per-view arrays this run reads: nothing a zero weight makes irrelevant."""
+        names = []
+        if self.uses_logits:
+            names += ["teacher/logits"] * (self.alpha > 0) + ["clip/logits"] * (self.alpha < 1)
+        if self.uses_features:
+            names += ["teacher/features"] * (self.feature_lam > 0) + ["clip/image_embeds"] * (self.feature_lam < 1)
+        return tuple(names)
+
+
+def sample_negatives(labels: np.ndarray, all_labels: np.ndarray, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """k indices per sample, drawn uniformly with replacement from samples of other classes (CRD's 'exact')."""
+    candidates = rng.integers(0, len(all_labels), (len(labels), k))
+    clash = all_labels[candidates] == labels[:, None]
+    while clash.any():
+        candidates[clash] = rng.integers(0, len(all_labels), int(clash.sum()))
+        clash = all_labels[candidates] == labels[:, None]
+    return torch.from_numpy(candidates)
+
+
+class DistillObjective(nn.Module):
+    """Cross-entropy, KD/DKD on fused logits and CRD on fused features, with targets read from the cache."""
+
+    def __init__(self, config: DistillConfig, reader: CacheReader, labels: np.ndarray, student_dim: int):
+        super().__init__()
+        self.config, self.reader = config, reader
+        self.labels = labels
+        self.names = config.cached_arrays()
+        self.scale = clip_scale_value(config.clip_scale, reader.attrs["clip"]["logit_scale"])
+        layout = reader.layout
+        views_held = min(2, layout.views)  # the current view and the next one, loaded ahead
+        self.in_memory = reader.fits_in_memory(self.names, parse_size(config.cache_memory) // views_held)
+        self.crd = None
+        if config.uses_features:
+            require(len(np.unique(labels)) > 1, "CRD needs at least two classes to draw negatives from")
+            memory_init = seeded_generator(config.seed, 0, CRD_MEMORY)
+            self.crd = FusedCRD(student_dim, layout.teacher_dim, layout.clip_dim, num_data=layout.samples,
+                                lam=config.feature_lam, embed_dim=config.embed_dim,
+                                nce_temperature=config.nce_temperature, momentum=config.nce_momentum,
+                                generator=memory_init)
+        self.targets = None
+        self.negatives: np.random.Generator | None = None
+        # Loads the next epoch's view while this one trains (in-memory mode).
+        self.reading = ThreadPoolExecutor(max_workers=1)
+        self.next_view: tuple[int, Future] | None = None
+
+    def _read_view(self, view: int, order: np.ndarray):
+        return self.reader.open_view(view, self.names, order, self.in_memory)
+
+    def epoch_data(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        layout = self.reader.layout
+        view = epoch % layout.views
+        order_generator = seeded_generator(self.config.seed, epoch, ORDER)
+        if self.in_memory:
+            order = torch.randperm(layout.samples, generator=order_generator).numpy()
+        else:
+            order = block_shuffled_order(layout, order_generator)
+        if self.next_view is not None and self.next_view[0] == view:
+            self.targets = self.next_view[1].result()
+        elif self.names:
+            self.targets = self._read_view(view, order)
+        self.next_view = None
+        next_view = (epoch + 1) % layout.views
+        if self.in_memory and self.names and next_view != view and epoch + 1 < self.config.epochs:
+            self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
+        self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES))
+        return self.reader.array("views/params")[view], order
+
+    def losses(self, logits, features, labels, indices, epoch) -> dict[str, torch.Tensor]:
+        config = self.config
+        terms = {"ce": config.ce_weight * F.cross_entropy(logits, labels)}
+        if not self.names:
+            return terms
+        device = logits.device
+        targets = {name: values.to(device, non_blocking=True)
+                   for name, values in self.targets.gather(indices.numpy()).items()}
+        if config.uses_logits:
+            fused = fuse_logits(targets.get("teacher/logits"), targets.get("clip/logits"), config.alpha, self.scale,
+                                config.standardize)
+            if config.logit_loss == "kd":
+                terms["logit"] = config.logit_loss_weight * kd_loss(logits, fused, config.temperature)
+            else:
+                warmup = min((epoch + 1) / config.dkd_warmup, 1.0) if config.dkd_warmup else 1.0
+                terms["logit"] = config.logit_loss_weight * warmup * dkd_loss(
+                    logits, fused, labels, config.dkd_alpha, config.dkd_beta, config.temperature)
+        if self.crd is not None:
+            negatives = sample_negatives(self.labels[indices.numpy()], self.labels, config.nce_k, self.negatives)
+            contrast_index = torch.cat([indices[:, None], negatives], dim=1).to(device)
+            terms["feature"] = config.feature_weight * self.crd(
+                features, targets.get("teacher/features"), targets.get("clip/image_embeds"),
+                indices.to(device), contrast_index)
+        return terms
+
+    def end_epoch(self) -> None:
+        if self.targets is not None:
+            self.targets.close()
+            self.targets = None
+
+
+def run(config: DistillConfig) -> dict:
+    reader = CacheReader(config.cache)
+    reader.require_complete()
+    dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+    reader.check_dataset(dataset)
+    eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
+    policy = policy_from_description(reader.attrs["views"])
+    model = seeded_model(config.arch, len(dataset.class_names), config.seed)
+    objective = DistillObjective(config, reader, dataset.labels, model.feature_dim)
+    info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "distill",
+            "class_names": list(dataset.class_names), "view_policy": reader.attrs["views"],
+            "cache": {key: reader.attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout")}}
+    return Trainer(config, model, objective, dataset, eval_dataset, policy, info).run()

@@ -1,0 +1,143 @@
+"""`richkd train-clip`: train (or fine-tune) an open_clip model contrastively on a dataset's images and captions.
+
+Any dataset with a caption per image can supply its own vision-language teacher this way; the demo
+uses it to make a tiny CLIP that knows its shapes from the captions alone, not from the labels. The
+result is an open_clip `local-dir:` bundle that `richkd precompute --clip local-dir:DIR` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.push_to_hf_hub import save_config_for_hf
+from safetensors.torch import save_file
+
+from richkd.pipeline.clip import DEFAULT_TEMPLATES, ClipTeacher, load_clip, prompt_class_name, zero_shot_classifier
+from richkd.pipeline.config import option, require, to_dict
+from richkd.pipeline.data import open_dataset, read_captions
+from richkd.pipeline.metrics import ClassificationMeter
+from richkd.pipeline.runtime import DEVICE_CHOICES, console, progress_bar, resolve_device
+from richkd.pipeline.training import LabelledViews, data_loader, seeded_generator, ORDER
+from richkd.pipeline.views import make_view_policy
+
+BUNDLE_WEIGHTS = "open_clip_model.safetensors"
+
+
+@dataclass
+class TrainClipConfig:
+    dataset: str = option("demo", "Dataset name: demo, imagefolder, cifar10 or cifar100.", "Data")
+    data_root: str = option("data/demo", "Where the dataset is stored.", "Data")
+    split: str = option("train", "Split to train on.", "Data")
+    eval_split: str = option("test", "Split on which zero-shot accuracy is reported after every epoch.", "Data")
+    captions: str | None = option(
+        None, "JSON file mapping each sample key to its caption (default: <data-root>/<split>/captions.json).",
+        "Data")
+    model: str = option(
+        "richkd-tiny", "open_clip model name to train (richkd-tiny: a small ResNet tower for 32 x 32 images).",
+        "Model")
+    pretrained: str = option("random", "Start from these weights (a tag or checkpoint file) or 'random'.", "Model")
+    epochs: int = option(20, "Training epochs.", "Optimisation")
+    batch_size: int = option(64, "Image-caption pairs per batch (the contrastive loss's negatives).",
+                             "Optimisation")
+    lr: float = option(1e-3, "AdamW learning rate (cosine schedule after warmup).", "Optimisation")
+    weight_decay: float = option(0.1, "AdamW weight decay.", "Optimisation")
+    warmup_epochs: int = option(1, "Epochs of linear warmup.", "Optimisation")
+    seed: int = option(0, "Seed of initialisation and data order.", "Run")
+    out: str = option("models/clip", "Output open_clip bundle directory.", "Run")
+    num_workers: int = option(2, "Data loading worker processes.", "Execution")
+    device: str = option("auto", f"Device: {DEVICE_CHOICES}.", "Execution")
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        require(self.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch), got {self.batch_size}")
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(0 <= self.warmup_epochs < self.epochs, f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
+
+
+def zero_shot_top1(clip: ClipTeacher, loader, class_names: list[str], device: torch.device) -> float:
+    class_embeds, _ = zero_shot_classifier(clip, [prompt_class_name(n) for n in class_names], list(DEFAULT_TEMPLATES),
+                                           device)
+    meter = ClassificationMeter()
+    clip.model.eval()
+    with torch.inference_mode():
+        for views, labels, _ in loader:
+            embeds = clip.encode_images(clip.preprocess(views.to(device)))
+            meter.update((embeds.float() @ class_embeds.T).cpu(), labels)
+    return meter.result()["top1"]
+
+
+def save_bundle(clip: ClipTeacher, model_config: dict, out: Path, metrics: dict) -> None:
+    """An open_clip local-dir bundle, written next to `out` and renamed into place when complete."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, staging / BUNDLE_WEIGHTS)
+    save_config_for_hf(clip.model, staging / "open_clip_config.json", model_config=model_config)
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+
+
+def run(config: TrainClipConfig) -> dict:
+    from dvclive import Live
+
+    device = resolve_device(config.device)
+    dataset = open_dataset(config.dataset, config.data_root, config.split)
+    eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split)
+    captions = read_captions(config.captions or Path(config.data_root) / config.split / "captions.json", dataset.keys)
+    torch.manual_seed(config.seed)
+    clip = load_clip(config.model, config.pretrained, device)
+    model_config = open_clip.get_model_config(config.model)
+    tokens = clip.tokenizer(captions)
+    policy = make_view_policy("auto", dataset.native_size, clip.image_size[0])
+    # Captions name positions ("on the left"), so images are shown as they are: no crops, no flips.
+    train_views = LabelledViews(dataset, policy, center=True)
+    eval_loader = data_loader(LabelledViews(eval_dataset, policy, center=True), config.batch_size,
+                              config.num_workers, device)
+    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    warmup, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if step < warmup
+                                                 else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+    loss_fn = open_clip.ClipLoss()
+    out = Path(config.out)
+    history = []
+    with Live(str(out.with_name(out.name + "_dvclive")), save_dvc_exp=False, dvcyaml=None, report=None) as live, \
+            progress_bar("img") as progress:
+        live.log_params(to_dict(config))
+        for epoch in range(config.epochs):
+            order = torch.randperm(len(dataset), generator=seeded_generator(config.seed, epoch, ORDER)).tolist()
+            loader = data_loader(train_views, config.batch_size, config.num_workers, device, sampler=order)
+            task = progress.add_task(f"clip epoch {epoch + 1}/{config.epochs}", total=len(dataset))
+            clip.model.train()
+            total_loss = 0.0
+            for views, _, indices in loader:
+                images = clip.preprocess(views.to(device))
+                image_features, text_features, logit_scale = clip.model(images, tokens[indices].to(device))[:3]
+                loss = loss_fn(image_features, text_features, logit_scale)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():  # CLIP's clamp: keep the learned temperature below 100
+                    clip.model.logit_scale.clamp_(0, math.log(100))
+                total_loss += loss.item() * len(indices)
+                progress.advance(task, len(indices))
+            progress.remove_task(task)
+            top1 = zero_shot_top1(clip, eval_loader, eval_dataset.class_names, device)
+            history.append({"epoch": epoch + 1, "loss": total_loss / len(dataset), "zero_shot_top1": top1})
+            live.log_metric("train/loss", history[-1]["loss"])
+            live.log_metric(f"{config.eval_split}/zero_shot_top1", top1)
+            live.next_step()
+            console.print(f"clip epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']:.4f}, "
+                          f"{config.eval_split} zero-shot top-1 {100 * top1:.2f}%")
+    metrics = {"zero_shot_top1": history[-1]["zero_shot_top1"], "split": config.eval_split, "history": history,
+               "config": to_dict(config)}
+    save_bundle(clip, model_config, out, metrics)
+    return metrics

@@ -1,0 +1,73 @@
+"""The built-in demo dataset and a CLIP trained on its captions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from richkd.pipeline.cli import run_cli
+from richkd.pipeline.data import open_dataset, read_captions
+from richkd.pipeline.demo import CLASS_NAMES, demo_sample
+
+
+def test_demo_is_deterministic_and_varied(tmp_path):
+    for out in ("a", "b"):
+        assert run_cli(["demo", "--out", str(tmp_path / out), "--train", "64", "--test", "16"]) == 0
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) == 64 + 16 + 2
+    for path in files_a:
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+
+    train = open_dataset("demo", tmp_path / "a", "train")
+    assert train.native_size == 32 and sorted(train.class_names) == sorted(CLASS_NAMES)
+    captions = read_captions(tmp_path / "a" / "train" / "captions.json", train.keys)
+    for key, caption, label in zip(train.keys, captions, train.labels):
+        assert train.class_names[label].replace("_", " ") in caption and key.startswith(train.class_names[label])
+    images = np.stack([train.image(i).numpy() for i in range(len(train))])
+    assert images.shape == (64, 3, 32, 32) and images.std() > 30
+    assert len(set(captions)) > 50 and len(set(train.labels.tolist())) == 8
+
+
+def test_a_different_seed_gives_different_images():
+    assert not np.array_equal(demo_sample(0, "train", 5).image, demo_sample(1, "train", 5).image)
+    assert not np.array_equal(demo_sample(0, "train", 5).image, demo_sample(0, "test", 5).image)
+
+
+def test_missing_demo_data_says_how_to_make_it(tmp_path, capsys):
+    assert run_cli(["train", "--dataset", "demo", "--data-root", str(tmp_path / "nowhere"),
+                    "--out", str(tmp_path / "run")]) == 2
+    assert "generate it with `richkd demo --out" in capsys.readouterr().err
+
+
+def test_captions_file_must_cover_every_sample(tmp_path, capsys):
+    assert run_cli(["demo", "--out", str(tmp_path), "--train", "8", "--test", "4"]) == 0
+    captions = json.loads((tmp_path / "train" / "captions.json").read_text())
+    captions.pop(next(iter(captions)))
+    (tmp_path / "partial.json").write_text(json.dumps(captions))
+    train = open_dataset("demo", tmp_path, "train")
+    with pytest.raises(Exception, match="has no caption for 1 samples"):
+        read_captions(tmp_path / "partial.json", train.keys)
+
+
+def test_train_clip_writes_a_bundle_that_precompute_loads(tmp_path):
+    from richkd.pipeline.clip import load_clip
+
+    assert run_cli(["demo", "--out", str(tmp_path / "demo"), "--train", "96", "--test", "32"]) == 0
+    bundle = tmp_path / "clip"
+    assert run_cli(["train-clip", "--data-root", str(tmp_path / "demo"), "--epochs", "2", "--batch-size", "32",
+                    "--num-workers", "0", "--device", "cpu", "--out", str(bundle)]) == 0
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2 and metrics["history"][1]["loss"] < metrics["history"][0]["loss"]
+    assert 0 <= metrics["zero_shot_top1"] <= 1
+    clip = load_clip(f"local-dir:{bundle}", None)
+    assert clip.image_size == (32, 32) and len(clip.checkpoint_sha256) == 64
+
+    teacher = tmp_path / "teacher"
+    assert run_cli(["train", "--dataset", "demo", "--data-root", str(tmp_path / "demo"), "--arch", "resnet8",
+                    "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--out", str(teacher)]) == 0
+    assert run_cli(["precompute", "--dataset", "demo", "--data-root", str(tmp_path / "demo"), "--teacher", "resnet8",
+                    "--teacher-checkpoint", str(teacher / "checkpoints" / "last.pt"), "--clip", f"local-dir:{bundle}",
+                    "--views", "1", "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "c.zarr")]) == 0

@@ -1,0 +1,169 @@
+"""Distillation mechanics on the tiny CIFAR-100 world: resume, streaming reads, what is read, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import write_cifar100
+from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
+from richkd.pipeline.cli import run_cli
+from richkd.pipeline.models import read_checkpoint
+
+RICHKD = str(Path(sys.executable).parent / "richkd")
+FAST = ["--num-workers", "0", "--device", "cpu", "--batch-size", "16", "--nce-k", "32", "--arch", "resnet8"]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world, tmp_path_factory):
+    """400 training images, their cache (2 views, shards of 64) and the arguments of a distill run."""
+    root = tmp_path_factory.mktemp("training")
+    write_cifar100(root / "data", train=400, test=40, seed=3)
+    args = tiny_world.precompute_args(root / "cache.zarr", "--shard-size", "64")
+    args[args.index("--data-root") + 1] = str(root / "data")
+    args[args.index("--clip") + 1] = f"local-dir:{tiny_world.clip_bundle}"
+    assert run_cli(args) == 0
+    distill = ["distill", "--data-root", str(root / "data"), "--cache", str(root / "cache.zarr"), *FAST]
+    return root, distill
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    state, saved = read_checkpoint(run / "checkpoints" / "last.pt")
+    return {**state, **{f"objective.{k}": v for k, v in saved["objective"].items()}}
+
+
+def test_killed_distill_resumes_bit_identical(world, tmp_path):
+    root, distill = world
+    args = [*distill, "--epochs", "4", "--variant", "LF", "--milestones", "2,3"]
+    assert run_cli([*args, "--out", str(tmp_path / "straight")]) == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([RICHKD, *args, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "last.pt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the second epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+    _, saved = read_checkpoint(killed / "checkpoints" / "last.pt")
+    assert 1 <= saved["epoch"] < 4
+
+    assert run_cli([*args, "--out", str(killed), "--resume"]) == 0
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(killed)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    logged = (killed / "dvclive" / "plots" / "metrics" / "test" / "top1.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in logged[1:]] == ["0", "1", "2", "3"]
+
+
+def test_a_run_is_not_replaced_or_resumed_with_other_settings(world, tmp_path, capsys):
+    _, distill = world
+    run = ["--out", str(tmp_path / "run"), "--epochs", "1", "--variant", "L"]
+    assert run_cli([*distill, *run]) == 0
+    capsys.readouterr()
+    assert run_cli([*distill, *run]) == 2
+    assert "already holds a run: pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert run_cli([*distill, *run, "--resume", "--alpha", "0.5"]) == 2
+    assert "it was run with alpha=0.7, now 0.5" in capsys.readouterr().err
+    assert run_cli([*distill, *run, "--overwrite", "--alpha", "0.5"]) == 0
+
+
+def test_streamed_view_reads_shard_by_shard_with_bounded_memory(world):
+    root, _ = world
+    reader = CacheReader(str(root / "cache.zarr"))
+    names = ("teacher/logits", "clip/image_embeds")
+    order = block_shuffled_order(reader.layout, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(400))
+    shards = order // 64
+    assert (np.diff(shards) != 0).sum() == reader.layout.num_shards - 1  # one shard after another
+
+    streamed = reader.open_view(1, names, order, in_memory=False)
+    whole = reader.open_view(1, names, order, in_memory=True)
+    assert isinstance(streamed, StreamedView)
+    for first in range(0, 400, 48):  # batches that straddle shard boundaries
+        batch = order[first:first + 48]
+        expected, got = whole.gather(batch), streamed.gather(batch)
+        for name in names:
+            assert torch.equal(expected[name], got[name])
+        assert len(streamed.loaded) <= 2 and streamed.queue.qsize() <= 2
+    streamed.close()
+
+
+def test_streaming_distill_run(world, tmp_path):
+    _, distill = world
+    run = tmp_path / "streamed"
+    assert run_cli([*distill, "--out", str(run), "--epochs", "2", "--cache-memory", "1KiB"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+def test_logit_only_run_never_reads_feature_arrays(world, tmp_path, capsys):
+    root, distill = world
+    store = tmp_path / "cache.zarr"
+    shutil.copytree(root / "cache.zarr", store)
+    for name in ("teacher/features", "clip/image_embeds"):
+        for shard_file in (store / name / "c").rglob("*"):
+            if shard_file.is_file():
+                shard_file.write_bytes(b"garbage")
+    args = [*distill, "--cache", str(store), "--epochs", "1"]
+    assert run_cli([*args, "--variant", "L", "--out", str(tmp_path / "logits")]) == 0
+    with pytest.raises(Exception):
+        run_cli([*args, "--variant", "F", "--out", str(tmp_path / "features")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "1.5"], "--alpha must be in [0, 1], got 1.5"),
+    (["--temperature", "0"], "--temperature must be positive, got 0.0"),
+    (["--variant", "XL"], "--variant must be one of none, L, F, LF"),
+    (["--clip-scale", "huge"], "--clip-scale must be raw, clip or a positive number"),
+    (["--cache-memory", "lots"], "--cache-memory must be a size such as 4GiB"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_distill_flags(world, tmp_path, capsys, flags, message):
+    _, distill = world
+    assert run_cli([*distill, "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cache_of_another_dataset_or_incomplete(world, tmp_path, capsys):
+    root, distill = world
+    other = tmp_path / "other"
+    write_cifar100(other, train=400, test=40, seed=4)
+    args = list(distill)
+    args[args.index("--data-root") + 1] = str(other)
+    assert run_cli([*args, "--out", str(tmp_path / "run")]) == 2
+    assert "was built for another dataset (dataset.fingerprint" in capsys.readouterr().err
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(root / "cache.zarr", partial)
+    zarr.open_group(partial, mode="r+")["progress/done"][0, 3] = False
+    args = list(distill)
+    args[args.index("--cache") + 1] = str(partial)
+    assert run_cli([*args, "--out", str(tmp_path / "run")]) == 2
+    assert "is incomplete: 1 of 14 blocks are not written" in capsys.readouterr().err
+
+
+def test_evaluate_a_teacher_checkpoint_needs_its_architecture(tiny_world, capsys):
+    args = ["evaluate", "--data-root", str(tiny_world.data_root), "--checkpoint", str(tiny_world.teacher_checkpoint),
+            "--num-workers", "0", "--device", "cpu", "--json"]
+    assert run_cli(args) == 2
+    assert "does not record its architecture: pass --arch" in capsys.readouterr().err
+    assert run_cli([*args, "--arch", "resnet8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 20 and report["arch"] == "resnet8"
