@@ -16,10 +16,10 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from richkd.pipeline.config import build_config, field_type
+from richkd.pipeline.config import build_config, field_default, field_type
 from richkd.pipeline.errors import UserError, one_line
 from richkd.pipeline.runtime import console
-from richkd.stages import demo, distill, evaluate, inspect_store, precompute, train, train_clip
+from richkd.stages import demo, distill, evaluate, inspect_store, precompute, report, train, train_clip
 
 app = typer.Typer(
     name="richkd",
@@ -51,10 +51,11 @@ def add_stage_command(name: str, config_class: type, run: Callable, summary: str
     parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     for field in dataclasses.fields(config_class):
         flag_type = field_type(config_class, field.name)
-        annotation = Annotated[Optional[flag_type] if field.default is None else flag_type,
+        default = field_default(field)
+        annotation = Annotated[Optional[flag_type] if default is None else flag_type,
                                typer.Option(help=field.metadata["help"], rich_help_panel=field.metadata["panel"])]
         parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
-                                            default=field.default, annotation=annotation))
+                                            default=default, annotation=annotation))
     config_help = f"A params file whose '{name.replace('-', '_')}:' section sets these options; flags given here win."
     parameters.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[Optional[Path], typer.Option(help=config_help)]))
@@ -86,6 +87,10 @@ add_stage_command(
 add_stage_command(
     "evaluate", evaluate.EvaluateConfig, evaluate.run,
     "Accuracy, calibration and confident-correct / confidently-wrong rates of a checkpoint on a split.",
+)
+add_stage_command(
+    "report", report.ReportConfig, report.run,
+    "Compare teacher, CLIP, fused targets and students: a markdown table and figures.",
 )
 app.command("inspect")(inspect_store.command)
 

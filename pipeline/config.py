@@ -23,7 +23,14 @@ Config = TypeVar("Config")
 
 def option(default: Any, help: str, panel: str | None = None) -> Any:
     """A config field with its CLI help text and the `--help` section it is listed in."""
-    return dataclasses.field(default=default, metadata={"help": help, "panel": panel})
+    metadata = {"help": help, "panel": panel}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 def field_type(config_class: type, name: str) -> type:
@@ -60,6 +67,10 @@ def coerce(config_class: type, name: str, value: Any, source: str) -> Any:
     if value is None:
         return None
     wanted = field_type(config_class, name)
+    if typing.get_origin(wanted) is list:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise UserError(f"{source}: '{name}' must be a list of names, got {value!r}")
+        return value
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if wanted is str and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -62,6 +62,16 @@ class ClassificationMeter:
                 "confident_correct": self.confident_correct / n, "confidently_wrong": self.confidently_wrong / n,
                 "count": self.count}
 
+    def reliability(self) -> dict[str, list]:
+        """Per confidence bin: sample count, accuracy and mean confidence (None for an empty bin)."""
+        count = self.bin_count.tolist()
+        return {
+            "bin_upper_edges": [(b + 1) / self.bins for b in range(self.bins)],
+            "count": [int(c) for c in count],
+            "accuracy": [k / c if c else None for k, c in zip(self.bin_correct.tolist(), count)],
+            "confidence": [k / c if c else None for k, c in zip(self.bin_confidence.tolist(), count)],
+        }
+
     def per_class_accuracy(self) -> list[float | None]:
         """Accuracy of each class (None for a class with no samples)."""
         return [correct / total if total else None

@@ -1,6 +1,6 @@
 """Augmented views: geometric parameters sampled once per (seed, view, sample), stored, and replayed.
 
-Parameters are in the original image's coordinates. Replaying them with `ViewPolicy.replay` on the
+Parameters are in the original image's coordinates. Replaying them with the policy's `replay` on the
 original image gives the same uint8 pixels wherever it runs, so the student sees exactly what the
 teacher and CLIP saw when the cache was written.
 """
@@ -42,8 +42,7 @@ class PadCrop:
         return TF.horizontal_flip(view) if flip else view
 
     def center(self, image: torch.Tensor) -> torch.Tensor:
-        """The evaluation view: the image itself (centre-cropped or zero-padded to `size`)."""
-        return TF.center_crop(image, [self.size, self.size])
+        return center_view(image, self.size, resize=False)
 
 
 @dataclass(frozen=True)
@@ -86,21 +85,50 @@ class ResizedCrop:
         return TF.horizontal_flip(view) if flip else view
 
     def center(self, image: torch.Tensor) -> torch.Tensor:
-        """The evaluation view: shorter side resized to size / 0.875, then the central size x size crop."""
-        resized = TF.resize(image, [round(self.size / 0.875)], antialias=True)
-        return TF.center_crop(resized, [self.size, self.size])
+        return center_view(image, self.size, resize=True)
 
 
-VIEW_POLICIES = {policy.name: policy for policy in (PadCrop, ResizedCrop)}
+@dataclass(frozen=True)
+class CenterView:
+    """No augmentation, for caching a held-out split: every view is the evaluation view. Params: (flip,) = 0."""
+
+    size: int
+    resize: bool = False
+    name = "center"
+    param_names = ("flip",)
+
+    def sample(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, ...]:
+        return (0,)
+
+    def replay(self, image: torch.Tensor, params) -> torch.Tensor:
+        return self.center(image)
+
+    def center(self, image: torch.Tensor) -> torch.Tensor:
+        return center_view(image, self.size, self.resize)
+
+
+def center_view(image: torch.Tensor, size: int, resize: bool) -> torch.Tensor:
+    """The evaluation view: the central size x size crop, of the image itself (small images, zero-padded if
+    smaller) or after resizing its shorter side to size / 0.875 (the ImageNet convention)."""
+    if resize:
+        image = TF.resize(image, [round(size / 0.875)], antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+ViewPolicy = PadCrop | ResizedCrop | CenterView
+VIEW_POLICIES = {policy.name: policy for policy in (PadCrop, ResizedCrop, CenterView)}
 
 # Output side of resized crops when the user gives none (the ImageNet convention).
 DEFAULT_RESIZED_SIZE = 224
 
 
-def make_view_policy(name: str, native_size: int | None, image_size: int | None) -> PadCrop | ResizedCrop:
+def make_view_policy(name: str, native_size: int | None, image_size: int | None) -> ViewPolicy:
     """`auto` pad-crops datasets whose images all share one small side (CIFAR) and resized-crops the rest."""
+    small = native_size is not None and native_size <= 64
     if name == "auto":
-        name = "pad_crop" if native_size is not None and native_size <= 64 else "resized_crop"
+        name = "pad_crop" if small else "resized_crop"
+    if name == "center":
+        return CenterView(size=image_size or native_size or DEFAULT_RESIZED_SIZE, resize=not small)
     if name not in VIEW_POLICIES:
         raise UserError(f"unknown view policy '{name}'; known: auto, {', '.join(VIEW_POLICIES)}")
     if name == "pad_crop":
@@ -110,11 +138,11 @@ def make_view_policy(name: str, native_size: int | None, image_size: int | None)
     return ResizedCrop(size=image_size or DEFAULT_RESIZED_SIZE)
 
 
-def describe_policy(policy: PadCrop | ResizedCrop) -> dict:
+def describe_policy(policy: ViewPolicy) -> dict:
     return {"policy": policy.name, "param_names": list(policy.param_names), **asdict(policy)}
 
 
-def policy_from_description(description: dict) -> PadCrop | ResizedCrop:
+def policy_from_description(description: dict) -> ViewPolicy:
     """The policy recorded in a store's attributes."""
     fields = {k: v for k, v in description.items() if k not in ("policy", "param_names", "seed", "count")}
     policy_class = VIEW_POLICIES[description["policy"]]
@@ -123,7 +151,7 @@ def policy_from_description(description: dict) -> PadCrop | ResizedCrop:
     return policy_class(**fields)
 
 
-def sample_view(policy: PadCrop | ResizedCrop, seed: int, view: int, index: int, image: torch.Tensor) -> np.ndarray:
+def sample_view(policy: ViewPolicy, seed: int, view: int, index: int, image: torch.Tensor) -> np.ndarray:
     """The stored parameters of view `view` of sample `index`."""
     rng = view_rng(seed, view, index)
     return np.asarray(policy.sample(rng, image.shape[-2], image.shape[-1]), dtype=np.int32)

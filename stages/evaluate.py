@@ -63,15 +63,15 @@ def run(config: EvaluateConfig) -> dict:
     meter = ClassificationMeter(confidence_threshold=config.confidence_threshold,
                                 num_classes=len(dataset.class_names))
     evaluate_model(model, loader, device, dataset.mean, dataset.std, meter)
-    metrics = {key: value for key, value in meter.result().items()}
     report = {
         "checkpoint": config.checkpoint,
         "arch": arch,
         "dataset": dataset.name,
         "split": dataset.split,
         "confidence_threshold": config.confidence_threshold,
-        **metrics,
+        **meter.result(),
         "per_class_accuracy": dict(zip(dataset.class_names, meter.per_class_accuracy())),
+        "reliability": meter.reliability(),
     }
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)

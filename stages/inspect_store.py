@@ -36,13 +36,19 @@ def array_summary(reader: CacheReader) -> list[dict]:
     return summary
 
 
-def target_quality(reader: CacheReader, max_views: int | None = None) -> dict:
-    """Top-1 of the teacher, CLIP and fused logits over every written block, and the alpha sweep."""
+def target_quality(reader: CacheReader, max_views: int | None = None, alpha: float = DEFAULT_ALPHA,
+                   clip_scale: str = "raw", confidence_threshold: float = 0.9) -> dict:
+    """Metrics of the cached targets against `labels`, over every written block: the teacher, CLIP (at its own
+    scale, so that NLL and ECE mean something), the fused targets at (alpha, clip_scale), and the alpha sweep."""
     layout = reader.layout
     logit_scale = reader.attrs["clip"]["logit_scale"]
     scales = {name: clip_scale_value(name, logit_scale) for name in CLIP_SCALES}
-    teacher_meter, clip_meter = ClassificationMeter(), ClassificationMeter()
-    sweep = {(name, alpha): ClassificationMeter() for name in scales for alpha in ALPHAS}
+    fused_scale = clip_scale_value(clip_scale, logit_scale)
+    num_classes = layout.classes
+    meters = {name: ClassificationMeter(confidence_threshold=confidence_threshold, num_classes=num_classes)
+              for name in ("teacher", "clip", "fused")}
+    sweep = {(name, a): ClassificationMeter(confidence_threshold=confidence_threshold)
+             for name in scales for a in ALPHAS}
     labels_all = reader.array("labels")[...]
     teacher_logits, clip_logits = reader.array("teacher/logits"), reader.array("clip/logits")
     done = reader.done()
@@ -54,22 +60,20 @@ def target_quality(reader: CacheReader, max_views: int | None = None) -> dict:
             labels = torch.from_numpy(labels_all[start:stop])
             z_teacher = torch.from_numpy(teacher_logits[view, start:stop].astype(np.float32))
             s_clip = torch.from_numpy(clip_logits[view, start:stop].astype(np.float32))
-            teacher_meter.update(z_teacher, labels)
-            clip_meter.update(scales["clip"] * s_clip, labels)
-            for (name, alpha), meter in sweep.items():
-                meter.update(fuse_logits(z_teacher, s_clip, alpha, scales[name]), labels)
-    samples = teacher_meter.count
+            meters["teacher"].update(z_teacher, labels)
+            meters["clip"].update(scales["clip"] * s_clip, labels)
+            meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale), labels)
+            for (name, a), meter in sweep.items():
+                meter.update(fuse_logits(z_teacher, s_clip, a, scales[name]), labels)
+    if not blocks:
+        return {"samples_evaluated": 0, "views_evaluated": len(views), "alpha_sweep": []}
     return {
-        "samples_evaluated": samples,
+        "samples_evaluated": meters["teacher"].count,
         "views_evaluated": len(views),
-        "teacher_top1": teacher_meter.result()["top1"] if samples else None,
-        "clip_top1": clip_meter.result()["top1"] if samples else None,
-        "fused_top1": sweep[("raw", DEFAULT_ALPHA)].result()["top1"] if samples else None,
-        "fused_alpha": DEFAULT_ALPHA,
-        "alpha_sweep": [
-            {"clip_scale": name, "alpha": alpha, **{k: v for k, v in meter.result().items() if k != "count"}}
-            for (name, alpha), meter in sweep.items()
-        ] if samples else [],
+        **{name: {**meter.result(), "reliability": meter.reliability()} for name, meter in meters.items()},
+        "fused_alpha": alpha,
+        "fused_clip_scale": clip_scale,
+        "alpha_sweep": [{"clip_scale": name, "alpha": a, **meter.result()} for (name, a), meter in sweep.items()],
     }
 
 
@@ -137,22 +141,25 @@ def print_report(report: dict, console: Console) -> None:
                   f"one shard file per block of {layout['shard_size']} samples of one view")
 
     quality = report["quality"]
+    if not quality["samples_evaluated"]:
+        console.print("no block is written yet: nothing to evaluate")
+        return
     console.print(f"top-1 over {quality['samples_evaluated']} (view, sample) pairs of {quality['views_evaluated']} "
-                  f"views: teacher {percent(quality['teacher_top1'])}, CLIP {percent(quality['clip_top1'])}, "
-                  f"fused (alpha {quality['fused_alpha']}, raw) {percent(quality['fused_top1'])}")
-    if quality["alpha_sweep"]:
-        sweep = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C)", title_justify="left")
-        sweep.add_column("alpha", justify="right")
+                  f"views: teacher {percent(quality['teacher']['top1'])}, CLIP {percent(quality['clip']['top1'])}, "
+                  f"fused (alpha {quality['fused_alpha']}, {quality['fused_clip_scale']}) "
+                  f"{percent(quality['fused']['top1'])}")
+    sweep = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C)", title_justify="left")
+    sweep.add_column("alpha", justify="right")
+    for name in CLIP_SCALES:
+        for metric in ("top-1", "NLL", "ECE"):
+            sweep.add_column(f"{name} {metric}", justify="right")
+    for alpha in ALPHAS:
+        row = [f"{alpha:.1f}"]
         for name in CLIP_SCALES:
-            for metric in ("top-1", "NLL", "ECE"):
-                sweep.add_column(f"{name} {metric}", justify="right")
-        for alpha in ALPHAS:
-            row = [f"{alpha:.1f}"]
-            for name in CLIP_SCALES:
-                r = next(x for x in quality["alpha_sweep"] if x["clip_scale"] == name and x["alpha"] == alpha)
-                row += [percent(r["top1"]), f"{r['nll']:.3f}", percent(r["ece"])]
-            sweep.add_row(*row)
-        console.print(sweep)
+            r = next(x for x in quality["alpha_sweep"] if x["clip_scale"] == name and x["alpha"] == alpha)
+            row += [percent(r["top1"]), f"{r['nll']:.3f}", percent(r["ece"])]
+        sweep.add_row(*row)
+    console.print(sweep)
 
 
 def command(

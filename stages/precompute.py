@@ -53,7 +53,9 @@ class PrecomputeConfig:
     raw_class_names: bool = option(
         False, "Use class names as the dataset spells them (no '_' -> ' ').", "Teachers")
     views: int = option(8, "Augmented views per sample.", "Views")
-    view_policy: str = option("auto", "auto, pad_crop (RandomCrop+flip, 32x32 data) or resized_crop.", "Views")
+    view_policy: str = option(
+        "auto", "auto, pad_crop (RandomCrop+flip, 32x32 data), resized_crop, or center (no augmentation, "
+        "for a held-out split).", "Views")
     image_size: int | None = option(
         None, "Side of each view (default: the images' side, or 224 for resized crops).", "Views")
     seed: int = option(0, "Seed of the view parameters.", "Views")

@@ -71,3 +71,35 @@ def test_every_variant_learns_from_the_cache(demo_cache, variant, capsys):
     assert len(logged) == 1 + 6
     run_info = json.loads((run / "run.json").read_text())
     assert run_info["cache"]["teacher"]["arch"] == "wrn_16_1" and run_info["kind"] == "distill"
+
+
+def test_report_compares_targets_and_students(demo_cache, tiny_world):
+    from PIL import Image
+
+    root, data = demo_cache
+    test_cache = root / "test.zarr"
+    assert run_cli(["precompute", *data, "--split", "test", "--views", "1", "--view-policy", "center",
+                    "--teacher", "wrn_16_1", "--teacher-checkpoint", str(root / "teacher" / "checkpoints" / "best.pt"),
+                    "--clip", TINY_CLIP, "--clip-pretrained", str(tiny_world.clip_checkpoint), "--num-workers", "0",
+                    "--device", "cpu", "--out", str(test_cache)]) == 0
+    evals = root / "evals"
+    evals.mkdir()
+    assert run_cli(["evaluate", *data, "--checkpoint", str(root / "teacher" / "checkpoints" / "best.pt"),
+                    "--num-workers", "0", "--device", "cpu", "--output", str(evals / "teacher.json")]) == 0
+    for variant in VARIANTS:
+        (evals / f"{variant}.json").write_text((root / f"student_{variant}" / "eval.json").read_text())
+    out = root / "report"
+    assert run_cli(["report", "--evals", str(evals), "--runs", "teacher", "--runs", "none", "--runs", "LF",
+                    "--test-cache", str(test_cache), "--out", str(out)]) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["teacher", "CLIP zero-shot (12 prompts)", "fused targets (alpha 0.7, raw)", "none", "LF"]
+    teacher = json.loads((evals / "teacher.json").read_text())
+    assert metrics["teacher"]["top1"] == teacher["top1"]
+    # The centre-view test cache holds the same teacher: its fused targets at alpha 1 would be the teacher.
+    assert metrics["fused targets (alpha 0.7, raw)"]["top1"] == pytest.approx(teacher["top1"], abs=0.05)
+    table = (out / "report.md").read_text()
+    assert "| *teacher* |" in table and "| LF |" in table and f"{100 * teacher['top1']:.2f}%" in table
+    for figure in ("accuracy", "reliability", "confidence", "alpha_sweep"):
+        with Image.open(out / f"{figure}.png") as image:
+            assert image.size[0] > 400 and image.size[1] > 200

@@ -46,9 +46,12 @@ def test_json_report_matches_numpy(store, capsys):
     assert report["complete"] and report["blocks_done"] == report["blocks_total"] == 6
     quality = report["quality"]
     assert quality["samples_evaluated"] == 80
-    assert quality["teacher_top1"] == pytest.approx(np.mean(teacher.argmax(1) == labels))
-    assert quality["clip_top1"] == pytest.approx(np.mean(cosines.argmax(1) == labels))
-    assert quality["fused_top1"] == pytest.approx(np.mean((0.7 * teacher + 0.3 * cosines).argmax(1) == labels))
+    assert quality["teacher"]["top1"] == pytest.approx(np.mean(teacher.argmax(1) == labels))
+    assert quality["clip"]["top1"] == pytest.approx(np.mean(cosines.argmax(1) == labels))
+    assert quality["fused"]["top1"] == pytest.approx(np.mean((0.7 * teacher + 0.3 * cosines).argmax(1) == labels))
+    nll, _ = nll_and_ece(logit_scale * cosines, labels)
+    assert quality["clip"]["nll"] == pytest.approx(nll, rel=1e-4)
+    assert sum(quality["teacher"]["reliability"]["count"]) == 80
     rows = {(row["clip_scale"], row["alpha"]): row for row in quality["alpha_sweep"]}
     assert len(rows) == 22
     for scale_name, scale in (("raw", 1.0), ("clip", logit_scale)):
