@@ -27,3 +27,25 @@ def test_top_level_help_lists_the_commands(capsys):
 def test_unknown_flag_is_a_usage_error(capsys):
     assert run_cli(["precompute", "--viewz", "3"]) == 2
     assert "No such option" in capsys.readouterr().err
+
+
+def test_shipped_params_files_fill_valid_configs():
+    """params.yaml (the demo) and the recipes name only real fields with valid values."""
+    from pathlib import Path
+
+    import yaml
+
+    from richkd.pipeline.config import build_config
+    from richkd.stages import demo, distill, evaluate, report, train, train_clip
+
+    configs = {"demo": demo.DemoConfig, "train_clip": train_clip.TrainClipConfig, "train": train.TrainConfig,
+               "precompute": PrecomputeConfig, "distill": distill.DistillConfig, "evaluate": evaluate.EvaluateConfig,
+               "report": report.ReportConfig}
+    root = Path(__file__).parents[1]
+    for path in (root / "params.yaml", *sorted((root / "recipes").glob("*.yaml"))):
+        sections = yaml.safe_load(path.read_text())
+        for section in set(sections) & set(configs):
+            overrides = {"checkpoint": "x.pt"} if section == "evaluate" else {}
+            build_config(configs[section], section, path, overrides)
+        for name, student in sections.get("students", {}).items():
+            build_config(distill.DistillConfig, "distill", path, student)
