@@ -23,19 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from synthetic import write_synthetic_cifar100, write_teacher
 
 from richkd.cache.reader import CacheReader
 from richkd.pipeline.clip import load_clip, zero_shot_classifier
 from richkd.pipeline.config import build_config
-from richkd.pipeline.data import normalize, open_dataset, write_cifar
+from richkd.pipeline.data import normalize, open_dataset
 from richkd.pipeline.fusion import fuse_logits
 from richkd.pipeline.losses import FusedCRD, kd_loss
-from richkd.pipeline.models import create_model, save_checkpoint
+from richkd.pipeline.models import create_model
 from richkd.pipeline.training import LabelledViews, data_loader
 from richkd.pipeline.views import policy_from_description
 from richkd.stages import distill, precompute, train
 from richkd.stages.distill import sample_negatives
-
 
 TRAIN = "(a') richkd train, cross-entropy (fresh random views)"
 LIMIT = "(a) richkd distill --variant none (cross-entropy)"
@@ -92,13 +92,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 100, args.images)
-        write_cifar(root / "data", "cifar100", {"train": (images, labels), "test": (images[:256], labels[:256])},
-                    [f"class {i}" for i in range(100)])
-        torch.manual_seed(0)
-        save_checkpoint(create_model("resnet32x4", 100), root / "teacher.pth", arch="resnet32x4", num_classes=100)
+        write_synthetic_cifar100(root / "data", train=args.images, test=256)
+        write_teacher(root / "teacher.pth")
         (root / "templates.txt").write_text("a photo of a {}\n")
         precompute.run(build_config(precompute.PrecomputeConfig, "precompute", overrides=dict(
             data_root=str(root / "data"), teacher_checkpoint=str(root / "teacher.pth"), clip="ViT-B-32",

@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from synthetic import write_synthetic_cifar100, write_teacher
 
 from richkd.pipeline.clip import load_clip
-from richkd.pipeline.data import normalize, open_dataset, write_cifar
-from richkd.pipeline.models import create_model, save_checkpoint
+from richkd.pipeline.data import normalize, open_dataset
 from richkd.pipeline.views import PadCrop, sample_view
 from richkd.stages import precompute
 
@@ -52,14 +51,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 100, args.images)
-        write_cifar(root / "data", "cifar100", {"train": (images, labels), "test": (images[:8], labels[:8])},
-                    [f"class {i}" for i in range(100)])
-        torch.manual_seed(0)
-        teacher = create_model("resnet32x4", 100).eval()
-        save_checkpoint(teacher, root / "teacher.pth", arch="resnet32x4", num_classes=100)
+        write_synthetic_cifar100(root / "data", train=args.images, test=8)
+        write_teacher(root / "teacher.pth")
+        teacher = precompute.load_teacher("resnet32x4", str(root / "teacher.pth"), 100, torch.device("cpu"))
         clip = load_clip("ViT-B-32", "random")
 
         dataset = open_dataset("cifar100", root / "data", "train")

@@ -62,7 +62,8 @@ class CacheReader:
             raise UserError(f"{self.url} is not a richkd cache store (no '{FORMAT}' format attribute)")
         version = group.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise UserError(f"cache {self.url} has schema version {version}; this richkd reads version {SCHEMA_VERSION}")
+            raise UserError(f"cache {self.url} has schema version {version}; "
+                            f"this richkd reads version {SCHEMA_VERSION}")
         self.group = group
         self.attrs: dict = group.attrs.asdict()
         self.layout = Layout(**self.attrs["layout"])

@@ -11,12 +11,17 @@ import dataclasses
 import re
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.runtime import DEVICE_CHOICES
+
+# The names `open_dataset` knows (kept here so that help texts need not import the datasets).
+DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "demo")
 
 Config = TypeVar("Config")
 
@@ -124,3 +129,50 @@ def require(condition: bool, message: str) -> None:
     """Raise a UserError with `message` unless `condition` holds."""
     if not condition:
         raise UserError(message)
+
+
+class Options:
+    """Base of the option groups below: each checks its own fields, then lets the next group check."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class DataOptions(Options):
+    """Which dataset a command reads."""
+
+    dataset: str = option("cifar100", f"Dataset name: {', '.join(DATASET_NAMES)}.", "Data")
+    data_root: str = option(
+        "data", "Where the dataset is stored: torchvision's layout, <root>/<split>/<class>/<image>, or what "
+        "`richkd demo` wrote.", "Data")
+    split: str = option("train", "Dataset split.", "Data")
+    download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets).", "Data")
+
+
+@dataclass
+class ViewOptions(Options):
+    """How augmented views of an image are made."""
+
+    view_policy: str = option(
+        "auto", "auto, pad_crop (RandomCrop + flip, for 32 x 32 images), resized_crop (RandomResizedCrop + flip) "
+        "or center (no augmentation, for a held-out split).", "Views")
+    image_size: int | None = option(
+        None, "Side of each view (default: the images' side, or 224 for resized crops).", "Views")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.image_size is None or self.image_size >= 1,
+                f"--image-size must be positive, got {self.image_size}")
+
+
+@dataclass
+class ExecutionOptions(Options):
+    """Where a command runs."""
+
+    num_workers: int = option(2, "Data loading worker processes (0 loads in the main process).", "Execution")
+    device: str = option("auto", f"Device: {DEVICE_CHOICES}.", "Execution")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.num_workers >= 0, f"--num-workers must be 0 or more, got {self.num_workers}")

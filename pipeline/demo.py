@@ -169,5 +169,6 @@ def write_demo(root: str | Path, train: int, test: int, seed: int = 0) -> None:
 def open_demo(root: Path, split: str, download: bool) -> ImageDataset:
     """The demo as written by `richkd demo`: an image folder of 32 x 32 images."""
     if download or not (root / split).is_dir():
-        raise UserError(f"no demo data under {root}: generate it with `richkd demo --out {root}` (it is never downloaded)")
+        raise UserError(f"no demo data under {root}: generate it with `richkd demo --out {root}` "
+                        "(it is generated, never downloaded)")
     return dataclasses.replace(open_image_folder(root, split), name="demo", native_size=SIDE)

@@ -21,12 +21,12 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from richkd.pipeline.config import option, require, to_dict
+from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, read_checkpoint, save_checkpoint
-from richkd.pipeline.runtime import DEVICE_CHOICES, autocast, console, progress_bar, resolve_device
+from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device
 from richkd.pipeline.views import sample_view
 
 OPTIMIZERS = {
@@ -39,16 +39,11 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "
 
 
 @dataclass
-class TrainingOptions:
+class TrainingOptions(DataOptions, ExecutionOptions):
     """Options of every training run; `train` and `distill` add their own."""
 
-    dataset: str = option("cifar100", "Dataset name: cifar10, cifar100 or imagefolder.", "Data")
-    data_root: str = option(
-        "data", "Where the dataset is stored (torchvision layout, or <root>/<split>/<class>/).", "Data")
-    split: str = option("train", "Split to train on.", "Data")
     eval_split: str = option(
         "test", "Held-out split evaluated after every epoch; the best checkpoint is chosen on it.", "Data")
-    download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets).", "Data")
     arch: str = option("resnet8x4", "Architecture: a zoo name, tv:<torchvision model> or timm:<model>.", "Model")
     epochs: int = option(240, "Training epochs.", "Optimisation")
     batch_size: int = option(64, "Training batch size.", "Optimisation")
@@ -64,11 +59,10 @@ class TrainingOptions:
     out: str = option("runs/model", "Run directory: checkpoints, metrics, resolved config.", "Run")
     resume: bool = option(False, "Continue the run in --out from its last checkpoint.", "Run")
     overwrite: bool = option(False, "Start over, replacing the run in --out.", "Run")
-    num_workers: int = option(2, "Data loading worker processes (0 loads in the main process).", "Execution")
     eval_batch_size: int = option(256, "Batch size of the held-out evaluation.", "Execution")
-    device: str = option("auto", f"Device: {DEVICE_CHOICES}.", "Execution")
 
     def validate(self) -> None:
+        super().validate()
         require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
@@ -79,7 +73,8 @@ class TrainingOptions:
                                               f"got '{self.optimizer}'")
         require(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
         require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
-        require(0 <= self.warmup_epochs < self.epochs, f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
+        require(0 <= self.warmup_epochs < self.epochs,
+                f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
         require(self.num_workers >= 0, f"--batch-workers must be 0 or more, got {self.num_workers}")
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         self.milestone_list()

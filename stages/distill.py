@@ -19,8 +19,15 @@ from richkd.pipeline.config import option, parse_size, require
 from richkd.pipeline.data import open_dataset
 from richkd.pipeline.fusion import clip_scale_value, fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
-from richkd.pipeline.training import CRD_MEMORY, NEGATIVES, ORDER, Trainer, TrainingOptions, seeded_generator
-from richkd.pipeline.training import seeded_model
+from richkd.pipeline.training import (
+    CRD_MEMORY,
+    NEGATIVES,
+    ORDER,
+    Trainer,
+    TrainingOptions,
+    seeded_generator,
+    seeded_model,
+)
 from richkd.pipeline.views import policy_from_description
 
 VARIANTS = {"none": (False, False), "L": (True, False), "F": (False, True), "LF": (True, True)}

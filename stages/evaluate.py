@@ -9,36 +9,32 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from richkd.pipeline.config import option, require
+from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require
 from richkd.pipeline.data import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
-from richkd.pipeline.runtime import DEVICE_CHOICES, resolve_device
+from richkd.pipeline.runtime import resolve_device
 from richkd.pipeline.training import LabelledViews, data_loader, evaluate_model
 from richkd.pipeline.views import make_view_policy, policy_from_description
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(DataOptions, ExecutionOptions):
     checkpoint: str | None = option(None, "Checkpoint from train or distill, or a teacher checkpoint (required).",
                                     "Model")
     arch: str | None = option(None, "Architecture, for checkpoints that do not record it (e.g. mdistiller's).",
                               "Model")
-    dataset: str = option("cifar100", "Dataset name: cifar10, cifar100 or imagefolder.", "Data")
-    data_root: str = option("data", "Where the dataset is stored.", "Data")
     split: str = option("test", "Split to evaluate.", "Data")
-    download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets).", "Data")
     image_size: int | None = option(None, "Evaluation image side, for checkpoints that do not record it.", "Data")
     confidence_threshold: float = option(
         0.9, "Confidence at or above which a prediction counts as confident.", "Metrics")
     output: str | None = option(None, "Write the metrics to this JSON file.", "Output")
     json: bool = option(False, "Print the metrics as JSON instead of a table.", "Output")
     batch_size: int = option(256, "Images per forward pass.", "Execution")
-    num_workers: int = option(2, "Data loading worker processes.", "Execution")
-    device: str = option("auto", f"Device: {DEVICE_CHOICES}.", "Execution")
 
     def validate(self) -> None:
+        super().validate()
         require(self.checkpoint is not None, "--checkpoint is required")
         require(0 < self.confidence_threshold <= 1,
                 f"--confidence-threshold must be in (0, 1], got {self.confidence_threshold}")

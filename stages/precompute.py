@@ -19,25 +19,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from richkd.cache.schema import PER_VIEW_ARRAYS, PRECISIONS, Layout
 from richkd.cache.writer import CacheWriter
-from richkd.pipeline.clip import DEFAULT_TEMPLATES, RANDOM_WEIGHTS, SCHEMAS, load_clip, prompt_class_name
-from richkd.pipeline.clip import read_class_names, read_templates
-from richkd.pipeline.clip import zero_shot_classifier
-from richkd.pipeline.config import option, require, to_dict
+from richkd.pipeline.clip import (
+    DEFAULT_TEMPLATES,
+    RANDOM_WEIGHTS,
+    SCHEMAS,
+    load_clip,
+    prompt_class_name,
+    read_class_names,
+    read_templates,
+    zero_shot_classifier,
+)
+from richkd.pipeline.config import DataOptions, ExecutionOptions, ViewOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize, open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
-from richkd.pipeline.runtime import DEVICE_CHOICES, autocast, console, progress_bar, resolve_device
-from richkd.pipeline.runtime import software_versions
+from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
 from richkd.pipeline.views import describe_policy, make_view_policy, sample_view
 
 
 @dataclass
-class PrecomputeConfig:
-    dataset: str = option("cifar100", "Dataset name: cifar10, cifar100 or imagefolder.", "Data")
-    data_root: str = option(
-        "data", "Where the dataset is stored (torchvision layout, or <root>/<split>/<class>/).", "Data")
-    split: str = option("train", "Dataset split to cache.", "Data")
-    download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets).", "Data")
+class PrecomputeConfig(DataOptions, ViewOptions, ExecutionOptions):
     teacher: str = option(
         "resnet32x4", "Teacher architecture: a zoo name, tv:<torchvision model> or timm:<model>.", "Teachers")
     teacher_checkpoint: str | None = option(
@@ -53,26 +54,18 @@ class PrecomputeConfig:
     raw_class_names: bool = option(
         False, "Use class names as the dataset spells them (no '_' -> ' ').", "Teachers")
     views: int = option(8, "Augmented views per sample.", "Views")
-    view_policy: str = option(
-        "auto", "auto, pad_crop (RandomCrop+flip, 32x32 data), resized_crop, or center (no augmentation, "
-        "for a held-out split).", "Views")
-    image_size: int | None = option(
-        None, "Side of each view (default: the images' side, or 224 for resized crops).", "Views")
     seed: int = option(0, "Seed of the view parameters.", "Views")
     out: str = option("cache/teachers.zarr", "The store to write (a path or fsspec URL).", "Store")
     dtype: str = option("float16", "Precision of stored logits and features: float16 or float32.", "Store")
     shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.", "Store")
     overwrite: bool = option(False, "Replace an existing store made with another configuration.", "Store")
     batch_size: int = option(256, "Images per forward pass.", "Execution")
-    num_workers: int = option(2, "Data loading worker processes (0 loads in the main process).", "Execution")
-    device: str = option("auto", f"Device: {DEVICE_CHOICES}.", "Execution")
 
     def validate(self) -> None:
+        super().validate()
         require(self.views >= 1, f"--views must be at least 1, got {self.views}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
-        require(self.num_workers >= 0, f"--num-workers must be 0 or more, got {self.num_workers}")
-        require(self.image_size is None or self.image_size >= 1, f"--image-size must be positive, got {self.image_size}")
         require(self.dtype in PRECISIONS, f"--dtype must be one of {', '.join(PRECISIONS)}, got '{self.dtype}'")
         require(self.teacher_checkpoint is not None, "--teacher-checkpoint is required")
 

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from richkd.pipeline.config import option, require
+from richkd.pipeline.config import ViewOptions
 from richkd.pipeline.data import open_dataset
 from richkd.pipeline.training import SupervisedObjective, Trainer, TrainingOptions, seeded_model
 from richkd.pipeline.views import describe_policy, make_view_policy
 
 
 @dataclass
-class TrainConfig(TrainingOptions):
-    view_policy: str = option("auto", "auto, pad_crop (RandomCrop+flip, 32x32 data) or resized_crop.", "Data")
-    image_size: int | None = option(
-        None, "Side of each view (default: the images' side, or 224 for resized crops).", "Data")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.image_size is None or self.image_size >= 1, f"--image-size must be positive, got {self.image_size}")
+class TrainConfig(TrainingOptions, ViewOptions):
+    """Supervised training: the shared training options, and how each epoch's random views are made."""
 
 
 def run(config: TrainConfig) -> dict:

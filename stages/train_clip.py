@@ -19,21 +19,20 @@ from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 
 from richkd.pipeline.clip import DEFAULT_TEMPLATES, ClipTeacher, load_clip, prompt_class_name, zero_shot_classifier
-from richkd.pipeline.config import option, require, to_dict
+from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import open_dataset, read_captions
 from richkd.pipeline.metrics import ClassificationMeter
-from richkd.pipeline.runtime import DEVICE_CHOICES, console, progress_bar, resolve_device
-from richkd.pipeline.training import LabelledViews, data_loader, seeded_generator, ORDER
+from richkd.pipeline.runtime import console, progress_bar, resolve_device
+from richkd.pipeline.training import ORDER, LabelledViews, data_loader, seeded_generator
 from richkd.pipeline.views import make_view_policy
 
 BUNDLE_WEIGHTS = "open_clip_model.safetensors"
 
 
 @dataclass
-class TrainClipConfig:
-    dataset: str = option("demo", "Dataset name: demo, imagefolder, cifar10 or cifar100.", "Data")
+class TrainClipConfig(DataOptions, ExecutionOptions):
+    dataset: str = option("demo", "Dataset name (it needs a caption per image).", "Data")
     data_root: str = option("data/demo", "Where the dataset is stored.", "Data")
-    split: str = option("train", "Split to train on.", "Data")
     eval_split: str = option("test", "Split on which zero-shot accuracy is reported after every epoch.", "Data")
     captions: str | None = option(
         None, "JSON file mapping each sample key to its caption (default: <data-root>/<split>/captions.json).",
@@ -50,14 +49,14 @@ class TrainClipConfig:
     warmup_epochs: int = option(1, "Epochs of linear warmup.", "Optimisation")
     seed: int = option(0, "Seed of initialisation and data order.", "Run")
     out: str = option("models/clip", "Output open_clip bundle directory.", "Run")
-    num_workers: int = option(2, "Data loading worker processes.", "Execution")
-    device: str = option("auto", f"Device: {DEVICE_CHOICES}.", "Execution")
 
     def validate(self) -> None:
+        super().validate()
         require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         require(self.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch), got {self.batch_size}")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        require(0 <= self.warmup_epochs < self.epochs, f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
+        require(0 <= self.warmup_epochs < self.epochs,
+                f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
 
 
 def zero_shot_top1(clip: ClipTeacher, loader, class_names: list[str], device: torch.device) -> float:
@@ -88,8 +87,8 @@ def run(config: TrainClipConfig) -> dict:
     from dvclive import Live
 
     device = resolve_device(config.device)
-    dataset = open_dataset(config.dataset, config.data_root, config.split)
-    eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split)
+    dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+    eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
     captions = read_captions(config.captions or Path(config.data_root) / config.split / "captions.json", dataset.keys)
     torch.manual_seed(config.seed)
     clip = load_clip(config.model, config.pretrained, device)
@@ -103,8 +102,14 @@ def run(config: TrainClipConfig) -> dict:
     optimizer = torch.optim.AdamW(clip.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
     warmup, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if step < warmup
-                                                 else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+
+    def lr_factor(step: int) -> float:
+        """Linear warmup, then cosine decay, per step."""
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     loss_fn = open_clip.ClipLoss()
     out = Path(config.out)
     history = []

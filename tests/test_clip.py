@@ -6,8 +6,8 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_CLIP
+
 from richkd.pipeline.clip import DEFAULT_TEMPLATES, load_clip, prompt_class_name, zero_shot_classifier
 from richkd.pipeline.errors import UserError
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY_CLIP
+
 from richkd.pipeline.cli import run_cli
 from richkd.pipeline.demo import write_demo
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FIXTURES
+
 from richkd.pipeline.fusion import fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 

@@ -116,7 +116,8 @@ def test_timm_model_keeps_library_keys_and_outputs(name, image_size):
     assert logits.shape == (2, 5) and pooled.shape == (2, model.feature_dim)
     torch.testing.assert_close(logits, eval_outputs(library_model, x))
     with torch.no_grad():
-        torch.testing.assert_close(pooled, library_model.forward_head(library_model.forward_features(x), pre_logits=True))
+        features = library_model.forward_features(x)
+        torch.testing.assert_close(pooled, library_model.forward_head(features, pre_logits=True))
         torch.testing.assert_close(library_model.get_classifier()(pooled), logits)
 
 
@@ -155,7 +156,8 @@ def assert_same_model(loaded: nn.Module, source: nn.Module) -> None:
 
 def mdistiller_payload(model: nn.Module) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return {"model": model.state_dict(), "epoch": 240, "optimizer": optimizer.state_dict(), "best_acc": torch.tensor(77.1)}
+    return {"model": model.state_dict(), "epoch": 240, "optimizer": optimizer.state_dict(),
+            "best_acc": torch.tensor(77.1)}
 
 
 CHECKPOINT_PAYLOADS = {

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-
 from conftest import TINY_CLIP
+
 from richkd.pipeline.cli import run_cli
 from richkd.pipeline.models import create_model, load_checkpoint
 

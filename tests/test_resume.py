@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-
 from conftest import write_cifar100
+
 from richkd.cache.schema import PER_VIEW_ARRAYS, STATIC_ARRAYS
 from richkd.pipeline.cli import run_cli
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import write_cifar100
+
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
 from richkd.pipeline.cli import run_cli
 from richkd.pipeline.models import read_checkpoint

@@ -6,8 +6,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from richkd.pipeline.views import PadCrop, ResizedCrop, describe_policy, make_view_policy, policy_from_description
-from richkd.pipeline.views import sample_view
+from richkd.pipeline.views import (
+    PadCrop,
+    ResizedCrop,
+    describe_policy,
+    make_view_policy,
+    policy_from_description,
+    sample_view,
+)
 
 
 def test_parameters_depend_only_on_seed_view_and_sample():
