@@ -142,6 +142,7 @@ class DistillObjective(nn.Module):
                                 nce_temperature=config.nce_temperature, momentum=config.nce_momentum,
                                 generator=memory_init)
         self.targets = None
+        self.targets_view: int | None = None
         self.negatives: np.random.Generator | None = None
         # Loads the next epoch's view while this one trains (in-memory mode).
         self.reading = ThreadPoolExecutor(max_workers=1)
@@ -149,6 +150,18 @@ class DistillObjective(nn.Module):
 
     def _read_view(self, view: int, order: np.ndarray):
         return self.reader.open_view(view, self.names, order, self.in_memory)
+
+    def _open_targets(self, view: int, order: np.ndarray) -> None:
+        """This epoch's targets: kept from the last epoch, loaded ahead during it, or read now."""
+        if self.targets is not None and self.targets_view == view:
+            return
+        if self.targets is not None:
+            self.targets.close()
+        if self.next_view is not None and self.next_view[0] == view:
+            self.targets = self.next_view[1].result()
+        else:
+            self.targets = self._read_view(view, order)
+        self.targets_view, self.next_view = view, None
 
     def epoch_data(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         layout = self.reader.layout
@@ -158,14 +171,11 @@ class DistillObjective(nn.Module):
             order = torch.randperm(layout.samples, generator=order_generator).numpy()
         else:
             order = block_shuffled_order(layout, order_generator)
-        if self.next_view is not None and self.next_view[0] == view:
-            self.targets = self.next_view[1].result()
-        elif self.names:
-            self.targets = self._read_view(view, order)
-        self.next_view = None
-        next_view = (epoch + 1) % layout.views
-        if self.in_memory and self.names and next_view != view and epoch + 1 < self.config.epochs:
-            self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
+        if self.names:
+            self._open_targets(view, order)
+            next_view = (epoch + 1) % layout.views
+            if self.in_memory and next_view != view and epoch + 1 < self.config.epochs:
+                self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
         self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES))
         return self.reader.array("views/params")[view], order
 
@@ -195,7 +205,8 @@ class DistillObjective(nn.Module):
         return terms
 
     def end_epoch(self) -> None:
-        if self.targets is not None:
+        """A streamed view is read in one epoch's order only; a view in memory may serve the next epoch too."""
+        if self.targets is not None and not self.in_memory:
             self.targets.close()
             self.targets = None
 
