@@ -64,34 +64,25 @@ def add_stage_command(name: str, config_class: type, run: Callable, summary: str
     app.command(name, help=summary)(command)
 
 
-add_stage_command(
-    "demo", demo.DemoConfig, demo.run,
-    "Write the built-in demo dataset: small images of eight kinds of object, with a caption each.",
+# The stage commands, in pipeline order: (name, config dataclass, run function, summary).
+STAGE_COMMANDS = (
+    ("demo", demo.DemoConfig, demo.run,
+     "Write the built-in demo dataset: small images of eight kinds of object, with a caption each."),
+    ("train-clip", train_clip.TrainClipConfig, train_clip.run,
+     "Train an open_clip model on a dataset's images and captions: a vision-language teacher of your own."),
+    ("precompute", precompute.PrecomputeConfig, precompute.run,
+     "Run the teacher and CLIP over every augmented view of a dataset and cache their outputs in a Zarr store."),
+    ("train", train.TrainConfig, train.run,
+     "Train a model on labels alone: a teacher for your own dataset, or the label-only baseline."),
+    ("distill", distill.DistillConfig, distill.run,
+     "Train a student against fused teacher and CLIP targets read from a cache (no teacher forward pass)."),
+    ("evaluate", evaluate.EvaluateConfig, evaluate.run,
+     "Accuracy, calibration and confident-correct / confidently-wrong rates of a checkpoint on a split."),
+    ("report", report.ReportConfig, report.run,
+     "Compare teacher, CLIP, fused targets and students: a markdown table and figures."),
 )
-add_stage_command(
-    "train-clip", train_clip.TrainClipConfig, train_clip.run,
-    "Train an open_clip model on a dataset's images and captions: a vision-language teacher of your own.",
-)
-add_stage_command(
-    "precompute", precompute.PrecomputeConfig, precompute.run,
-    "Run the teacher and CLIP over every augmented view of a dataset and cache their outputs in a Zarr store.",
-)
-add_stage_command(
-    "train", train.TrainConfig, train.run,
-    "Train a model on labels alone: a teacher for your own dataset, or the label-only baseline.",
-)
-add_stage_command(
-    "distill", distill.DistillConfig, distill.run,
-    "Train a student against fused teacher and CLIP targets read from a cache (no teacher forward pass).",
-)
-add_stage_command(
-    "evaluate", evaluate.EvaluateConfig, evaluate.run,
-    "Accuracy, calibration and confident-correct / confidently-wrong rates of a checkpoint on a split.",
-)
-add_stage_command(
-    "report", report.ReportConfig, report.run,
-    "Compare teacher, CLIP, fused targets and students: a markdown table and figures.",
-)
+for stage_command in STAGE_COMMANDS:
+    add_stage_command(*stage_command)
 app.command("inspect")(inspect_store.command)
 
 

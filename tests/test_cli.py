@@ -35,12 +35,11 @@ def test_shipped_params_files_fill_valid_configs():
 
     import yaml
 
+    from richkd.pipeline.cli import STAGE_COMMANDS
     from richkd.pipeline.config import build_config
-    from richkd.stages import demo, distill, evaluate, report, train, train_clip
+    from richkd.stages import distill
 
-    configs = {"demo": demo.DemoConfig, "train_clip": train_clip.TrainClipConfig, "train": train.TrainConfig,
-               "precompute": PrecomputeConfig, "distill": distill.DistillConfig, "evaluate": evaluate.EvaluateConfig,
-               "report": report.ReportConfig}
+    configs = {name.replace("-", "_"): config_class for name, config_class, _, _ in STAGE_COMMANDS}
     root = Path(__file__).parents[1]
     for path in (root / "params.yaml", *sorted((root / "recipes").glob("*.yaml"))):
         sections = yaml.safe_load(path.read_text())
