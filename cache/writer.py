@@ -42,8 +42,9 @@ class CacheWriter:
                         "pass --overwrite to replace it or choose another --out"
                     )
                 return cls(group, layout)
-        group = zarr.open_group(url, mode="w")
-        group.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, **provenance})
+        # The group and its attributes land in one metadata write: a store is either recognisable or absent.
+        group = zarr.create_group(url, overwrite=True,
+                                  attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, **provenance})
         return cls(group, layout)
 
     def done(self) -> np.ndarray:
