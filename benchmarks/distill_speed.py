@@ -64,7 +64,7 @@ def online_epoch_seconds(root: Path, args) -> float:
     crd = FusedCRD(student.feature_dim, teacher.feature_dim, class_embeds.shape[1], num_data=len(dataset), lam=0.7)
     optimizer = torch.optim.SGD([*student.parameters(), *crd.parameters()], lr=0.05, momentum=0.9,
                                 weight_decay=5e-4)
-    params = reader.array("views/params")[0]
+    params = reader.read("views/params", 0, reader.layout.samples, view=0)
     policy = policy_from_description(reader.attrs["views"])
     loader = data_loader(LabelledViews(dataset, policy, params), args.batch_size, args.num_workers, device,
                          sampler=torch.randperm(len(dataset)).tolist())

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import zarr
 
-from richkd.cache.schema import DONE, FORMAT, SCHEMA_VERSION, Layout
+from richkd.cache.schema import DONE, FORMAT, SCHEMA_VERSION, Layout, has_missing
 from richkd.pipeline.errors import UserError
 
 
@@ -74,6 +74,24 @@ class CacheReader:
         except KeyError as error:
             raise UserError(f"cache {self.url} has no array '{name}'") from error
 
+    def read(self, name: str, start: int, stop: int, view: int | None = None) -> np.ndarray:
+        """Rows start:stop of an array (of one view for per-view arrays), refusing damaged or missing data.
+
+        Every chunk carries a CRC32C checksum, and a chunk that is not there (or a truncated shard file)
+        reads as a fill value richkd never writes, so neither can pass as numbers.
+        """
+        array = self.array(name)
+        where = f"{name}{f' view {view}' if view is not None else ''} rows {start}-{stop - 1}"
+        try:
+            values = array[start:stop] if view is None else array[view, start:stop]
+        except (ValueError, RuntimeError) as error:  # checksum or decompression failure
+            raise UserError(f"cache {self.url}: {where} is damaged ({error}); "
+                            f"`richkd inspect --verify {self.url}` lists every damaged block") from error
+        if has_missing(values):
+            raise UserError(f"cache {self.url}: {where} is missing or truncated; "
+                            f"`richkd inspect --verify {self.url}` lists every damaged block")
+        return values
+
     def done(self) -> np.ndarray:
         """(V, number of shards) bool: which blocks are fully written."""
         return self.array(DONE)[...]
@@ -97,10 +115,9 @@ class CacheReader:
     def open_view(self, view: int, names: tuple[str, ...], order: np.ndarray,
                   in_memory: bool) -> InMemoryView | StreamedView:
         """View `view` of the per-view arrays `names`, whole in memory or streamed in `order`."""
-        arrays = {name: self.array(name) for name in names}
         if in_memory:
-            return InMemoryView({name: array[view] for name, array in arrays.items()})
-        return StreamedView(arrays, self.layout, view, order)
+            return InMemoryView({name: self.read(name, 0, self.layout.samples, view) for name in names})
+        return StreamedView(self, names, view, order)
 
     def check_dataset(self, dataset) -> None:
         """Refuse a store built from another dataset, split or class list than `dataset`."""
@@ -149,9 +166,9 @@ class StreamedView:
     bounded whatever the store's size.
     """
 
-    def __init__(self, arrays: dict[str, zarr.Array], layout: Layout, view: int, order: np.ndarray,
+    def __init__(self, reader: CacheReader, names: tuple[str, ...], view: int, order: np.ndarray,
                  prefetch: int = 2):
-        self.layout = layout
+        self.layout = layout = reader.layout
         shard_of = order // layout.shard_size
         keep = np.ones(len(order), dtype=bool)
         keep[1:] = shard_of[1:] != shard_of[:-1]
@@ -160,14 +177,14 @@ class StreamedView:
         self.loaded: dict[int, dict[str, np.ndarray]] = {}
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._read, args=(arrays, view), daemon=True)
+        self.thread = threading.Thread(target=self._read, args=(reader, names, view), daemon=True)
         self.thread.start()
 
-    def _read(self, arrays: dict[str, zarr.Array], view: int) -> None:
+    def _read(self, reader: CacheReader, names: tuple[str, ...], view: int) -> None:
         for shard in self.shard_sequence:
             start, stop = self.layout.shard_range(shard)
             try:
-                block = {name: array[view, start:stop] for name, array in arrays.items()}
+                block = {name: reader.read(name, start, stop, view) for name in names}
             except Exception as error:  # handed to the consumer, which raises it
                 block = error
             while not self.stop.is_set():

@@ -94,6 +94,21 @@ class Layout:
         return asdict(self)
 
 
+# What a read returns where no chunk was written (or a shard file is truncated): never a value richkd writes,
+# so that a damaged store is detected on read instead of yielding zeros. Done flags read as not done.
+MISSING = {"float16": np.nan, "float32": np.nan, "int32": np.iinfo(np.int32).min, "int64": -1, "str": "",
+           "bool": False}
+
+
+def has_missing(values: np.ndarray) -> bool:
+    """Whether `values` holds the fill value of its dtype, i.e. came from a chunk that is not there."""
+    if values.dtype.kind == "f":
+        return bool(np.isnan(values).any())
+    if values.dtype.kind == "b":
+        return False
+    return bool((values == MISSING[str(values.dtype) if values.dtype.kind != "T" else "str"]).any())
+
+
 def compressors(dtype: str) -> list:
     """Blosc zstd, then a CRC32C checksum of every compressed chunk, so corruption is detected on read."""
     if dtype == "str":
@@ -109,5 +124,5 @@ def create_array(group: zarr.Group, name: str, spec: ArraySpec) -> zarr.Array:
         chunks=spec.chunks,
         shards=spec.shards,
         compressors=compressors(spec.dtype),
-        fill_value=None if spec.dtype == "str" else 0,
+        fill_value=MISSING[spec.dtype],
     )

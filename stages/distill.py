@@ -177,7 +177,7 @@ class DistillObjective(nn.Module):
             if self.in_memory and next_view != view and epoch + 1 < self.config.epochs:
                 self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
         self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES))
-        return self.reader.array("views/params")[view], order
+        return self.reader.read("views/params", 0, layout.samples, view), order
 
     def losses(self, logits, features, labels, indices, epoch) -> dict[str, torch.Tensor]:
         config = self.config

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from richkd.cache.reader import CacheReader
+from richkd.cache.schema import DONE, PER_VIEW_ARRAYS
+from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES, clip_scale_value, fuse_logits
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.runtime import progress_bar
@@ -49,8 +51,7 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
               for name in ("teacher", "clip", "fused")}
     sweep = {(name, a): ClassificationMeter(confidence_threshold=confidence_threshold)
              for name in scales for a in ALPHAS}
-    labels_all = reader.array("labels")[...]
-    teacher_logits, clip_logits = reader.array("teacher/logits"), reader.array("clip/logits")
+    labels_all = reader.read("labels", 0, layout.samples)
     done = reader.done()
     views = range(min(layout.views, max_views or layout.views))
     blocks = [(view, shard) for view in views for shard in range(layout.num_shards) if done[view, shard]]
@@ -58,8 +59,8 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
         for view, shard in progress.track(blocks, description="reading blocks"):
             start, stop = layout.shard_range(shard)
             labels = torch.from_numpy(labels_all[start:stop])
-            z_teacher = torch.from_numpy(teacher_logits[view, start:stop].astype(np.float32))
-            s_clip = torch.from_numpy(clip_logits[view, start:stop].astype(np.float32))
+            z_teacher = torch.from_numpy(reader.read("teacher/logits", start, stop, view).astype(np.float32))
+            s_clip = torch.from_numpy(reader.read("clip/logits", start, stop, view).astype(np.float32))
             meters["teacher"].update(z_teacher, labels)
             meters["clip"].update(scales["clip"] * s_clip, labels)
             meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale), labels)
@@ -75,6 +76,31 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
         "fused_clip_scale": clip_scale,
         "alpha_sweep": [{"clip_scale": name, "alpha": a, **meter.result()} for (name, a), meter in sweep.items()],
     }
+
+
+def verify(reader: CacheReader) -> tuple[int, list[str]]:
+    """Read every chunk that should hold data; (blocks read, one line per damaged or missing block)."""
+    layout = reader.layout
+    done = reader.done()
+    reads = []
+    for name, spec in layout.arrays().items():
+        if name == DONE:
+            continue
+        if name in PER_VIEW_ARRAYS:
+            reads += [(name, *layout.shard_range(s), v) for v in range(layout.views) for s in range(layout.num_shards)
+                      if done[v, s]]
+        elif len(spec.shape) == 1:
+            reads += [(name, *layout.shard_range(s), None) for s in range(layout.num_shards)]
+        else:
+            reads.append((name, 0, spec.shape[0], None))
+    damaged = []
+    with progress_bar("block") as progress:
+        for name, start, stop, view in progress.track(reads, description="verifying"):
+            try:
+                reader.read(name, start, stop, view)
+            except UserError as error:
+                damaged.append(str(error).removeprefix(f"cache {reader.url}: ").split(";")[0])
+    return len(reads), damaged
 
 
 def inspect_store(url: str, max_views: int | None = None) -> dict:
@@ -166,8 +192,23 @@ def command(
     store: Annotated[str, typer.Argument(help="The cache store (a path or fsspec URL).")],
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     views: Annotated[int | None, typer.Option(help="Only evaluate the first N views (default: all).", min=1)] = None,
+    verify_chunks: Annotated[bool, typer.Option(
+        "--verify", help="Read every written chunk, check its checksum, and list every damaged or missing "
+        "block (exit status 1 if there is one).")] = False,
 ) -> None:
     """Show a cache's provenance, arrays and completeness, and the accuracy of its targets."""
+    if verify_chunks:
+        checked, damaged = verify(CacheReader(store))
+        if json_output:
+            typer.echo(json.dumps({"store": store, "blocks_checked": checked, "damaged": damaged}, indent=2))
+        else:
+            console = Console()
+            console.print(f"{store}: {checked} blocks read, {len(damaged) or 'none'} damaged or missing")
+            for line in damaged:
+                console.print(f"  {line}", highlight=False)
+        if damaged:
+            raise typer.Exit(1)
+        return
     report = inspect_store(store, views)
     if json_output:
         typer.echo(json.dumps(report, indent=2))

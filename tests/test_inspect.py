@@ -85,3 +85,39 @@ def test_table_report_and_incomplete_store(store, tmp_path, capsys):
 def test_inspect_refuses_what_is_not_a_store(tmp_path, capsys):
     assert run_cli(["inspect", str(tmp_path / "missing.zarr")]) == 2
     assert "no cache store at" in capsys.readouterr().err
+
+
+def damage(store, name: str, view: int, shard: int, how: str) -> None:
+    shard_file = store / name / "c" / str(view) / str(shard) / "0"
+    data = bytearray(shard_file.read_bytes())
+    if how == "flip":
+        data[len(data) // 3] ^= 0xFF
+        shard_file.write_bytes(bytes(data))
+    elif how == "truncate":
+        shard_file.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        shard_file.unlink()
+
+
+def test_verify_lists_every_damaged_block(store, tmp_path, capsys):
+    import shutil
+
+    assert run_cli(["inspect", str(store), "--verify"]) == 0
+    assert "none damaged or missing" in " ".join(capsys.readouterr().out.split())
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(store, broken)
+    damage(broken, "teacher/logits", 1, 1, "flip")
+    damage(broken, "clip/image_embeds", 0, 2, "truncate")
+    damage(broken, "views/params", 1, 0, "delete")
+    assert run_cli(["inspect", str(broken), "--verify", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["blocks_checked"] == 6 * 5 + 3 * 2 + 2
+    damaged = sorted(report["damaged"])
+    assert len(damaged) == 3
+    assert damaged[0].startswith("clip/image_embeds view 0 rows 32-39 is ")  # damaged or truncated: the index goes
+    assert damaged[1].startswith("teacher/logits view 1 rows 16-31 is damaged (Stored and computed checksum")
+    assert damaged[2] == "views/params view 1 rows 0-15 is missing or truncated"
+    # Reading the damaged store for numbers fails, naming the array and the rows, instead of giving zeros.
+    assert run_cli(["inspect", str(broken)]) == 2
+    assert "clip" not in (err := capsys.readouterr().err) and "teacher/logits view 1 rows 16-31 is damaged" in err

@@ -122,8 +122,15 @@ def test_logit_only_run_never_reads_feature_arrays(world, tmp_path, capsys):
                 shard_file.write_bytes(b"garbage")
     args = [*distill, "--cache", str(store), "--epochs", "1"]
     assert run_cli([*args, "--variant", "L", "--out", str(tmp_path / "logits")]) == 0
-    with pytest.raises(Exception):
-        run_cli([*args, "--variant", "F", "--out", str(tmp_path / "features")])
+    capsys.readouterr()
+    # The damage is found, named and refused, not trained on.
+    assert run_cli([*args, "--variant", "F", "--out", str(tmp_path / "features")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher/features view 0 rows 0-399 is missing or truncated" in err or "is damaged" in err
+    assert "richkd inspect --verify" in err
+    streamed = [*args, "--variant", "F", "--cache-memory", "1KiB", "--out", str(tmp_path / "streamed")]
+    assert run_cli(streamed) == 2  # found by the background reader, raised when the block is needed
+    assert "teacher/features view 0 rows" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
