@@ -7,11 +7,11 @@ a pretrained tag that open_clip fetches on a connected machine, a local checkpoi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -37,8 +37,15 @@ DEFAULT_TEMPLATES = (
 
 RANDOM_WEIGHTS = "random"
 
-# richkd's own model configs (a tiny 32 x 32 CLIP for the demo), by file name, next to open_clip's.
-open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+
+@functools.cache
+def open_clip_library():
+    """open_clip, imported on first use (it takes most of a second, which every CLI command would pay),
+    with richkd's own model configs (a tiny 32 x 32 CLIP for the demo) registered next to its own."""
+    import open_clip
+
+    open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+    return open_clip
 SCHEMAS = ("hf-hub:", "local-dir:")
 
 
@@ -86,6 +93,7 @@ class ClipTeacher:
 
 def load_clip(name: str, pretrained: str | None, device: torch.device | str = "cpu") -> ClipTeacher:
     """An open_clip model in eval mode with its tokenizer and image preprocessing settings."""
+    open_clip = open_clip_library()
     has_schema = name.startswith(SCHEMAS)
     if not has_schema and name not in open_clip.list_models():
         raise UserError(f"unknown CLIP model '{name}'; see open_clip.list_models() (e.g. ViT-B-32, ViT-L-14)"
@@ -187,7 +195,7 @@ def zero_shot_classifier(clip: ClipTeacher, class_names: list[str], templates: l
     template's normalised text embedding of every class.
     """
     def classifier(template_set) -> torch.Tensor:
-        weights = open_clip.build_zero_shot_classifier(
+        weights = open_clip_library().build_zero_shot_classifier(
             clip.model, clip.tokenizer, class_names, template_set, num_classes_per_batch=10, device=device)
         return weights.T.float()
 

@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from richkd.cache.reader import CacheReader
 from richkd.pipeline.config import option, require
 from richkd.pipeline.errors import UserError
@@ -81,13 +79,20 @@ def markdown_table(rows: dict[str, dict], targets: set[str]) -> str:
     return "\n".join(lines)
 
 
+def new_figure(**options):
+    """A matplotlib figure, imported here: matplotlib is slow to import and only the report draws."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
 def colours(rows: dict[str, dict], targets: set[str]) -> list[str]:
     return [TARGET_COLOUR if name in targets else STUDENT_COLOUR for name in rows]
 
 
 def plot_accuracy(rows: dict[str, dict], targets: set[str], path: Path) -> None:
     names = list(rows)
-    figure = Figure(figsize=(7, 0.45 * len(names) + 1.2))
+    figure = new_figure(figsize=(7, 0.45 * len(names) + 1.2))
     axis = figure.subplots()
     values = [100 * rows[name]["top1"] for name in names]
     bars = axis.barh(names[::-1], values[::-1], color=colours(rows, targets)[::-1])
@@ -103,7 +108,7 @@ def plot_reliability(rows: dict[str, dict], path: Path) -> None:
     names = [name for name in rows if "reliability" in rows[name]]
     columns = min(4, len(names))
     lines = -(-len(names) // columns)
-    figure = Figure(figsize=(3.2 * columns, 3.2 * lines))
+    figure = new_figure(figsize=(3.2 * columns, 3.2 * lines))
     axes = figure.subplots(lines, columns, squeeze=False)
     for axis in axes.flat[len(names):]:
         axis.axis("off")
@@ -133,7 +138,7 @@ def plot_reliability(rows: dict[str, dict], path: Path) -> None:
 def plot_confidence(rows: dict[str, dict], targets: set[str], threshold: float, path: Path) -> None:
     """The paper's analysis: how often each run is confident and right, and confident and wrong."""
     names = list(rows)
-    figure = Figure(figsize=(10, 0.45 * len(names) + 1.4))
+    figure = new_figure(figsize=(10, 0.45 * len(names) + 1.4))
     axes = figure.subplots(1, 2, sharey=True)
     for axis, key, title in ((axes[0], "confident_correct", "confident and correct"),
                              (axes[1], "confidently_wrong", "confident and wrong")):
@@ -148,7 +153,7 @@ def plot_confidence(rows: dict[str, dict], targets: set[str], threshold: float, 
 
 
 def plot_alpha_sweep(sweep: list[dict], path: Path) -> None:
-    figure = Figure(figsize=(12, 3.6))
+    figure = new_figure(figsize=(12, 3.6))
     axes = figure.subplots(1, 3)
     for axis, (key, label) in zip(axes, (("top1", "top-1 (%)"), ("nll", "NLL"), ("ece", "ECE (%)"))):
         for scale in CLIP_SCALES:

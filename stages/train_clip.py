@@ -13,12 +13,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.push_to_hf_hub import save_config_for_hf
-from safetensors.torch import save_file
 
-from richkd.pipeline.clip import DEFAULT_TEMPLATES, ClipTeacher, load_clip, prompt_class_name, zero_shot_classifier
+from richkd.pipeline.clip import (
+    DEFAULT_TEMPLATES,
+    ClipTeacher,
+    load_clip,
+    open_clip_library,
+    prompt_class_name,
+    zero_shot_classifier,
+)
 from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import open_dataset, read_captions
 from richkd.pipeline.metrics import ClassificationMeter
@@ -73,6 +77,9 @@ def zero_shot_top1(clip: ClipTeacher, loader, class_names: list[str], device: to
 
 def save_bundle(clip: ClipTeacher, model_config: dict, out: Path, metrics: dict) -> None:
     """An open_clip local-dir bundle, written next to `out` and renamed into place when complete."""
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -92,6 +99,7 @@ def run(config: TrainClipConfig) -> dict:
     captions = read_captions(config.captions or Path(config.data_root) / config.split / "captions.json", dataset.keys)
     torch.manual_seed(config.seed)
     clip = load_clip(config.model, config.pretrained, device)
+    open_clip = open_clip_library()
     model_config = open_clip.get_model_config(config.model)
     tokens = clip.tokenizer(captions)
     policy = make_view_policy("auto", dataset.native_size, clip.image_size[0])
