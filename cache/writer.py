@@ -7,18 +7,21 @@ import zarr
 
 from richkd.cache.reader import first_difference, is_cache, open_existing_group
 from richkd.cache.schema import DONE, FORMAT, IDENTITY_SECTIONS, PER_VIEW_ARRAYS, SCHEMA_VERSION, Layout, create_array
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, out_of_space_is_a_user_error
+
+# What a user is told when the disk fills up while a store is written.
+FULL_DISK_ADVICE = "the blocks already written are kept, and running the same command again finishes the rest"
 
 
 class CacheWriter:
     """Writes (view, shard) blocks; a block counts as written only once its `progress/done` flag is set."""
 
-    def __init__(self, group: zarr.Group, layout: Layout):
-        self.group = group
-        self.layout = layout
-        for name, spec in layout.arrays().items():
-            if name not in group:
-                create_array(group, name, spec)
+    def __init__(self, url: str, group: zarr.Group, layout: Layout):
+        self.url, self.group, self.layout = url, group, layout
+        with self.full_disk_is_a_user_error():
+            for name, spec in layout.arrays().items():
+                if name not in group:
+                    create_array(group, name, spec)
         self.arrays = {name: group[name] for name in layout.arrays()}
 
     @classmethod
@@ -41,11 +44,15 @@ class CacheWriter:
                         f"cache {url} was made with another configuration ({difference}); "
                         "pass --overwrite to replace it or choose another --out"
                     )
-                return cls(group, layout)
+                return cls(url, group, layout)
         # The group and its attributes land in one metadata write: a store is either recognisable or absent.
-        group = zarr.create_group(url, overwrite=True,
-                                  attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, **provenance})
-        return cls(group, layout)
+        with out_of_space_is_a_user_error(url, FULL_DISK_ADVICE):
+            group = zarr.create_group(url, overwrite=True,
+                                      attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, **provenance})
+        return cls(url, group, layout)
+
+    def full_disk_is_a_user_error(self):
+        return out_of_space_is_a_user_error(self.url, FULL_DISK_ADVICE)
 
     def done(self) -> np.ndarray:
         return self.arrays[DONE][...]
@@ -57,12 +64,14 @@ class CacheWriter:
 
     def write_static(self, arrays: dict[str, np.ndarray]) -> None:
         """The arrays that do not depend on the view (labels, keys, class and prompt embeddings)."""
-        for name, values in arrays.items():
-            self.arrays[name][...] = values
+        with self.full_disk_is_a_user_error():
+            for name, values in arrays.items():
+                self.arrays[name][...] = values
 
     def write_block(self, view: int, shard: int, outputs: dict[str, np.ndarray]) -> None:
         """All per-view arrays of one block, then its done flag."""
         start, stop = self.layout.shard_range(shard)
-        for name in PER_VIEW_ARRAYS:
-            self.arrays[name][view, start:stop] = outputs[name]
-        self.arrays[DONE][view, shard] = True
+        with self.full_disk_is_a_user_error():
+            for name in PER_VIEW_ARRAYS:
+                self.arrays[name][view, start:stop] = outputs[name]
+            self.arrays[DONE][view, shard] = True

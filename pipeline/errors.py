@@ -1,4 +1,11 @@
-"""The one exception type for mistakes a user can make and fix."""
+"""The one exception type for mistakes a user can make and fix, and the faults turned into one."""
+
+import contextlib
+import errno
+from collections.abc import Iterator
+
+# Errors of a full disk or an exhausted quota: the user frees space and runs the same command again.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(Exception):
@@ -13,3 +20,14 @@ def one_line(error: UserError) -> str:
     """
     last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     return last.removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
+
+
+@contextlib.contextmanager
+def out_of_space_is_a_user_error(target: str, advice: str) -> Iterator[None]:
+    """Turn a full disk while writing `target` into a user error; `advice` says what survived and how to go on."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise UserError(f"no space left on the device writing {target}: {advice}") from error

@@ -25,7 +25,7 @@ from richkd.pipeline.config import DataOptions, ExecutionOptions, option, requir
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
-from richkd.pipeline.models import create_model, read_checkpoint, save_checkpoint
+from richkd.pipeline.models import create_model, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device
 from richkd.pipeline.views import sample_view
 
@@ -239,6 +239,8 @@ class Trainer:
 
     def prepare_run_dir(self) -> tuple[int, dict]:
         """(first epoch, best so far): a fresh run, or where the last checkpoint left off."""
+        if self.checkpoints.is_dir():
+            remove_unfinished_checkpoints(self.checkpoints)
         has_run = (self.checkpoints / "last.pt").exists()
         if has_run and self.options.resume:
             return self.restore()
@@ -316,9 +318,11 @@ class Trainer:
                 else:
                     is_best = False
                 payload = self.checkpoint_payload(epoch + 1, best)
-                save_checkpoint(self.model, self.checkpoints / "last.pt", **payload)
+                # best.pt first: last.pt is where a resumed run starts, so a kill between the two
+                # writes repeats this epoch, never leaves best.pt behind the best it records.
                 if is_best:
                     save_checkpoint(self.model, self.checkpoints / "best.pt", **payload)
+                save_checkpoint(self.model, self.checkpoints / "last.pt", **payload)
                 live.step = epoch
                 for name, value in train_metrics.items():
                     live.log_metric(f"train/{name}", value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 from conftest import write_cifar100
 
@@ -42,42 +44,61 @@ def shard_files(out: Path) -> dict[Path, tuple[int, bytes]]:
     return files
 
 
-def test_killed_run_resumes_to_an_identical_store(tiny_world, tmp_path):
-    data_root = tmp_path / "data"
-    write_cifar100(data_root, train=320, test=8, seed=1)  # 2 views x 20 shards = 40 blocks
-    interrupted, reference = tmp_path / "interrupted.zarr", tmp_path / "reference.zarr"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def finished_block_files(out: Path) -> dict[Path, tuple[int, bytes]]:
+    """The shard files of the blocks marked done, with their modification times and contents."""
+    files = shard_files(out)
+    done = zarr.open_group(out, mode="r")["progress/done"][...]
+    return {out / name / "c" / str(view) / str(shard) / "0": files[out / name / "c" / str(view) / str(shard) / "0"]
+            for view, shard in np.argwhere(done) for name in PER_VIEW_ARRAYS}
 
-    process = subprocess.Popen([RICHKD, *bundle_args(tiny_world, data_root, interrupted)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while done_count(interrupted) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
-    written = done_count(interrupted)
-    assert 3 <= written < 40
-    group = zarr.open_group(interrupted, mode="r")
-    assert not group["progress/done"][...].all()
-    before = {path: state for path, state in shard_files(interrupted).items()}
-    finished_blocks = np.argwhere(group["progress/done"][...])
 
-    resumed = subprocess.run([RICHKD, *bundle_args(tiny_world, data_root, interrupted)], env=env,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"{written} of 40 blocks already done" in " ".join(resumed.stderr.split())
-    after = shard_files(interrupted)
-    for view, shard in finished_blocks:  # finished blocks were not rewritten
-        for name in PER_VIEW_ARRAYS:
-            path = interrupted / name / "c" / str(view) / str(shard) / "0"
-            assert after[path] == before[path], path
-
-    assert run_cli(bundle_args(tiny_world, data_root, reference)) == 0
-    a, b = zarr.open_group(interrupted, mode="r"), zarr.open_group(reference, mode="r")
+def assert_identical_stores(a_path: Path, b_path: Path) -> None:
+    a, b = zarr.open_group(a_path, mode="r"), zarr.open_group(b_path, mode="r")
     assert a["progress/done"][...].all()
     for name in (*PER_VIEW_ARRAYS, *STATIC_ARRAYS):
         assert np.array_equal(a[name][...], b[name][...]), name
+
+
+def test_killed_at_random_points_resumes_to_an_identical_store(tiny_world, tmp_path, capsys):
+    data_root = tmp_path / "data"
+    write_cifar100(data_root, train=320, test=8, seed=1)  # 2 views x 20 shards = 40 blocks
+    interrupted, reference = tmp_path / "interrupted.zarr", tmp_path / "reference.zarr"
+    command = [RICHKD, *bundle_args(tiny_world, data_root, interrupted)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    rng = np.random.default_rng(2026)
+
+    def run_and_kill(ready) -> None:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not ready() and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))  # anywhere inside a block, or between blocks
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+
+    # The first kill lands while the models load or the store is created; the next ones while blocks are written.
+    started = time.monotonic()
+    run_and_kill(lambda: time.monotonic() - started > rng.uniform(0.5, 4.0))
+    kept = {}
+    for target in sorted(rng.choice(np.arange(2, 38), size=3, replace=False)):
+        run_and_kill(lambda: done_count(interrupted) >= target)
+        written = done_count(interrupted)
+        assert written < 40
+        kept.update(finished_block_files(interrupted))
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{written} of 40 blocks already done" in " ".join(resumed.stderr.split())
+    after = shard_files(interrupted)
+    for path, state in kept.items():  # a finished block is never written again
+        assert after[path] == state, path
+
+    assert run_cli(bundle_args(tiny_world, data_root, reference)) == 0
+    assert_identical_stores(interrupted, reference)
+    capsys.readouterr()
+    assert run_cli(["inspect", str(interrupted), "--verify"]) == 0, capsys.readouterr().out
 
 
 def test_a_store_of_another_configuration_is_refused_unless_overwritten(tiny_world, tmp_path, capsys):
@@ -104,3 +125,48 @@ def test_a_folder_that_is_not_a_store_is_never_replaced(tiny_world, tmp_path, ca
     assert run_cli(tiny_world.precompute_args(out, "--overwrite")) == 2
     assert "exists but is not a richkd cache store" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def can_mount_a_small_disk() -> bool:
+    probe = subprocess.run(["unshare", "--map-root-user", "--mount", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_a_small_disk(), reason="needs user namespaces to mount a small tmpfs (unshare)")
+def test_a_full_disk_fails_clearly_and_the_same_command_finishes_later(tiny_world, tmp_path):
+    data_root = tmp_path / "data"
+    write_cifar100(data_root, train=320, test=8, seed=1)
+    reference = tmp_path / "reference.zarr"
+    assert run_cli(bundle_args(tiny_world, data_root, reference)) == 0
+    used = sum(path.stat().st_blocks * 512 for path in reference.rglob("*"))
+    disk, store = tmp_path / "small_disk", tmp_path / "small_disk" / "cache.zarr"
+    disk.mkdir()
+    command = shlex.join([RICHKD, *bundle_args(tiny_world, data_root, store)])
+    # A tmpfs with room for about half the store, in a private mount namespace; the store is copied out
+    # after each run because the mount ends with the namespace.
+    size = used + (1 << 20)
+    script = f"""
+        mount -t tmpfs -o size={size} tmpfs {disk}
+        head -c {size - used // 2} /dev/zero > {disk}/ballast
+        status=0; {command} 2> {tmp_path}/first.err || status=$?; echo $status > {tmp_path}/first.status
+        cp -a {store} {tmp_path}/after_first.zarr
+        rm {disk}/ballast
+        status=0; {command} 2> {tmp_path}/second.err || status=$?; echo $status > {tmp_path}/second.status
+        cp -a {store} {tmp_path}/after_second.zarr
+    """
+    subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-ec", script], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    first_error = (tmp_path / "first.err").read_text().strip().splitlines()
+    assert (tmp_path / "first.status").read_text().strip() == "2", first_error
+    assert first_error[-1] == (
+        f"error: no space left on the device writing {store}: the blocks already written are kept, "
+        "and running the same command again finishes the rest")
+    assert "Traceback" not in (tmp_path / "first.err").read_text()
+    done = zarr.open_group(tmp_path / "after_first.zarr", mode="r")["progress/done"][...]
+    assert 0 < done.sum() < done.size
+    assert not list((tmp_path / "after_first.zarr").rglob("*.partial"))  # no half-written files left behind
+
+    assert (tmp_path / "second.status").read_text().strip() == "0", (tmp_path / "second.err").read_text()
+    assert f"{done.sum()} of {done.size} blocks already done" in " ".join((tmp_path / "second.err").read_text().split())
+    assert_identical_stores(tmp_path / "after_second.zarr", reference)

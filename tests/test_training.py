@@ -72,6 +72,50 @@ def test_killed_distill_resumes_bit_identical(world, tmp_path):
     assert [line.split("\t")[0] for line in logged[1:]] == ["0", "1", "2", "3"]
 
 
+# Runs richkd, but SIGKILLs itself half-way through writing the last.pt of epoch 2.
+DIE_WHILE_SAVING = """
+import io, os, signal, sys, torch
+from richkd.pipeline.cli import main
+save = torch.save
+def save_half_then_die(payload, file, *args, **kwargs):
+    if payload.get("epoch") == 2 and ".last.pt." in getattr(file, "name", ""):
+        whole = io.BytesIO()
+        save(payload, whole)
+        file.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(payload, file, *args, **kwargs)
+torch.save = save_half_then_die
+sys.argv[0] = "richkd"
+main()
+"""
+
+
+def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(world, tmp_path):
+    _, distill = world
+    args = [*distill, "--epochs", "3", "--variant", "L"]
+    assert run_cli([*args, "--out", str(tmp_path / "straight")]) == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    died = subprocess.run([sys.executable, "-c", DIE_WHILE_SAVING, *args, "--out", str(killed)], env=env,
+                          capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    unfinished = list((killed / "checkpoints").glob(".last.pt.*.tmp"))
+    assert len(unfinished) == 1 and unfinished[0].stat().st_size > 0
+    _, saved = read_checkpoint(killed / "checkpoints" / "last.pt")  # intact, and still epoch 1
+    assert saved["epoch"] == 1
+
+    assert run_cli([*args, "--out", str(killed), "--resume"]) == 0
+    assert not list((killed / "checkpoints").glob(".*.tmp"))
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(killed)
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    _, last = read_checkpoint(killed / "checkpoints" / "last.pt")
+    _, best = read_checkpoint(killed / "checkpoints" / "best.pt")
+    assert best["epoch"] == last["best"]["epoch"]
+
+
 def test_a_run_is_not_replaced_or_resumed_with_other_settings(world, tmp_path, capsys):
     _, distill = world
     run = ["--out", str(tmp_path / "run"), "--epochs", "1", "--variant", "L"]

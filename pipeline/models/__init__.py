@@ -3,7 +3,8 @@
 Every model's forward(x) returns (logits, pooled_features), with logits = final Linear(pooled_features).
 """
 
-from .checkpoint import file_sha256, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import file_sha256, load_checkpoint, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
 from .zoo import create_model, list_models
 
-__all__ = ["create_model", "file_sha256", "list_models", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
+__all__ = ["create_model", "file_sha256", "list_models", "load_checkpoint", "read_checkpoint",
+           "remove_unfinished_checkpoints", "save_checkpoint"]

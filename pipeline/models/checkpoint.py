@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, out_of_space_is_a_user_error
 
 STATE_DICT_ENTRIES = ("model", "state_dict")
 DDP_PREFIX = "module."
+# Checkpoints are written under a temporary name, then renamed into place.
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -35,9 +37,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, arch: str, num_cl
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "arch": arch, "num_classes": num_classes, **extra}
     # Same directory, so the rename is atomic; opened normally so the file gets the usual permissions.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
+    advice = "the previous checkpoint there is intact; free some space and continue the run with --resume"
     try:
-        with open(temporary, "wb") as file:
+        with out_of_space_is_a_user_error(str(path), advice), open(temporary, "wb") as file:
             torch.save(payload, file)
             file.flush()
             os.fsync(file.fileno())
@@ -45,6 +48,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, arch: str, num_cl
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def remove_unfinished_checkpoints(folder: str | os.PathLike) -> None:
+    """Delete the temporary files of checkpoint writes that a killed process left in `folder`."""
+    for unfinished in Path(folder).glob(f".*{TEMPORARY_SUFFIX}"):
+        unfinished.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
