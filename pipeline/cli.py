@@ -17,7 +17,7 @@ import typer
 from rich.text import Text
 
 from richkd.pipeline.config import build_config, field_default, field_type
-from richkd.pipeline.errors import UserError, one_line
+from richkd.pipeline.errors import UserError, is_out_of_space, one_line
 from richkd.pipeline.runtime import console
 from richkd.stages import demo, distill, evaluate, inspect_store, precompute, report, train, train_clip
 
@@ -92,10 +92,15 @@ def run_cli(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="richkd")
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-    except UserError as error:
-        if debug_mode["enabled"]:
+    except (UserError, OSError) as error:
+        if debug_mode["enabled"] or (isinstance(error, OSError) and not is_out_of_space(error)):
             raise
-        console.print(Text.assemble(("error: ", "bold red"), one_line(error)), soft_wrap=True)
+        if isinstance(error, UserError):
+            message = one_line(error)
+        else:  # a full disk outside the store and the checkpoints, which say themselves what they kept
+            where = f" writing {error.filename}" if error.filename else ""
+            message = f"no space left on the device{where}; free some space and run the command again"
+        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
         return 2
     return 0
 

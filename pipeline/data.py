@@ -209,7 +209,7 @@ def write_cifar(root: str | Path, name: str, splits: dict[str, tuple[np.ndarray,
     label_key = "fine_labels" if name == "cifar100" else "labels"
     files = {"train": base.train_list, "test": base.test_list}
     for split, (images, labels) in splits.items():
-        rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
+        rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), int(np.prod(images.shape[1:])))
         parts = np.array_split(np.arange(len(images)), len(files[split]))  # CIFAR-10 has 5 train batches
         for (filename, _), part in zip(files[split], parts):
             batch = {"data": rows[part], label_key: [int(labels[i]) for i in part]}

@@ -22,12 +22,16 @@ def one_line(error: UserError) -> str:
     return last.removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
 
 
+def is_out_of_space(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS
+
+
 @contextlib.contextmanager
 def out_of_space_is_a_user_error(target: str, advice: str) -> Iterator[None]:
     """Turn a full disk while writing `target` into a user error; `advice` says what survived and how to go on."""
     try:
         yield
     except OSError as error:
-        if error.errno not in NO_SPACE_ERRNOS:
+        if not is_out_of_space(error):
             raise
         raise UserError(f"no space left on the device writing {target}: {advice}") from error

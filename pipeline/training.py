@@ -75,7 +75,6 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
         require(0 <= self.warmup_epochs < self.epochs,
                 f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
-        require(self.num_workers >= 0, f"--batch-workers must be 0 or more, got {self.num_workers}")
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         self.milestone_list()
 

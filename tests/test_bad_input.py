@@ -60,6 +60,9 @@ def image_folder(root, broken: str | None = None):
     ("--batch-size", "0", ("--batch-size must be at least 1",)),
     ("--dtype", "int8", ("--dtype must be one of float16, float32",)),
     ("--split", "validation", ("has no split 'validation'",)),
+    ("--device", "tpu", ("unknown device 'tpu'",)),
+    ("--view-policy", "diagonal", ("unknown view policy 'diagonal'",)),
+    ("--templates", "/nowhere/templates.txt", ("cannot read templates file /nowhere/templates.txt",)),
 ])
 def test_bad_flags(tiny_world, tmp_path, capsys, flag, value, fragments):
     out = tmp_path / "cache.zarr"
@@ -74,6 +77,15 @@ def test_checkpoint_of_another_architecture(tiny_world, tmp_path, capsys):
     assert_user_error(replace_flag(tiny_world.precompute_args(out), "--teacher-checkpoint", str(checkpoint)),
                       capsys, str(checkpoint), "unexpected")
     assert_no_complete_store(out)
+
+
+def test_truncated_checkpoint(tiny_world, tmp_path, capsys):
+    checkpoint = tmp_path / "truncated.pth"
+    whole = tiny_world.teacher_checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "cache.zarr"
+    assert_user_error(replace_flag(tiny_world.precompute_args(out), "--teacher-checkpoint", str(checkpoint)),
+                      capsys, f"checkpoint {checkpoint}: not a torch checkpoint, or a truncated one")
 
 
 def test_checkpoint_with_another_class_count(tiny_world, tmp_path, capsys):
@@ -144,12 +156,21 @@ def test_float16_overflow_asks_for_float32(tiny_world, tmp_path, capsys):
 
 def test_malformed_params_file(tiny_world, tmp_path, capsys):
     params = tmp_path / "params.yaml"
+    assert_user_error(["precompute", "--config", str(params)], capsys, f"cannot read params file {params}")
     params.write_text("precompute:\n  views: [1,\n")
     assert_user_error(["precompute", "--config", str(params)], capsys, f"params file {params} is not valid YAML")
     params.write_text("precompute:\n  viewz: 3\n")
     assert_user_error(["precompute", "--config", str(params)], capsys, "unknown field 'viewz'")
     params.write_text("precompute:\n  views: many\n")
     assert_user_error(["precompute", "--config", str(params)], capsys, "'views' must be int, got 'many'")
+    params.write_text("- precompute\n")
+    assert_user_error(["precompute", "--config", str(params)], capsys,
+                      f"params file {params} must be a mapping of stage sections, found list")
+    params.write_text("precompute: 3\n")
+    assert_user_error(["precompute", "--config", str(params)], capsys,
+                      f"params file {params}: section 'precompute' must be a mapping, found int")
+    params.write_text("report:\n  runs: kd\n")
+    assert_user_error(["report", "--config", str(params)], capsys, "'runs' must be a list of names, got 'kd'")
 
 
 def test_debug_shows_the_traceback(tiny_world, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from richkd.pipeline.cli import run_cli
 from richkd.pipeline.data import open_dataset, read_captions
 from richkd.pipeline.demo import CLASS_NAMES, demo_sample
+from richkd.pipeline.errors import UserError
 
 
 def test_demo_is_deterministic_and_varied(tmp_path):
@@ -48,8 +49,14 @@ def test_captions_file_must_cover_every_sample(tmp_path, capsys):
     captions.pop(next(iter(captions)))
     (tmp_path / "partial.json").write_text(json.dumps(captions))
     train = open_dataset("demo", tmp_path, "train")
-    with pytest.raises(Exception, match="has no caption for 1 samples"):
+    with pytest.raises(UserError, match="has no caption for 1 samples"):
         read_captions(tmp_path / "partial.json", train.keys)
+    with pytest.raises(UserError) as raised:
+        read_captions(tmp_path / "missing.json", train.keys)
+    assert str(raised.value) == f"cannot read captions file {tmp_path / 'missing.json'}: No such file or directory"
+    (tmp_path / "broken.json").write_text('{"a": ')
+    with pytest.raises(UserError, match="is not valid JSON"):
+        read_captions(tmp_path / "broken.json", train.keys)
 
 
 def test_train_clip_writes_a_bundle_that_precompute_loads(tmp_path):

@@ -17,6 +17,7 @@ from conftest import write_cifar100
 
 from richkd.cache.schema import PER_VIEW_ARRAYS, STATIC_ARRAYS
 from richkd.pipeline.cli import run_cli
+from richkd.pipeline.models import read_checkpoint
 
 RICHKD = str(Path(sys.executable).parent / "richkd")
 
@@ -127,6 +128,18 @@ def test_a_folder_that_is_not_a_store_is_never_replaced(tiny_world, tmp_path, ca
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+# Saves an untrained model of architecture argv[1] as a checkpoint at argv[2]; prints a user error.
+SAVE_CHECKPOINT = """
+import sys
+from richkd.pipeline.errors import UserError
+from richkd.pipeline.models import create_model, save_checkpoint
+try:
+    save_checkpoint(create_model(sys.argv[1], 100), sys.argv[2], arch=sys.argv[1], num_classes=100)
+except UserError as error:
+    print(error)
+"""
+
+
 def can_mount_a_small_disk() -> bool:
     probe = subprocess.run(["unshare", "--map-root-user", "--mount", "true"], capture_output=True)
     return probe.returncode == 0
@@ -142,6 +155,8 @@ def test_a_full_disk_fails_clearly_and_the_same_command_finishes_later(tiny_worl
     disk, store = tmp_path / "small_disk", tmp_path / "small_disk" / "cache.zarr"
     disk.mkdir()
     command = shlex.join([RICHKD, *bundle_args(tiny_world, data_root, store)])
+    train = [RICHKD, "train", "--data-root", str(data_root), "--arch", "resnet8", "--epochs", "1", "--num-workers", "0",
+             "--device", "cpu", "--out", str(disk / "train")]
     # A tmpfs with room for about half the store, in a private mount namespace; the store is copied out
     # after each run because the mount ends with the namespace.
     size = used + (1 << 20)
@@ -153,6 +168,11 @@ def test_a_full_disk_fails_clearly_and_the_same_command_finishes_later(tiny_worl
         rm {disk}/ballast
         status=0; {command} 2> {tmp_path}/second.err || status=$?; echo $status > {tmp_path}/second.status
         cp -a {store} {tmp_path}/after_second.zarr
+        {sys.executable} -c '{SAVE_CHECKPOINT}' resnet8 {disk}/run/last.pt
+        head -c {size} /dev/zero > {disk}/ballast || true
+        {sys.executable} -c '{SAVE_CHECKPOINT}' resnet32x4 {disk}/run/last.pt > {tmp_path}/checkpoint.out
+        cp -a {disk}/run {tmp_path}/run
+        status=0; {shlex.join(train)} 2> {tmp_path}/train.err || status=$?; echo $status > {tmp_path}/train.status
     """
     subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-ec", script], check=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -170,3 +190,17 @@ def test_a_full_disk_fails_clearly_and_the_same_command_finishes_later(tiny_worl
     assert (tmp_path / "second.status").read_text().strip() == "0", (tmp_path / "second.err").read_text()
     assert f"{done.sum()} of {done.size} blocks already done" in " ".join((tmp_path / "second.err").read_text().split())
     assert_identical_stores(tmp_path / "after_second.zarr", reference)
+
+    # A checkpoint that does not fit: a clear error, and the previous checkpoint is still there, whole.
+    assert (tmp_path / "checkpoint.out").read_text().strip() == (
+        f"no space left on the device writing {disk}/run/last.pt: the previous checkpoint there is intact; "
+        "free some space and continue the run with --resume")
+    _, saved = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert saved["arch"] == "resnet8"
+    assert [path.name for path in (tmp_path / "run").iterdir()] == ["last.pt"]
+    # Any other write on a full disk: one line, no traceback.
+    assert (tmp_path / "train.status").read_text().strip() == "2"
+    train_error = (tmp_path / "train.err").read_text()
+    assert "Traceback" not in train_error
+    assert " ".join(train_error.split()).startswith("error: no space left on the device")
+    assert "free some space and run the command again" in " ".join(train_error.split())

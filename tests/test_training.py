@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -192,7 +193,7 @@ def test_bad_distill_flags(world, tmp_path, capsys, flags, message):
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_cache_of_another_dataset_or_incomplete(world, tmp_path, capsys):
+def test_cache_of_another_dataset_split_or_class_list_or_incomplete(tiny_world, world, tmp_path, capsys):
     root, distill = world
     other = tmp_path / "other"
     write_cifar100(other, train=400, test=40, seed=4)
@@ -200,6 +201,29 @@ def test_cache_of_another_dataset_or_incomplete(world, tmp_path, capsys):
     args[args.index("--data-root") + 1] = str(other)
     assert run_cli([*args, "--out", str(tmp_path / "run")]) == 2
     assert "was built for another dataset (dataset.fingerprint" in capsys.readouterr().err
+
+    renamed = tmp_path / "renamed"  # the same images and labels under another class list
+    shutil.copytree(root / "data", renamed)
+    meta = renamed / "cifar-100-python" / "meta"
+    names = pickle.loads(meta.read_bytes())
+    names["fine_label_names"][0] = "aardvark"
+    meta.write_bytes(pickle.dumps(names))
+    args[args.index("--data-root") + 1] = str(renamed)
+    assert run_cli([*args, "--out", str(tmp_path / "run")]) == 2
+    assert "was built for another dataset (dataset.class_names: [" in capsys.readouterr().err
+
+    test_split = tmp_path / "test_split.zarr"
+    precompute = tiny_world.precompute_args(test_split, "--split", "test", "--views", "1")
+    precompute[precompute.index("--data-root") + 1] = str(root / "data")
+    assert run_cli(precompute) == 0
+    args = list(distill)
+    args[args.index("--cache") + 1] = str(test_split)
+    assert run_cli([*args, "--out", str(tmp_path / "run")]) == 2
+    assert "was built for another dataset (dataset.split: 'test' in the store, 'train' now)" in capsys.readouterr().err
+
+    args[args.index("--cache") + 1] = str(tmp_path / "nothing.zarr")
+    assert run_cli([*args, "--out", str(tmp_path / "run")]) == 2
+    assert f"no cache store at {tmp_path / 'nothing.zarr'}" in capsys.readouterr().err
 
     partial = tmp_path / "partial.zarr"
     shutil.copytree(root / "cache.zarr", partial)

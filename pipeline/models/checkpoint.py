@@ -92,7 +92,7 @@ def _unreadable_reason(error: Exception) -> str:
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if refused:
         return f"holds a {refused[1]} object, which weights-only loading refuses"
-    return "not a torch checkpoint"
+    return "not a torch checkpoint, or a truncated one"
 
 
 def _is_state_dict(candidate: object) -> bool:

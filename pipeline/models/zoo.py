@@ -64,7 +64,7 @@ def create_model(name: str, num_classes: int) -> nn.Module:
     `num_classes`, `feature_dim` and `classifier_name` (the path of its final Linear layer).
     """
     if num_classes < 1:
-        raise UserError(f"num_classes must be positive, got {num_classes}")
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
     prefix, colon, library_name = name.partition(":")
     if colon and prefix in LIBRARY_PREFIXES:
         model = LIBRARY_PREFIXES[prefix](library_name, num_classes)
