@@ -15,6 +15,12 @@ from richkd.cache.schema import DONE, FORMAT, SCHEMA_VERSION, Layout, has_missin
 from richkd.pipeline.errors import UserError
 
 
+def store_location(url: str) -> str:
+    """Where zarr should open `url`: a plain path for file:// URLs, so that they get zarr's local store,
+    whose writes are atomic; any other fsspec URL (s3://, gs://, memory://, ...) as it is."""
+    return url.removeprefix("file://") if url.startswith("file://") else url
+
+
 def location_exists(url: str) -> bool:
     filesystem, path = fsspec.core.url_to_fs(url)
     return filesystem.exists(path)
@@ -23,7 +29,7 @@ def location_exists(url: str) -> bool:
 def open_existing_group(url: str, mode: str = "r") -> zarr.Group | None:
     """The Zarr group at `url`, or None when nothing at all is stored there."""
     try:
-        return zarr.open_group(url, mode=mode)
+        return zarr.open_group(store_location(url), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as error:
         if not location_exists(url):
             return None

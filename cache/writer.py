@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import zarr
 
-from richkd.cache.reader import first_difference, is_cache, open_existing_group
+from richkd.cache.reader import first_difference, is_cache, open_existing_group, store_location
 from richkd.cache.schema import DONE, FORMAT, IDENTITY_SECTIONS, PER_VIEW_ARRAYS, SCHEMA_VERSION, Layout, create_array
 from richkd.pipeline.errors import UserError, out_of_space_is_a_user_error
 
@@ -21,7 +23,8 @@ class CacheWriter:
         with self.full_disk_is_a_user_error():
             for name, spec in layout.arrays().items():
                 if name not in group:
-                    create_array(group, name, spec)
+                    with contextlib.suppress(zarr.errors.ContainsArrayError):  # made by another process meanwhile
+                        create_array(group, name, spec)
         self.arrays = {name: group[name] for name in layout.arrays()}
 
     @classmethod
@@ -46,9 +49,12 @@ class CacheWriter:
                     )
                 return cls(url, group, layout)
         # The group and its attributes land in one metadata write: a store is either recognisable or absent.
+        attributes = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **provenance}
         with out_of_space_is_a_user_error(url, FULL_DISK_ADVICE):
-            group = zarr.create_group(url, overwrite=True,
-                                      attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, **provenance})
+            try:
+                group = zarr.create_group(store_location(url), overwrite=group is not None, attributes=attributes)
+            except zarr.errors.ContainsGroupError:  # another process of a parallel run made it meanwhile
+                return cls.open(url, layout, provenance)
         return cls(url, group, layout)
 
     def full_disk_is_a_user_error(self):

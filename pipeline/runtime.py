@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from richkd.pipeline.distributed import local_rank
 from richkd.pipeline.errors import UserError
 
 console = Console(stderr=True)
@@ -28,8 +29,8 @@ DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # under torchrun, each process on a node takes its own GPU
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as error:

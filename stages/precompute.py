@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from richkd.cache.locks import BlockLocks
 from richkd.cache.schema import PER_VIEW_ARRAYS, PRECISIONS, Layout
 from richkd.cache.writer import CacheWriter
 from richkd.pipeline.clip import (
@@ -31,6 +32,15 @@ from richkd.pipeline.clip import (
 )
 from richkd.pipeline.config import DataOptions, ExecutionOptions, ViewOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize, open_dataset
+from richkd.pipeline.distributed import (
+    Part,
+    barrier,
+    is_main_process,
+    main_process_first,
+    parse_part,
+    process_group,
+    torchrun_part,
+)
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
@@ -60,6 +70,12 @@ class PrecomputeConfig(DataOptions, ViewOptions, ExecutionOptions):
     shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.", "Store")
     overwrite: bool = option(False, "Replace an existing store made with another configuration.", "Store")
     batch_size: int = option(256, "Images per forward pass.", "Execution")
+    part: str | None = option(
+        None, "Write only part i of n of the blocks (e.g. 0/4), for jobs on separate machines writing one store; "
+        "under torchrun each process takes its rank's part.", "Parallel")
+    lock_timeout: float = option(
+        600.0, "Seconds without a heartbeat after which a lock on a block counts as left by a killed process "
+        "(on the same host a lock whose process is gone is taken over at once).", "Parallel")
 
     def validate(self) -> None:
         super().validate()
@@ -68,6 +84,12 @@ class PrecomputeConfig(DataOptions, ViewOptions, ExecutionOptions):
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.dtype in PRECISIONS, f"--dtype must be one of {', '.join(PRECISIONS)}, got '{self.dtype}'")
         require(self.teacher_checkpoint is not None, "--teacher-checkpoint is required")
+        require(self.lock_timeout > 0, f"--lock-timeout must be positive, got {self.lock_timeout}")
+        if self.part is not None:
+            parse_part(self.part)
+            require(torchrun_part().count == 1, "--part is for separate jobs; under torchrun the ranks share the work")
+        require(not (self.overwrite and (self.part or torchrun_part().count > 1)),
+                "--overwrite cannot be used by one of several processes writing a store: delete the store first")
 
 
 @dataclass
@@ -207,6 +229,54 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         "config": to_dict(config),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    with process_group(device) as ranks:
+        part = parse_part(config.part) if config.part else ranks
+        writer = main_process_first(
+            lambda: open_writer(config, layout, provenance, dataset, class_embeds, prompt_embeds),
+            lambda: CacheWriter.open(config.out, layout, provenance))
+        done = writer.done()
+        owned = [block for position, block in enumerate(layout.blocks()) if part.owns(position)]
+        pending = [(view, shard) for view, shard in owned if not done[view, shard]]
+        if len(pending) < len(owned):
+            console.print(f"continuing {config.out}{part_label(part)}: {len(owned) - len(pending)} of {len(owned)} "
+                          "blocks already done")
+        images = sum(stop - start for start, stop in (layout.shard_range(shard) for _, shard in pending))
+
+        models = Models(teacher, dataset, clip, class_embeds, device)
+        loader = DataLoader(
+            ViewImages(dataset, policy, config.seed),
+            batch_sampler=BlockBatches(layout, pending, config.batch_size),
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        locks = BlockLocks(config.out, str(part), config.lock_timeout)
+        try:
+            locks.claim(pending)
+            loop_started = time.perf_counter()
+            write_blocks(writer, locks, layout, pending, loader, models, images)
+            loop_seconds = time.perf_counter() - loop_started
+        finally:
+            locks.close()
+        barrier()
+    done = writer.done()
+    unwritten = [(view, shard) for view, shard in owned if not done[view, shard]]
+    if unwritten:
+        raise RuntimeError(f"{len(unwritten)} blocks of {config.out} were not written")
+    seconds = time.perf_counter() - started
+    if done.all():
+        if is_main_process():
+            console.print(f"cache complete: {config.out} ({layout.views} views x {layout.samples} samples, "
+                          f"{seconds:.1f} s)")
+    else:
+        console.print(f"part {part} of {config.out} written; the store has {int(done.sum())} of {done.size} "
+                      f"blocks ({seconds:.1f} s)")
+    return PrecomputeResult(store=config.out, blocks_written=len(pending), images=images, seconds=seconds,
+                            loop_seconds=loop_seconds)
+
+
+def open_writer(config: PrecomputeConfig, layout: Layout, provenance: dict, dataset: ImageDataset,
+                class_embeds: torch.Tensor, prompt_embeds: torch.Tensor) -> CacheWriter:
+    """The store, made or checked, with the arrays that do not depend on the view written."""
     writer = CacheWriter.open(config.out, layout, provenance, overwrite=config.overwrite)
     writer.write_static({
         "labels": dataset.labels,
@@ -214,32 +284,15 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         "clip/class_embeds": class_embeds.cpu().numpy(),
         "clip/prompt_embeds": prompt_embeds.cpu().numpy(),
     })
-    pending = writer.pending_blocks()
-    total_blocks = len(layout.blocks())
-    if len(pending) < total_blocks:
-        console.print(f"continuing {config.out}: {total_blocks - len(pending)} of {total_blocks} blocks already done")
-    images = sum(stop - start for start, stop in (layout.shard_range(shard) for _, shard in pending))
-
-    models = Models(teacher, dataset, clip, class_embeds, device)
-    loader = DataLoader(
-        ViewImages(dataset, policy, config.seed),
-        batch_sampler=BlockBatches(layout, pending, config.batch_size),
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    loop_started = time.perf_counter()
-    write_blocks(writer, layout, pending, loader, models, images)
-    loop_seconds = time.perf_counter() - loop_started
-    writer_done = writer.done()
-    if not writer_done.all():
-        raise RuntimeError(f"{int((~writer_done).sum())} blocks of {config.out} were not written")
-    seconds = time.perf_counter() - started
-    console.print(f"cache complete: {config.out} ({layout.views} views x {layout.samples} samples, {seconds:.1f} s)")
-    return PrecomputeResult(store=config.out, blocks_written=len(pending), images=images, seconds=seconds,
-                            loop_seconds=loop_seconds)
+    return writer
 
 
-def write_blocks(writer: CacheWriter, layout: Layout, blocks, loader, models: Models, images: int) -> None:
+def part_label(part: Part) -> str:
+    return f" (part {part})" if part.count > 1 else ""
+
+
+def write_blocks(writer: CacheWriter, locks: BlockLocks, layout: Layout, blocks, loader, models: Models,
+                 images: int) -> None:
     """Fill each block's buffers batch by batch; hand full blocks to a writer thread so writing overlaps compute."""
     numpy_dtype = np.dtype(layout.precision)
     block_iter = iter(blocks)
@@ -263,9 +316,15 @@ def write_blocks(writer: CacheWriter, layout: Layout, blocks, loader, models: Mo
             progress.advance(task, len(views))
             if filled == size:
                 block = {name: np.concatenate(parts) for name, parts in buffers.items()}
-                writes.append(pool.submit(writer.write_block, view, shard, block))
+                writes.append(pool.submit(write_and_release, writer, locks, view, shard, block))
                 # At most two blocks in memory waiting to be written; a failed write stops the run here.
                 while len(writes) > 1:
                     writes.pop(0).result()
         for write in writes:
             write.result()
+
+
+def write_and_release(writer: CacheWriter, locks: BlockLocks, view: int, shard: int,
+                      block: dict[str, np.ndarray]) -> None:
+    writer.write_block(view, shard, block)
+    locks.release(view, shard)

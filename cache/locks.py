@@ -1,0 +1,129 @@
+"""Block locks: which process is writing which (view, shard) block of a store, so that no two write one.
+
+A process claims every block it is about to write by creating `locks/<view>-<shard>.json` in the store
+exclusively, and removes the lock once the block's done flag is set. A lock names its holder's host and
+process and is refreshed by a heartbeat; a lock whose process is gone (same host) or whose heartbeat is
+older than the timeout (any host) was left by a killed process and is taken over.
+Exclusive creation is atomic on local and shared POSIX filesystems and on fsspec's memory filesystem; on
+object stores it is as strong as the filesystem's exclusive-create mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import fsspec
+
+from richkd.cache.reader import store_location
+from richkd.pipeline.errors import UserError
+
+LOCKS = "locks"
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+class BlockLocks:
+    """The locks this process holds on blocks of the store at `url`."""
+
+    def __init__(self, url: str, holder: str, timeout: float):
+        self.url, self.timeout = url, timeout
+        self.filesystem, root = fsspec.core.url_to_fs(store_location(url))
+        self.folder = f"{root.rstrip('/')}/{LOCKS}"
+        self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "holder": holder}
+        self.held: set[tuple[int, int]] = set()
+        self.guard = threading.Lock()
+        self.stopped = threading.Event()
+        self.heartbeat = threading.Thread(target=self._refresh, daemon=True)
+
+    def path(self, view: int, shard: int) -> str:
+        return f"{self.folder}/{view}-{shard}.json"
+
+    def record(self) -> bytes:
+        return json.dumps({**self.identity, "heartbeat": time.time()}).encode()
+
+    def claim(self, blocks: list[tuple[int, int]]) -> None:
+        """Lock every block of `blocks`, or none of them and refuse when another live process holds one."""
+        self.filesystem.makedirs(self.folder, exist_ok=True)
+        try:
+            for view, shard in blocks:
+                self._claim(view, shard)
+        except BaseException:
+            self.release_all()
+            raise
+        if not self.heartbeat.is_alive():
+            self.heartbeat.start()
+
+    def _claim(self, view: int, shard: int) -> None:
+        path = self.path(view, shard)
+        for attempt in range(2):
+            try:
+                with self.filesystem.open(path, "xb") as file:
+                    file.write(self.record())
+                with self.guard:
+                    self.held.add((view, shard))
+                return
+            except FileExistsError:
+                holder = self._read(path)
+                if attempt == 0 and self._is_stale(path, holder):
+                    self.filesystem.rm(path)
+                    continue
+                who = (f"process {holder['pid']} on {holder['host']} (part {holder['holder']})" if holder
+                       else "another process")
+                raise UserError(
+                    f"block view {view} shard {shard} of {self.url} is being written by {who}; two precompute "
+                    "processes would write it: give each its own --part i/n, or wait for that one to finish"
+                ) from None
+
+    def _read(self, path: str) -> dict | None:
+        try:
+            return json.loads(self.filesystem.cat_file(path))
+        except (OSError, ValueError):  # gone meanwhile, or caught mid-write
+            return None
+
+    def _is_stale(self, path: str, holder: dict | None) -> bool:
+        if holder is None:
+            try:
+                modified = self.filesystem.modified(path).timestamp()
+            except (OSError, NotImplementedError):
+                return False
+            return time.time() - modified > self.timeout
+        if time.time() - holder["heartbeat"] > self.timeout:
+            return True
+        return holder["host"] == self.identity["host"] and not process_is_alive(holder["pid"])
+
+    def release(self, view: int, shard: int) -> None:
+        # Under the guard, so that the heartbeat never brings back a lock just removed.
+        with self.guard:
+            self.held.discard((view, shard))
+            self.filesystem.rm(self.path(view, shard))
+
+    def release_all(self) -> None:
+        with self.guard:
+            for view, shard in self.held:
+                self.filesystem.rm(self.path(view, shard))
+            self.held = set()
+
+    def _refresh(self) -> None:
+        while not self.stopped.wait(self.timeout / 4):
+            with self.guard:
+                for view, shard in self.held:
+                    self.filesystem.pipe_file(self.path(view, shard), self.record())
+
+    def close(self) -> None:
+        """Stop the heartbeat and give back what is still held (the blocks of a run that stopped early)."""
+        self.stopped.set()
+        if self.heartbeat.is_alive():
+            self.heartbeat.join()
+        self.release_all()

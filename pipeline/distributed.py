@@ -1,0 +1,88 @@
+"""Several processes at once: torchrun's ranks and process group, and `--part i/n` jobs on separate machines."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from richkd.pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Part:
+    """Process `index` of `count`: it owns every `count`-th work item, starting at `index`."""
+
+    index: int = 0
+    count: int = 1
+
+    def owns(self, position: int) -> bool:
+        return position % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_part(text: str) -> Part:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise UserError(f"--part must be i/n with 0 <= i < n (e.g. 0/4), got '{text}'")
+    return Part(int(match[1]), int(match[2]))
+
+
+def torchrun_part() -> Part:
+    """This process's rank and the world size when started by torchrun; Part(0, 1) otherwise."""
+    return Part(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[Part]:
+    """The torchrun process group (NCCL on CUDA, gloo on the CPU) for the duration; this process's Part."""
+    part = torchrun_part()
+    if part.count == 1 or dist.is_initialized():
+        yield part
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=part.index, world_size=part.count)
+    try:
+        yield part
+    finally:
+        dist.destroy_process_group()
+
+
+T = TypeVar("T")
+
+
+def main_process_first(first: Callable[[], T], then: Callable[[], T]) -> T:
+    """`first()` on rank 0, then, once it succeeded, `then()` on the other ranks (e.g. make a store, then open
+    it). A user error on rank 0 is raised on every rank, so that none waits for the others for ever."""
+    if not dist.is_initialized():
+        return first()
+    result, outcome = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            result = first()
+        except UserError as error:
+            outcome = [str(error)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise UserError(outcome[0])
+    return result if dist.get_rank() == 0 else then()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
