@@ -19,7 +19,7 @@ from rich.text import Text
 from richkd.pipeline.config import build_config, field_default, field_type
 from richkd.pipeline.errors import UserError, is_out_of_space, one_line
 from richkd.pipeline.runtime import console
-from richkd.stages import demo, distill, evaluate, inspect_store, precompute, report, train, train_clip
+from richkd.stages import demo, distill, evaluate, inspect_store, pack, precompute, report, train, train_clip
 
 app = typer.Typer(
     name="richkd",
@@ -68,6 +68,8 @@ def add_stage_command(name: str, config_class: type, run: Callable, summary: str
 STAGE_COMMANDS = (
     ("demo", demo.DemoConfig, demo.run,
      "Write the built-in demo dataset: small images of eight kinds of object, with a caption each."),
+    ("pack", pack.PackConfig, pack.run,
+     "Write a split of any dataset richkd reads into webdataset tar shards, the same bytes on every run."),
     ("train-clip", train_clip.TrainClipConfig, train_clip.run,
      "Train an open_clip model on a dataset's images and captions: a vision-language teacher of your own."),
     ("precompute", precompute.PrecomputeConfig, precompute.run,

@@ -21,7 +21,7 @@ from richkd.pipeline.errors import UserError
 from richkd.pipeline.runtime import DEVICE_CHOICES
 
 # The names `open_dataset` knows (kept here so that help texts need not import the datasets).
-DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "demo")
+DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "demo", "webdataset")
 
 Config = TypeVar("Config")
 
@@ -144,8 +144,9 @@ class DataOptions(Options):
 
     dataset: str = option("cifar100", f"Dataset name: {', '.join(DATASET_NAMES)}.", "Data")
     data_root: str = option(
-        "data", "Where the dataset is stored: torchvision's layout, <root>/<split>/<class>/<image>, or what "
-        "`richkd demo` wrote.", "Data")
+        "data", "Where the dataset is stored: torchvision's layout, <root>/<split>/<class>/<image>, what "
+        "`richkd demo` wrote, or for webdataset a tar-shard URL pattern such as 'shards/{split}-{000000..000127}.tar'.",
+        "Data")
     split: str = option("train", "Dataset split.", "Data")
     download: bool = option(False, "Download the dataset into --data-root first (torchvision datasets).", "Data")
 

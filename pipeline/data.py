@@ -80,7 +80,8 @@ def open_dataset(name: str, root: str | Path, split: str = "train", download: bo
     """The `split` of dataset `name` stored under `root` (fetched first when `download`)."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; known datasets: {', '.join(sorted(DATASETS))}")
-    dataset = DATASETS[name](Path(root), split, download)
+    # A URL stays text (a Path would fold its '//'); datasets that read URLs take either.
+    dataset = DATASETS[name](root if "://" in str(root) else Path(root), split, download)
     if len(dataset) == 0:
         raise UserError(f"dataset '{name}' split '{split}' under {root} has no samples")
     return dataset
@@ -238,5 +239,5 @@ def read_captions(path: str | Path, keys: list[str]) -> list[str]:
     return [captions[key] for key in keys]
 
 
-# Registers the built-in demo dataset (its module needs the registry above).
-from richkd.pipeline import demo  # noqa: E402,F401
+# Registers the built-in demo dataset and webdataset shards (their modules need the registry above).
+from richkd.pipeline import demo, shards  # noqa: E402,F401

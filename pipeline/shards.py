@@ -1,0 +1,254 @@
+"""The `webdataset` dataset: samples in webdataset tar shards, read by index.
+
+`--data-root` is a webdataset URL pattern, expanded as webdataset expands it (brace ranges such as
+`train-{000000..000127}.tar`, `::` between patterns); the text `{split}` in it becomes the split's name
+first, so `shards/{split}-{000000..000009}.tar` names the shards of every split packed into 10 shards, and a
+pattern without `{split}` names the shards of whichever split is asked for. Every shard it names must exist.
+
+Each sample is the run of tar members sharing a key, as webdataset groups them: its key is `__key__`,
+its class id the text of its `cls` member, its image the first member with one of webdataset's image
+extensions. Class names, one per line in class-id order, come from `classes.txt` in the first shard's
+folder; the normalisation, optionally, from `normalization.json` there (`{"mean": [...], "std": [...]}`;
+ImageNet's otherwise). `richkd pack` writes both.
+
+The cache needs random access (row `i` is sample `i` whatever the loader order), so the shards are indexed
+once: their tar headers, each `cls` member and the first bytes of each image (its size) are read, seeking
+past the image data; an image is then read by seeking to it. That needs seekable files: local paths,
+`file://` and fsspec URLs that read byte ranges (`memory://`, `s3://`, `https://` ...), not `pipe:`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+from webdataset.autodecode import IMAGE_EXTENSIONS
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+from richkd.pipeline.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
+from richkd.pipeline.errors import UserError
+
+SPLIT_PLACEHOLDER = "{split}"
+CLASSES_FILE = "classes.txt"
+NORMALIZATION_FILE = "normalization.json"
+# Members webdataset's tar reader skips (tar_file_iterator's `skip_meta`).
+META_MEMBER = re.compile(r"__[^/]*__($|/)")
+# Bytes of an image read at first to learn its size; more only when its header is longer.
+IMAGE_HEADER_BYTES = 1024
+# Shard files each process keeps open for reading images.
+OPEN_SHARDS = 64
+
+
+@dataclass
+class Sample:
+    key: str
+    image: tarfile.TarInfo | None
+    cls: tarfile.TarInfo | None
+
+
+def shard_urls(pattern: str, split: str) -> list[str]:
+    """The shards of `split`: `{split}` replaced, then expanded as webdataset expands URLs."""
+    return expand_urls(pattern.replace(SPLIT_PLACEHOLDER, split))
+
+
+@register_dataset("webdataset")
+def open_shards(root: Path | str, split: str, download: bool) -> ImageDataset:
+    pattern = str(root)
+    if download:
+        raise UserError("dataset 'webdataset' cannot be downloaded; point --data-root at its shards")
+    urls = shard_urls(pattern, split)
+    if any(url.startswith("pipe:") for url in urls):
+        raise UserError(f"--data-root {pattern}: pipe: URLs cannot be read by index; give the shards' paths "
+                        "or fsspec URLs")
+    missing = [url for url in urls if not shard_exists(url)]
+    if len(missing) == len(urls):
+        raise UserError(f"no shards match {pattern} for split '{split}': {missing[0]} does not exist")
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(urls)} shards of {pattern} do not exist, e.g. {missing[0]}")
+    fs, first = fsspec.core.url_to_fs(urls[0])
+    folder, shown = posixpath.dirname(first), posixpath.dirname(urls[0])  # the latter as the user wrote it
+    class_names = read_class_names(fs, posixpath.join(folder, CLASSES_FILE), posixpath.join(shown, CLASSES_FILE))
+    mean, std = read_normalization(fs, posixpath.join(folder, NORMALIZATION_FILE),
+                                   posixpath.join(shown, NORMALIZATION_FILE))
+
+    labels, keys, shards, offsets, sizes, image_sizes = [], [], [], [], [], set()
+    shard_of: dict[str, str] = {}
+    for number, url in enumerate(urls):
+        with open_shard(url) as file:
+            for sample, label, size in index_shard(file, url, class_names):
+                if sample.key in shard_of:
+                    raise UserError(f"sample key '{sample.key}' occurs twice: in {shard_of[sample.key]} and in {url}")
+                shard_of[sample.key] = url
+                keys.append(sample.key)
+                labels.append(label)
+                shards.append(number)
+                offsets.append(sample.image.offset_data)
+                sizes.append(sample.image.size)
+                image_sizes.add(size)
+    native_size = None
+    if len(image_sizes) == 1:  # every image has one size: the native size if it is square
+        width, height = image_sizes.pop()
+        native_size = width if width == height else None
+    return ImageDataset(
+        name="webdataset",
+        split=split,
+        class_names=class_names,
+        labels=np.asarray(labels, dtype=np.int64),
+        keys=keys,
+        mean=mean,
+        std=std,
+        native_size=native_size,
+        load=ShardImages(urls, keys, np.asarray(shards, np.int32), np.asarray(offsets, np.int64),
+                         np.asarray(sizes, np.int64)),
+    )
+
+
+def shard_exists(url: str) -> bool:
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+    except (ValueError, ImportError) as error:  # an unknown protocol, or its package not installed
+        raise UserError(f"cannot read shard {url}: {error}") from error
+
+
+def open_shard(url: str):
+    try:
+        return fsspec.open(url, "rb").open()
+    except OSError as error:
+        raise UserError(f"cannot read shard {url}: {error}") from error
+
+
+def read_class_names(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> list[str]:
+    """Non-empty lines of the class names file, in class-id order."""
+    try:
+        with fs.open(path, "r", encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError as error:
+        raise UserError(f"no class names for the shards: {shown} does not exist (one class name per line, in "
+                        "class-id order; `richkd pack` writes it)") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_normalization(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> tuple[tuple[float, ...], ...]:
+    """Per-channel mean and std from the normalisation file, ImageNet's when there is none."""
+    try:
+        with fs.open(path, "r", encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return IMAGENET_MEAN, IMAGENET_STD
+    try:
+        stats = json.loads(text)
+        mean, std = (tuple(float(value) for value in stats[name]) for name in ("mean", "std"))
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("need 3 values each")
+    except (ValueError, TypeError, KeyError) as error:
+        raise UserError(f"normalization file {shown} must hold "
+                        f'{{"mean": [r, g, b], "std": [r, g, b]}}: {error}') from error
+    return mean, std
+
+
+def index_shard(file, url: str, class_names: list[str]):
+    """(sample, class id, image (width, height)) of each sample of one shard, in tar order."""
+    try:
+        samples = group_members(tarfile.open(fileobj=file, mode="r:"))
+    except tarfile.TarError as error:
+        raise UserError(f"cannot read shard {url}: {error}") from error
+    for sample in samples:
+        for member, field in ((sample.image, "image member (.png, .jpg, .webp, ...)"), (sample.cls, "cls member")):
+            if member is None:
+                raise UserError(f"sample '{sample.key}' in {url} has no {field}")
+        file.seek(sample.cls.offset_data)
+        text = file.read(sample.cls.size).decode("utf-8", "replace").strip()
+        if not (re.fullmatch(r"[0-9]+", text) and int(text) < len(class_names)):
+            raise UserError(f"sample '{sample.key}' in {url}: cls '{text}' is not a class id of its "
+                            f"{len(class_names)} class names (0 to {len(class_names) - 1})")
+        yield sample, int(text), image_size(file, sample.image, f"{sample.key} in {url}")
+
+
+def group_members(tar: tarfile.TarFile) -> list[Sample]:
+    """Consecutive members sharing a key make a sample, as webdataset groups them; reads headers only."""
+    samples: list[Sample] = []
+    fields: dict[str, tarfile.TarInfo] = {}
+    for member in tar:
+        if not member.isreg() or META_MEMBER.match(member.name):
+            continue
+        key, extension = base_plus_ext(member.name)
+        if key is None:
+            continue
+        extension = extension.lower()
+        if not samples or samples[-1].key != key or extension in fields:
+            samples.append(Sample(key, None, None))
+            fields = {}
+        fields[extension] = member
+        if extension == "cls":
+            samples[-1].cls = member
+        elif extension in IMAGE_EXTENSIONS and samples[-1].image is None:
+            samples[-1].image = member
+    return samples
+
+
+def image_size(file, member: tarfile.TarInfo, name: str) -> tuple[int, int]:
+    """(width, height) from the image's first bytes (all of them only when its header needs it)."""
+    length = min(member.size, IMAGE_HEADER_BYTES)
+    while True:
+        file.seek(member.offset_data)
+        try:
+            with Image.open(io.BytesIO(file.read(length))) as image:
+                return image.size
+        except Exception as error:  # a header cut short fails in format-specific ways
+            if length == member.size:
+                raise UserError(f"cannot read image {name}: {error}") from error
+            length = min(member.size, length * 16)
+
+
+# This process's open shard files, most recently used last; a forked loader worker starts without them.
+_open_shards: OrderedDict[str, object] = OrderedDict()
+os.register_at_fork(after_in_child=_open_shards.clear)
+
+
+def shard_file(url: str):
+    """The shard, kept open for reading images from it."""
+    if url in _open_shards:
+        _open_shards.move_to_end(url)
+    else:
+        if len(_open_shards) >= OPEN_SHARDS:
+            _open_shards.popitem(last=False)[1].close()
+        _open_shards[url] = open_shard(url)
+    return _open_shards[url]
+
+
+@dataclass
+class ShardImages:
+    """Index -> CHW uint8 tensor: seek to the sample's image in its shard and decode it (picklable)."""
+
+    urls: list[str]
+    keys: list[str]
+    shards: np.ndarray  # the shard of each sample, an index into urls
+    offsets: np.ndarray  # where its image member's data starts
+    sizes: np.ndarray  # and its length in bytes
+
+    def encoded(self, index: int) -> bytes:
+        file = shard_file(self.urls[self.shards[index]])
+        file.seek(int(self.offsets[index]))
+        return file.read(int(self.sizes[index]))
+
+    def __call__(self, index: int) -> torch.Tensor:
+        try:
+            with Image.open(io.BytesIO(self.encoded(index))) as image:
+                return TF.pil_to_tensor(image.convert("RGB"))
+        except Exception as error:
+            name = f"{self.keys[index]} in {self.urls[self.shards[index]]}"
+            raise UserError(f"cannot read image {name}: {error}") from error
