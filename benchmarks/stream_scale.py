@@ -1,0 +1,241 @@
+"""Streaming distillation targets from ImageNet-sized caches: rows per second, a student's pace, and memory.
+
+Builds real richkd stores (`Layout` + `CacheWriter`) of ImageNet's shape: 1000 classes, 2048-d teacher
+features (resnet50's), 768-d CLIP embeddings (ViT-L/14's), float16, one view, shards of 4096 samples
+(precompute's default), at two sizes, filled block by block with random normal values. Blosc gains
+little on such values (the script prints how much), and real teacher outputs' low mantissa bits are as
+noisy, so reading them is close to the worst case.
+
+Each store is then read as `richkd distill --variant LF` reads a view too large for its memory budget:
+`CacheReader.open_view(view, names, order, in_memory=False)` in `block_shuffled_order`, then `gather()`
+of every batch in that order. Every read runs in a fresh process, after the store's files are dropped
+from the page cache (so it reads from disk), and reports rows per second, the CPU time it used and its
+peak resident memory above the process's baseline after imports. The student's pace is a real training
+step (forward, backward, SGD step; channels_last, as `richkd train` and `richkd distill` run it) at
+224x224: reading is not the bottleneck when it delivers rows far faster than the student consumes them.
+
+    python benchmarks/stream_scale.py [--sizes 200000 400000] [--rounds 3] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
+from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
+from richkd.cache.writer import CacheWriter
+from richkd.pipeline.models import create_model
+from richkd.pipeline.training import OPTIMIZERS, ORDER, TrainingOptions, seeded_generator
+from richkd.stages.distill import DistillConfig
+
+CLASSES, TEACHER_DIM, CLIP_DIM, VIEW_PARAMS = 1000, 2048, 768, 5
+MB = 1e6
+GB = 1e9
+
+
+def imagenet_layout(samples: int, shard_size: int) -> Layout:
+    return Layout(views=1, samples=samples, classes=CLASSES, teacher_dim=TEACHER_DIM, clip_dim=CLIP_DIM, prompts=1,
+                  view_params=VIEW_PARAMS, shard_size=shard_size, chunk_size=min(1024, shard_size),
+                  precision="float16")
+
+
+def raw_nbytes(layout: Layout, names: tuple[str, ...]) -> int:
+    """Bytes of the arrays `names`, decompressed."""
+    specs = layout.arrays()
+    return sum(int(np.prod(specs[name].shape)) * np.dtype(specs[name].dtype).itemsize for name in names)
+
+
+def store_nbytes(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def build_store(path: Path, layout: Layout) -> float:
+    """A complete store of random values, written block by block as precompute writes it; returns seconds."""
+    started = time.perf_counter()
+    provenance = {
+        "layout": layout.describe(),
+        "dataset": {"name": "synthetic-imagenet", "split": "train", "num_samples": layout.samples},
+        "views": {"policy": "random-resized-crop", "seed": 0, "count": layout.views},
+        "teacher": {"arch": "random", "feature_dim": layout.teacher_dim},
+        "clip": {"model": "random", "logit_scale": 100.0},
+    }
+    writer = CacheWriter.open(str(path), layout, provenance)
+    rng = np.random.default_rng(layout.samples)
+    writer.write_static({
+        "labels": rng.integers(0, layout.classes, layout.samples),
+        "keys": np.char.mod("%08d", np.arange(layout.samples)),
+        "clip/class_embeds": rng.standard_normal((layout.classes, layout.clip_dim), dtype=np.float32),
+        "clip/prompt_embeds": rng.standard_normal((layout.classes, layout.prompts, layout.clip_dim), dtype=np.float32),
+    })
+    specs = layout.arrays()
+    for view, shard in layout.blocks():
+        start, stop = layout.shard_range(shard)
+        outputs = {}
+        for name in PER_VIEW_ARRAYS:
+            shape, dtype = (stop - start, specs[name].shape[-1]), np.dtype(specs[name].dtype)
+            if dtype.kind == "f":
+                outputs[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+            else:
+                outputs[name] = rng.integers(0, 224, shape, dtype=dtype)
+        writer.write_block(view, shard, outputs)
+    return time.perf_counter() - started
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Flush the store's files and evict them from the page cache, so that the next read comes from disk."""
+    for file in path.rglob("*"):
+        if file.is_file():
+            descriptor = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def read_epoch(store: str, names: tuple[str, ...], batch_size: int, epoch: int) -> dict[str, float]:
+    """One epoch of view 0 streamed as distill streams it; run in a fresh process, whose peak RSS it measures."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current RSS: the baseline after imports
+    baseline = status_kib("VmRSS")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    reader = CacheReader(store)
+    reader.require_complete()
+    order = block_shuffled_order(reader.layout, seeded_generator(0, epoch, ORDER))
+    view = reader.open_view(0, names, order, in_memory=False)
+    for first in range(0, len(order), batch_size):
+        view.gather(order[first:first + batch_size])
+    view.close()
+    seconds = time.perf_counter() - started
+    return {"rows_per_second": len(order) / seconds, "cpu_seconds": time.process_time() - cpu_started,
+            "seconds": seconds, "peak_growth": (status_kib("VmHWM") - baseline) * 1024,
+            "load": os.getloadavg()[0]}
+
+
+def student_step_seconds(arch: str, batch_size: int, warmup: int, steps: int) -> list[float]:
+    """Seconds of each timed training step (forward, cross-entropy, backward, SGD step) at 224x224."""
+    torch.manual_seed(0)
+    model = create_model(arch, CLASSES).to(memory_format=torch.channels_last).train()
+    options = TrainingOptions()
+    optimizer = OPTIMIZERS[options.optimizer](model.parameters(), options)
+    images = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, CLASSES, (batch_size,))
+    times = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        logits, _ = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200_000, 400_000], help="samples per store")
+    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=256, help="indices per gather()")
+    parser.add_argument("--rounds", type=int, default=3, help="epochs read per store, each in a fresh process")
+    parser.add_argument("--student", default="tv:resnet18")
+    parser.add_argument("--student-batch-size", type=int, default=32)
+    parser.add_argument("--student-warmup", type=int, default=3)
+    parser.add_argument("--student-steps", type=int, default=8)
+    parser.add_argument("--workdir", default=None, help="where the stores are built (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the stores instead of deleting them")
+    args = parser.parse_args()
+
+    names = DistillConfig(variant="LF").cached_arrays()
+    layouts = [imagenet_layout(samples, args.shard_size) for samples in args.sizes]
+    workdir = Path(tempfile.mkdtemp(prefix="stream_scale_", dir=args.workdir))
+    needed = [raw_nbytes(layout, tuple(layout.arrays())) for layout in layouts]
+    need = sum(needed) if args.keep else max(needed)
+    free = shutil.disk_usage(workdir).free
+    print(f"{load()}; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(f"disk: up to {need / GB:.1f} GB needed in {workdir} (stores uncompressed"
+          f"{', all kept' if args.keep else ', one at a time'}), {free / GB:.1f} GB free")
+    if free < need:
+        shutil.rmtree(workdir)
+        raise SystemExit(f"not enough free disk space in {workdir}: choose another --workdir or smaller --sizes")
+
+    step_times = student_step_seconds(args.student, args.student_batch_size, args.student_warmup, args.student_steps)
+    student_rate = args.student_batch_size / statistics.median(step_times)
+    print(f"student {args.student}, batch {args.student_batch_size}, 224x224, train step: "
+          f"{student_rate:.1f} img/s (median of {len(step_times)} steps: "
+          f"{', '.join(f'{t:.2f}' for t in step_times)} s); {load()}")
+
+    prefetch = inspect.signature(StreamedView.__init__).parameters["prefetch"].default
+    results = []
+    try:
+        for layout in layouts:
+            store = workdir / f"imagenet_{layout.samples}.zarr"
+            write_seconds = build_store(store, layout)
+            compression = store_nbytes(store) / raw_nbytes(layout, tuple(layout.arrays()))
+            print(f"{layout.samples} samples: {layout.num_shards} shards, {store_nbytes(store) / GB:.2f} GB on disk "
+                  f"({compression:.0%} of raw), written in {write_seconds:.0f} s; {load()}")
+            reads = []
+            for epoch in range(args.rounds):
+                drop_from_page_cache(store)
+                with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                    read = pool.submit(read_epoch, str(store), names, args.batch_size, epoch).result()
+                reads.append(read)
+                print(f"  epoch {epoch}: {read['rows_per_second']:8.0f} rows/s, {read['seconds']:.1f} s wall, "
+                      f"{read['cpu_seconds']:.1f} s CPU, peak RSS +{read['peak_growth'] / MB:.0f} MB, "
+                      f"load {read['load']:.2f}")
+            results.append((layout, compression, reads))
+            if not args.keep:
+                shutil.rmtree(store)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.keep:
+        print(f"stores kept in {workdir}")
+
+    shard_bytes = raw_nbytes(imagenet_layout(args.shard_size, args.shard_size), names)
+    bound = (prefetch + 2 + 1) * shard_bytes
+    print(f"\narrays read (distill --variant LF): {', '.join(names)}; {shard_bytes / args.shard_size:.0f} B/row, "
+          f"{shard_bytes / MB:.1f} MB per shard decompressed")
+    print(f"design bound on held targets: ({prefetch} queued + 2 held for gathering + 1 being read) shards "
+          f"x {shard_bytes / MB:.1f} MB = {bound / MB:.0f} MB, whatever the store's size")
+    print(f"\n{'samples':>8} {'targets GB':>10} {'on disk':>8} {'rows/s':>8} {'CPU us/row':>10} "
+          f"{'rows/s / student img/s':>23} {'read CPU / step':>15} {'peak RSS +MB':>12}")
+    for layout, compression, reads in results:
+        rate = statistics.median(read["rows_per_second"] for read in reads)
+        cpu_per_row = statistics.median(read["cpu_seconds"] for read in reads) / layout.samples
+        peak = max(read["peak_growth"] for read in reads)
+        print(f"{layout.samples:>8} {raw_nbytes(layout, names) / GB:>10.2f} {compression:>8.0%} {rate:>8.0f} "
+              f"{cpu_per_row * 1e6:>10.1f} {rate / student_rate:>23.0f} {cpu_per_row * student_rate:>15.2%} "
+              f"{peak / MB:>12.0f}")
+    print(f"(medians of {args.rounds} epochs each, read from disk; peak RSS: the largest; read CPU / step: "
+          f"CPU time spent reading per image over the student's step time per image); {load()}")
+
+
+if __name__ == "__main__":
+    main()
