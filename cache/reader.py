@@ -122,7 +122,17 @@ class CacheReader:
                   in_memory: bool) -> InMemoryView | StreamedView:
         """View `view` of the per-view arrays `names`, whole in memory or streamed in `order`."""
         if in_memory:
-            return InMemoryView({name: self.read(name, 0, self.layout.samples, view) for name in names})
+            shards = np.unique(order // self.layout.shard_size).tolist()
+            if len(shards) == self.layout.num_shards:
+                return InMemoryView({name: self.read(name, 0, self.layout.samples, view) for name in names})
+            # One process's shards of several: only their rows are read, and only their pages are ever touched.
+            arrays = {name: np.empty((self.layout.samples, self.array(name).shape[-1]), self.array(name).dtype)
+                      for name in names}
+            for shard in shards:
+                start, stop = self.layout.shard_range(shard)
+                for name in names:
+                    arrays[name][start:stop] = self.read(name, start, stop, view)
+            return InMemoryView(arrays)
         return StreamedView(self, names, view, order)
 
     def check_dataset(self, dataset) -> None:
@@ -150,6 +160,20 @@ def block_shuffled_order(layout: Layout, generator: torch.Generator) -> np.ndarr
         start, stop = layout.shard_range(shard)
         order.append(start + torch.randperm(stop - start, generator=generator).numpy())
     return np.concatenate(order)
+
+
+def shard_share(order: np.ndarray, layout: Layout, part) -> np.ndarray:
+    """Process `part`'s share of `order`: the rows of shards `part.index`, `part.index + part.count`, ..., in
+    `order`'s order, so that a process reads only its own shards, the same ones every epoch; wrapped around
+    so that every share is as long."""
+    if part.count == 1:
+        return order
+    if layout.num_shards < part.count:
+        raise UserError(f"the cache has {layout.num_shards} shards, fewer than the {part.count} processes: "
+                        "precompute it with a smaller --shard-size")
+    owner = (order // layout.shard_size) % part.count
+    length = max(np.bincount(owner, minlength=part.count))
+    return np.resize(order[owner == part.index], length)
 
 
 class InMemoryView:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -70,9 +71,11 @@ class ContrastMemory(nn.Module):
         """Scores (B, K+1) of each view against the other view's memory; column 0 is the positive."""
         with torch.no_grad():
             if self.Z_v1 < 0:
-                self.Z_v1.fill_(self._exp_scores(self.memory_v2, v1, contrast_index).mean().item() * self.num_data)
+                self.Z_v1.fill_(mean_over_ranks(self._exp_scores(self.memory_v2, v1, contrast_index).mean())
+                                * self.num_data)
             if self.Z_v2 < 0:
-                self.Z_v2.fill_(self._exp_scores(self.memory_v1, v2, contrast_index).mean().item() * self.num_data)
+                self.Z_v2.fill_(mean_over_ranks(self._exp_scores(self.memory_v1, v2, contrast_index).mean())
+                                * self.num_data)
         # exp(s / T) / Z in one exp: the scores are a million entries per batch at K = 16384.
         out_v2 = torch.exp(self._similarities(self.memory_v1, v2, contrast_index) / self.nce_temperature
                            - torch.log(self.Z_v2))
@@ -98,8 +101,27 @@ class ContrastMemory(nn.Module):
         return torch.bmm(rows, values.unsqueeze(2)).squeeze(2)
 
     def _update(self, memory: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
-        mixed = memory[index] * self.momentum + values.detach() * (1 - self.momentum)
+        # Under DistributedDataParallel every rank applies every rank's batch, so the memories stay equal.
+        values, index = gather_from_ranks(values.detach()), gather_from_ranks(index)
+        mixed = memory[index] * self.momentum + values * (1 - self.momentum)
         memory.index_copy_(0, index, F.normalize(mixed, dim=1))
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of every rank's `tensor`, rank by rank (each rank's batch has the same size)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def contrast_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:

@@ -71,7 +71,7 @@ class RateColumn(ProgressColumn):
         return Text(f"{rate:,.1f} {self.unit}/s", style="progress.data.speed")
 
 
-def progress_bar(unit: str) -> Progress:
+def progress_bar(unit: str, disable: bool = False) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -82,4 +82,5 @@ def progress_bar(unit: str) -> Progress:
         console=console,
         # Gone when done: a run's summary line follows, and an error stays the last (only) line.
         transient=True,
+        disable=disable,
     )

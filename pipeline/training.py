@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize
+from richkd.pipeline.distributed import Part, is_main_process, main_process_first, process_group, torchrun_part
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
@@ -65,6 +67,9 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         super().validate()
         require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        processes = torchrun_part().count
+        require(self.batch_size % processes == 0, f"--batch-size (the whole batch, split over the processes) must "
+                f"be a multiple of the number of processes, {processes}; got {self.batch_size}")
         require(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
@@ -144,8 +149,9 @@ class LabelledViews(Dataset):
 class Objective(Protocol):
     """What a training run optimises, beyond the model: its losses, extra modules and per-epoch data."""
 
-    def epoch_data(self, epoch: int) -> tuple[np.ndarray | None, np.ndarray]:
-        """(stored view params per sample or None for fresh random views, the epoch's sample order)."""
+    def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray | None, np.ndarray]:
+        """(stored view params per sample or None for fresh random views, this process's part of the epoch's
+        sample order: every process gets as many samples)."""
 
     def losses(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
@@ -186,6 +192,28 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, m
     return meter
 
 
+def rank_share(order: np.ndarray, part: Part) -> np.ndarray:
+    """Every `part.count`-th sample of `order`, from `part.index`; wrapped around so all parts are as long."""
+    if part.count == 1:
+        return order
+    return np.resize(order, -(-len(order) // part.count) * part.count)[part.index::part.count]
+
+
+class StudentStep(nn.Module):
+    """The student and its objective as one module: the losses of a batch. DistributedDataParallel wraps it,
+    so that the objective's own parameters (CRD's embeddings) are averaged over the processes too."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.objective, self.device = model, objective, device
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                epoch: int) -> dict[str, torch.Tensor]:
+        with autocast(self.device):
+            logits, features = self.model(x)
+        return self.objective.losses(logits.float(), features.float(), labels, indices, epoch)
+
+
 def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
@@ -206,6 +234,8 @@ class Trainer:
         self.run_dir = Path(options.out)
         self.checkpoints = self.run_dir / "checkpoints"
         self.checkpoint_info = checkpoint_info
+        self.step = StudentStep(self.model, self.objective, self.device)
+        self.part = Part()
         parameters = [*self.model.parameters(), *self.objective.parameters()]
         self.optimizer = OPTIMIZERS[options.optimizer](parameters, options)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LearningRateFactor(options))
@@ -252,11 +282,12 @@ class Trainer:
             (self.checkpoints / stale).unlink(missing_ok=True)
         return 0, {"epoch": None, "top1": None, "selected_on": self.options.eval_split}
 
-    def train_epoch(self, epoch: int, progress, task) -> dict[str, float]:
-        params, order = self.objective.epoch_data(epoch)
+    def train_epoch(self, epoch: int, step: nn.Module, progress, task) -> dict[str, float]:
+        """One epoch of this process's part of the data; `step` is StudentStep, or its DDP wrapper."""
+        params, order = self.objective.epoch_data(epoch, self.part)
         views = LabelledViews(self.dataset, self.policy, params, seed=self.options.seed, stream=epoch)
-        loader = data_loader(views, self.options.batch_size, self.options.num_workers, self.device,
-                             sampler=order.tolist())
+        loader = data_loader(views, self.options.batch_size // self.part.count, self.options.num_workers,
+                             self.device, sampler=order.tolist())
         self.model.train()
         self.objective.train()
         totals: dict[str, float] = {}
@@ -265,9 +296,7 @@ class Trainer:
             for views_batch, labels, indices in loader:
                 x = normalize(views_batch.to(self.device, non_blocking=True), self.dataset.mean, self.dataset.std)
                 labels = labels.to(self.device, non_blocking=True)
-                with autocast(self.device):
-                    logits, features = self.model(x.contiguous(memory_format=torch.channels_last))
-                losses = self.objective.losses(logits.float(), features.float(), labels, indices, epoch)
+                losses = step(x.contiguous(memory_format=torch.channels_last), labels, indices, epoch)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     raise UserError(f"training diverged in epoch {epoch + 1}: the loss is {loss.item()}; "
@@ -292,10 +321,35 @@ class Trainer:
                                ClassificationMeter())
         return meter.result()
 
+    def follow_run_dir(self) -> tuple[int, dict]:
+        """What the first process's prepare_run_dir decided, for the others: continue from last.pt, or start."""
+        if self.options.resume and (self.checkpoints / "last.pt").exists():
+            return self.restore()
+        return 0, {"epoch": None, "top1": None, "selected_on": self.options.eval_split}
+
     def run(self) -> dict:
+        """Train, alone or as one of torchrun's processes: each trains on its part of every batch, the
+        gradients are averaged (DistributedDataParallel) and the first process evaluates, logs and saves."""
+        with process_group(self.device) as part:
+            self.part = part
+            first_epoch, best = main_process_first(self.prepare_run_dir, self.follow_run_dir)
+            step = self.step
+            if part.count > 1:
+                if self.device.type == "cuda":  # batch statistics over the whole batch, as in one process
+                    step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
+                # The CRD memory is kept equal on every process by the objective itself, not broadcast.
+                step = DistributedDataParallel(step, device_ids=[self.device.index] if self.device.index is not None
+                                               else None, broadcast_buffers=False)
+            if not is_main_process():
+                with progress_bar("img", disable=True) as progress:
+                    for epoch in range(first_epoch, self.options.epochs):
+                        self.train_epoch(epoch, step, progress, progress.add_task("", total=len(self.dataset)))
+                return {}
+            return self.run_epochs(step, first_epoch, best)
+
+    def run_epochs(self, step: nn.Module, first_epoch: int, best: dict) -> dict:
         from dvclive import Live
 
-        first_epoch, best = self.prepare_run_dir()
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.options), sort_keys=False))
         (self.run_dir / "run.json").write_text(json.dumps(self.checkpoint_info, indent=2))
         epoch_seconds = []
@@ -307,7 +361,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 task = progress.add_task(f"epoch {epoch + 1}/{self.options.epochs}", total=len(self.dataset))
                 started = time.perf_counter()
-                train_metrics = self.train_epoch(epoch, progress, task)
+                train_metrics = self.train_epoch(epoch, step, progress, task)
                 epoch_seconds.append(time.perf_counter() - started)
                 progress.remove_task(task)
                 eval_metrics = self.evaluate()
@@ -351,8 +405,9 @@ class SupervisedObjective(nn.Module):
         super().__init__()
         self.num_samples, self.seed = num_samples, seed
 
-    def epoch_data(self, epoch: int) -> tuple[None, np.ndarray]:
-        return None, torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch, ORDER)).numpy()
+    def epoch_data(self, epoch: int, part: Part) -> tuple[None, np.ndarray]:
+        order = torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch, ORDER)).numpy()
+        return None, rank_share(order, part)
 
     def losses(self, logits, features, labels, indices, epoch) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(logits, labels)}

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from richkd.cache.reader import CacheReader, block_shuffled_order
+from richkd.cache.reader import CacheReader, block_shuffled_order, shard_share
 from richkd.pipeline.config import option, parse_size, require
 from richkd.pipeline.data import open_dataset
+from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import clip_scale_value, fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 from richkd.pipeline.training import (
@@ -163,20 +164,20 @@ class DistillObjective(nn.Module):
             self.targets = self._read_view(view, order)
         self.targets_view, self.next_view = view, None
 
-    def epoch_data(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray, np.ndarray]:
         layout = self.reader.layout
         view = epoch % layout.views
         order_generator = seeded_generator(self.config.seed, epoch, ORDER)
-        if self.in_memory:
+        if self.in_memory and part.count == 1:
             order = torch.randperm(layout.samples, generator=order_generator).numpy()
-        else:
-            order = block_shuffled_order(layout, order_generator)
+        else:  # shard by shard: read front to back, and each of several processes reads only its shards
+            order = shard_share(block_shuffled_order(layout, order_generator), layout, part)
         if self.names:
             self._open_targets(view, order)
             next_view = (epoch + 1) % layout.views
             if self.in_memory and next_view != view and epoch + 1 < self.config.epochs:
                 self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
-        self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES))
+        self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES, *([part.index] * (part.count > 1))))
         return self.reader.read("views/params", 0, layout.samples, view), order
 
     def losses(self, logits, features, labels, indices, epoch) -> dict[str, torch.Tensor]:

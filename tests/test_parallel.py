@@ -12,12 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
+from conftest import write_cifar100
 from test_bad_input import assert_user_error
 from test_resume import assert_identical_stores, bundle_args
 
-from richkd.cache.schema import PER_VIEW_ARRAYS
+from richkd.cache.reader import shard_share
+from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
 from richkd.pipeline.cli import run_cli
+from richkd.pipeline.distributed import Part
+from richkd.pipeline.errors import UserError
+from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.training import seeded_model
 
 BIN = Path(sys.executable).parent
 
@@ -73,9 +80,7 @@ def test_torchrun_processes_write_one_store(tiny_world, reference, tmp_path):
     out = tmp_path / "cache.zarr"
     command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(BIN / "richkd"),
                *bundle_args(tiny_world, tiny_world.data_root, out)]
-    finished = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                              capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    finished = torchrun(command)
     assert_identical_stores(out, reference)
     # Each process wrote its own blocks, the writes landed in one store and no lock is left behind.
     assert not list((out / "locks").iterdir())
@@ -107,3 +112,63 @@ def test_a_store_in_memory(tiny_world, reference, tmp_path, capsys):
                     "--epochs", "1", "--nce-k", "16", "--num-workers", "0", "--device", "cpu",
                     "--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_torchrun_distill_step_has_the_gradients_of_one_process(tiny_world, tmp_path):
+    """2 processes x 32 samples against 1 process x 64: one SGD step from the same start, the same weights.
+
+    ConvNeXt normalises each sample by itself (LayerNorm): with batch norm on the CPU each process would
+    normalise its own half of the batch.
+    """
+    write_cifar100(tmp_path / "data", train=64, test=8, seed=5)
+    cache = tmp_path / "cache.zarr"
+    precompute = bundle_args(tiny_world, tmp_path / "data", cache)
+    assert run_cli([*precompute[:precompute.index("--views")], "--views", "1", "--shard-size", "32",
+                    *precompute[precompute.index("--batch-size"):]]) == 0
+    distill = ["distill", "--data-root", str(tmp_path / "data"), "--cache", str(cache), "--arch", "timm:convnext_atto",
+               "--variant", "L", "--epochs", "1", "--batch-size", "64", "--lr", "0.5", "--num-workers", "0",
+               "--device", "cpu"]
+    assert run_cli([*distill, "--out", str(tmp_path / "one")]) == 0
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(BIN / "richkd"), *distill,
+               "--out", str(tmp_path / "two")]
+    assert torchrun(command).returncode == 0
+
+    one, _ = read_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    two, saved = read_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    start = seeded_model("timm:convnext_atto", 100, 0).state_dict()
+    moved = [name for name in one if one[name].is_floating_point() and not torch.equal(one[name], start[name])]
+    assert len(moved) > 50  # the step changed the weights
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert saved["epoch"] == 1
+    logged = (tmp_path / "two" / "dvclive" / "metrics.json").read_text()
+    assert "top1" in logged  # the first process evaluated and logged
+
+    # Resuming under torchrun ends where an uninterrupted torchrun run ends.
+    assert torchrun([*command[:-1], str(tmp_path / "two"), "--epochs", "2", "--resume"]).returncode == 0
+    assert torchrun([*command[:-1], str(tmp_path / "straight"), "--epochs", "2"]).returncode == 0
+    resumed, _ = read_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    straight, _ = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
+def torchrun(command: list[str]) -> subprocess.CompletedProcess:
+    finished = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished
+
+
+def test_distributed_training_refuses_what_it_cannot_split(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert_user_error(["distill", "--batch-size", "66"], capsys, "--batch-size (the whole batch, split over the "
+                      "processes) must be a multiple of the number of processes, 4; got 66")
+    layout = Layout(views=1, samples=100, classes=10, teacher_dim=8, clip_dim=8, prompts=1, view_params=5,
+                    shard_size=40, chunk_size=40, precision="float16")
+    with pytest.raises(UserError, match="the cache has 3 shards, fewer than the 4 processes: precompute it with a "
+                       "smaller --shard-size"):
+        shard_share(np.arange(100), layout, Part(0, 4))
+    shares = [shard_share(np.arange(100), layout, Part(index, 2)) for index in range(2)]
+    assert shares[0].tolist() == [*range(0, 40), *range(80, 100)]  # shards 0 and 2
+    assert shares[1].tolist() == [*range(40, 80), *range(40, 60)]  # shard 1, wrapped to the same length
