@@ -135,14 +135,33 @@ class CacheReader:
             return InMemoryView(arrays)
         return StreamedView(self, names, view, order)
 
-    def check_dataset(self, dataset) -> None:
-        """Refuse a store built from another dataset, split or class list than `dataset`."""
+    def rows_of(self, dataset) -> np.ndarray | None:
+        """The store row of each sample of `dataset`, matched by key (None: the store's own order).
+
+        The samples may come in another order or format (e.g. the same CIFAR split packed into tar shards):
+        each key must be in the store with the same label. A store of another split, class list or set of
+        samples is refused.
+        """
         stored = self.attrs["dataset"]
         wanted = dataset.describe()
-        for field in ("name", "split", "num_samples", "class_names", "fingerprint"):
-            if stored[field] != wanted[field]:
-                difference = first_difference(stored[field], wanted[field], f"dataset.{field}")
-                raise UserError(f"cache {self.url} was built for another dataset ({difference})")
+        for field in ("split", "num_samples", "class_names", "fingerprint"):
+            if stored[field] == wanted[field]:
+                continue
+            if field == "fingerprint":
+                rows = self._match_keys(dataset)
+                if rows is not None:
+                    return rows
+            difference = first_difference(stored[field], wanted[field], f"dataset.{field}")
+            raise UserError(f"cache {self.url} was built for another dataset ({difference})")
+        return None
+
+    def _match_keys(self, dataset) -> np.ndarray | None:
+        samples = self.layout.samples
+        row_of = {key: row for row, key in enumerate(self.read("keys", 0, samples).tolist())}
+        rows = np.array([row_of.get(key, -1) for key in dataset.keys])
+        if (rows < 0).any() or not np.array_equal(self.read("labels", 0, samples)[rows], dataset.labels):
+            return None
+        return rows
 
 
 def view_nbytes(layout: Layout, arrays: dict, names: tuple[str, ...]) -> int:

@@ -125,10 +125,12 @@ def sample_negatives(labels: np.ndarray, all_labels: np.ndarray, k: int, rng: np
 class DistillObjective(nn.Module):
     """Cross-entropy, KD/DKD on fused logits and CRD on fused features, with targets read from the cache."""
 
-    def __init__(self, config: DistillConfig, reader: CacheReader, labels: np.ndarray, student_dim: int):
+    def __init__(self, config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int):
+        """`rows[i]` is the store row of dataset sample i (None: the same order)."""
         super().__init__()
-        self.config, self.reader = config, reader
-        self.labels = labels
+        self.config, self.reader, self.rows = config, reader, rows
+        self.sample_of_row = None if rows is None else np.argsort(rows)
+        self.labels = reader.read("labels", 0, reader.layout.samples)  # by store row, as everything below
         self.names = config.cached_arrays()
         self.scale = clip_scale_value(config.clip_scale, reader.attrs["clip"]["logit_scale"])
         layout = reader.layout
@@ -136,7 +138,7 @@ class DistillObjective(nn.Module):
         self.in_memory = reader.fits_in_memory(self.names, parse_size(config.cache_memory) // views_held)
         self.crd = None
         if config.uses_features:
-            require(len(np.unique(labels)) > 1, "CRD needs at least two classes to draw negatives from")
+            require(len(np.unique(self.labels)) > 1, "CRD needs at least two classes to draw negatives from")
             memory_init = seeded_generator(config.seed, 0, CRD_MEMORY)
             self.crd = FusedCRD(student_dim, layout.teacher_dim, layout.clip_dim, num_data=layout.samples,
                                 lam=config.feature_lam, embed_dim=config.embed_dim,
@@ -178,10 +180,15 @@ class DistillObjective(nn.Module):
             if self.in_memory and next_view != view and epoch + 1 < self.config.epochs:
                 self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
         self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES, *([part.index] * (part.count > 1))))
-        return self.reader.read("views/params", 0, layout.samples, view), order
+        params = self.reader.read("views/params", 0, layout.samples, view)
+        if self.rows is None:
+            return params, order
+        return params[self.rows], self.sample_of_row[order]  # the loader speaks dataset indices
 
     def losses(self, logits, features, labels, indices, epoch) -> dict[str, torch.Tensor]:
         config = self.config
+        if self.rows is not None:
+            indices = torch.from_numpy(self.rows[indices.numpy()])
         terms = {"ce": config.ce_weight * F.cross_entropy(logits, labels)}
         if not self.names:
             return terms
@@ -216,11 +223,11 @@ def run(config: DistillConfig) -> dict:
     reader = CacheReader(config.cache)
     reader.require_complete()
     dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
-    reader.check_dataset(dataset)
+    rows = reader.rows_of(dataset)
     eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
     policy = policy_from_description(reader.attrs["views"])
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
-    objective = DistillObjective(config, reader, dataset.labels, model.feature_dim)
+    objective = DistillObjective(config, reader, rows, model.feature_dim)
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "distill",
             "class_names": list(dataset.class_names), "view_policy": reader.attrs["views"],
             "cache": {key: reader.attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout")}}

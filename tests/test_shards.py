@@ -22,6 +22,7 @@ from webdataset import TarWriter
 from richkd.pipeline.cli import run_cli
 from richkd.pipeline.data import ImageDataset, open_dataset
 from richkd.pipeline.demo import write_demo
+from richkd.pipeline.models import read_checkpoint
 from richkd.stages.pack import shard_key
 
 # Per split, the shards `pack --samples-per-shard 16` writes (64 demo train images, 16 test; 40 CIFAR train, 20 test).
@@ -169,6 +170,19 @@ def test_precompute_on_shards_matches_precompute_on_the_cifar_files(tiny_world, 
         assert np.array_equal(cifar[name][...], shards[name][...]), name
     assert shards["keys"][...].tolist() == cifar["keys"][...].tolist() == [str(i) for i in range(40)]
     assert shards.attrs["dataset"]["name"] == "webdataset"
+
+    # The same samples in another order: distillation finds each one's row by its key.
+    reversed_shards = "::".join(str(cifar_shards / f"train-{shard:06d}.tar") for shard in (2, 1, 0))
+    distill = ["distill", "--cache", str(tmp_path / "cifar.zarr"), "--arch", "resnet8", "--variant", "LF",
+               "--nce-k", "8", "--epochs", "1", "--batch-size", "8", "--eval-split", "train", "--num-workers", "0",
+               "--device", "cpu"]
+    assert run_cli([*distill, "--data-root", str(tiny_world.data_root), "--out", str(tmp_path / "files")]) == 0
+    assert run_cli([*distill, "--dataset", "webdataset", "--data-root", reversed_shards,
+                    "--out", str(tmp_path / "reversed")]) == 0
+    files, _ = read_checkpoint(tmp_path / "files" / "checkpoints" / "last.pt")
+    reordered, _ = read_checkpoint(tmp_path / "reversed" / "checkpoints" / "last.pt")
+    for name in files:
+        assert torch.equal(files[name], reordered[name]), name
 
 
 def write_shard(path: Path, *samples: dict) -> None:
