@@ -1,4 +1,8 @@
-"""`richkd evaluate`: accuracy and calibration of any checkpoint on any split, as the method's paper reports them."""
+"""`richkd evaluate`: accuracy and calibration of any checkpoint on any split, as the method's paper reports them.
+
+With `--corruptions`, also its robustness: accuracy under the common corruptions of CIFAR-10-C / ImageNet-C
+at each severity, made on the fly from the centre views or read from the published `.npy` files.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,30 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
+from torchvision.transforms.v2 import functional as TF
 
 from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require
+from richkd.pipeline.corruptions import (
+    PublishedCorruptions,
+    corrupt,
+    parameter_set,
+    parse_corruptions,
+    parse_severities,
+)
 from richkd.pipeline.data import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
-from richkd.pipeline.runtime import resolve_device
+from richkd.pipeline.runtime import autocast, progress_bar, resolve_device
 from richkd.pipeline.training import LabelledViews, data_loader, evaluate_model
 from richkd.pipeline.views import make_view_policy, policy_from_description
+
+# The uncorrupted images, evaluated with the corrupted ones.
+CLEAN = ("clean", 0)
 
 
 @dataclass
@@ -32,6 +49,20 @@ class EvaluateConfig(DataOptions, ExecutionOptions):
     output: str | None = option(None, "Write the metrics to this JSON file.", "Output")
     json: bool = option(False, "Print the metrics as JSON instead of a table.", "Output")
     batch_size: int = option(256, "Images per forward pass.", "Execution")
+    corruptions: str | None = option(
+        None, "Also evaluate under common corruptions: all, a category (noise, blur, weather, digital) or a "
+        "comma list of names such as gaussian_noise,fog (default with --corrupted-root: all).", "Robustness")
+    severities: str = option("1-5", "Corruption severities, 1 to 5: a range or list such as 1-5 or 1,3,5.",
+                             "Robustness")
+    corruption_seed: int = option(
+        0, "Seed of the corruptions' random draws (an image's draws depend on it and the image's index alone).",
+        "Robustness")
+    corrupted_root: str | None = option(
+        None, "Read the corrupted images from the published CIFAR-10-C / CIFAR-100-C files in this folder "
+        "(<corruption>.npy and labels.npy) instead of corrupting the centre views.", "Robustness")
+    corruption_samples: int | None = option(
+        None, "Evaluate the corruptions on this many images of the split, evenly spaced (default: all).",
+        "Robustness")
 
     def validate(self) -> None:
         super().validate()
@@ -39,6 +70,17 @@ class EvaluateConfig(DataOptions, ExecutionOptions):
         require(0 < self.confidence_threshold <= 1,
                 f"--confidence-threshold must be in (0, 1], got {self.confidence_threshold}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.corruption_seed >= 0, f"--corruption-seed must be 0 or more, got {self.corruption_seed}")
+        require(self.corruption_samples is None or self.corruption_samples >= 1,
+                f"--corruption-samples must be at least 1, got {self.corruption_samples}")
+        self.corruption_names()
+        parse_severities(self.severities)
+
+    def corruption_names(self) -> list[str]:
+        """The corruptions to evaluate: none unless --corruptions or --corrupted-root is given."""
+        if self.corruptions is None and self.corrupted_root is None:
+            return []
+        return parse_corruptions(self.corruptions or "all")
 
 
 def run(config: EvaluateConfig) -> dict:
@@ -55,7 +97,10 @@ def run(config: EvaluateConfig) -> dict:
         policy = policy_from_description(saved["view_policy"])
     else:
         policy = make_view_policy("auto", dataset.native_size, config.image_size)
-    loader = data_loader(LabelledViews(dataset, policy, center=True), config.batch_size, config.num_workers, device)
+    names = config.corruption_names()
+    published = open_published(config.corrupted_root, names, dataset.labels, policy.size) if names else None
+    views = LabelledViews(dataset, policy, center=True)
+    loader = data_loader(views, config.batch_size, config.num_workers, device)
     meter = ClassificationMeter(confidence_threshold=config.confidence_threshold,
                                 num_classes=len(dataset.class_names))
     evaluate_model(model, loader, device, dataset.mean, dataset.std, meter)
@@ -69,6 +114,8 @@ def run(config: EvaluateConfig) -> dict:
         "per_class_accuracy": dict(zip(dataset.class_names, meter.per_class_accuracy())),
         "reliability": meter.reliability(),
     }
+    if names:
+        report["robustness"] = evaluate_robustness(config, model, views, device, policy.size, names, published)
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps(report, indent=2))
@@ -76,7 +123,73 @@ def run(config: EvaluateConfig) -> dict:
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
+        if "robustness" in report:
+            print_robustness(report["robustness"])
     return report
+
+
+def open_published(root: str | None, names: list[str], labels, side: int) -> PublishedCorruptions | None:
+    """The published corrupted images in `root`, checked against the split and the view size (None: no root)."""
+    if root is None:
+        return None
+    published = PublishedCorruptions(root, names, labels)
+    if published.image_size != (side, side):
+        height, width = published.image_size
+        raise UserError(f"{root} holds {height} x {width} images; the model evaluates {side} x {side} views")
+    return published
+
+
+@torch.inference_mode()
+def evaluate_robustness(config: EvaluateConfig, model, views: LabelledViews, device, side: int, names: list[str],
+                        published: PublishedCorruptions | None) -> dict:
+    """Top-1, NLL and ECE under every (corruption, severity), their means, and the drop from clean accuracy,
+    the clean accuracy measured on the same images."""
+    dataset = views.dataset
+    severities = parse_severities(config.severities)
+    count = min(config.corruption_samples or len(dataset), len(dataset))
+    samples = (np.arange(count) * len(dataset) // count).tolist()  # evenly spaced, so every class is in
+    loader = data_loader(views, config.batch_size, config.num_workers, device, sampler=samples)
+    settings = [(name, severity) for name in names for severity in severities]
+    meters = {setting: ClassificationMeter(num_classes=len(dataset.class_names)) for setting in [CLEAN, *settings]}
+    model.eval()
+    with progress_bar("img") as progress:
+        task = progress.add_task(f"{len(settings)} corruption settings", total=count * (len(settings) + 1))
+        for batch, labels, indices in loader:
+            clean = batch.float().div(255)
+            for name, severity in [CLEAN, *settings]:
+                if name == CLEAN[0]:
+                    images = clean
+                elif published is not None:
+                    images = published.images(name, severity, indices.tolist())
+                else:
+                    images = corrupt(clean, name, severity, config.corruption_seed, indices.tolist())
+                x = TF.normalize(images.to(device, non_blocking=True), list(dataset.mean), list(dataset.std))
+                with autocast(device):
+                    logits, _ = model(x)
+                meters[(name, severity)].update(logits.float().cpu(), labels)
+                progress.advance(task, len(labels))
+    results = {setting: meter.result() for setting, meter in meters.items()}
+    clean_top1 = results[CLEAN]["top1"]
+    accuracy = {setting: results[setting]["top1"] for setting in settings}
+    mean_accuracy = sum(accuracy.values()) / len(accuracy)
+    return {
+        "source": f"published files in {config.corrupted_root}" if published is not None else "generated",
+        "parameters": "published files" if published is not None else parameter_set(side, side),
+        "seed": None if published is not None else config.corruption_seed,
+        "samples": count,
+        "corruptions": names,
+        "severities": severities,
+        "clean_top1": clean_top1,
+        "clean": {key: results[CLEAN][key] for key in ("top1", "nll", "ece")},
+        "mean_corruption_accuracy": mean_accuracy,
+        "relative_drop": (clean_top1 - mean_accuracy) / clean_top1 if clean_top1 > 0 else None,
+        "corruption_mean_top1": {name: sum(accuracy[(name, s)] for s in severities) / len(severities)
+                                 for name in names},
+        "severity_mean_top1": {str(s): sum(accuracy[(name, s)] for name in names) / len(names)
+                               for s in severities},
+        "cells": {name: {str(s): {key: results[(name, s)][key] for key in ("top1", "nll", "ece")}
+                         for s in severities} for name in names},
+    }
 
 
 def print_report(report: dict) -> None:
@@ -93,3 +206,23 @@ def print_report(report: dict) -> None:
     if per_class:
         worst = sorted(per_class, key=lambda item: item[1])[:5]
         Console().print("lowest per-class accuracy: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in worst))
+
+
+def print_robustness(robustness: dict) -> None:
+    severities = robustness["severities"]
+    drop = robustness["relative_drop"]
+    title = (f"top-1 under corruptions ({robustness['source']}, {robustness['samples']} images): "
+             f"clean {100 * robustness['clean_top1']:.2f}%, "
+             f"mean corruption accuracy {100 * robustness['mean_corruption_accuracy']:.2f}%, "
+             f"relative drop {'n/a' if drop is None else f'{100 * drop:.1f}%'}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("corruption \\ severity")
+    for severity in severities:
+        table.add_column(str(severity), justify="right")
+    table.add_column("mean", justify="right", style="bold")
+    for name, cells in robustness["cells"].items():
+        table.add_row(name, *(f"{100 * cells[str(s)]['top1']:.1f}%" for s in severities),
+                      f"{100 * robustness['corruption_mean_top1'][name]:.1f}%")
+    table.add_row("mean", *(f"{100 * robustness['severity_mean_top1'][str(s)]:.1f}%" for s in severities),
+                  f"{100 * robustness['mean_corruption_accuracy']:.1f}%", style="bold")
+    Console().print(table)

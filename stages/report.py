@@ -2,7 +2,8 @@
 
 Students and the teacher come from `richkd evaluate` JSON files; CLIP's zero-shot classifier and the
 fused targets come from a cache of the held-out split (`richkd precompute --split test --view-policy
-center`), which also gives the alpha sweep.
+center`), which also gives the alpha sweep. Evaluations made with `--corruptions` add a robustness table
+and a figure of accuracy against corruption severity.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from richkd.cache.reader import CacheReader
 from richkd.pipeline.config import option, require
+from richkd.pipeline.corruptions import CATEGORIES, CORRUPTIONS
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES
 from richkd.pipeline.runtime import console
@@ -169,6 +171,86 @@ def plot_alpha_sweep(sweep: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def percent(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def describe_robustness(robustness: dict) -> str:
+    source = robustness["source"]
+    if robustness["source"] == "generated":
+        source = f"made here with the {robustness['parameters']} parameters, seed {robustness['seed']}"
+    severities = ", ".join(str(s) for s in robustness["severities"])
+    return f"{source}; severities {severities}; {robustness['samples']} images"
+
+
+def robustness_table(robustness: dict[str, dict]) -> str:
+    """Runs as columns: clean top-1, mean corruption accuracy, relative drop, then each corruption's mean."""
+    names = list(robustness)
+    corruptions = [c for c in CORRUPTIONS if any(c in r["corruption_mean_top1"] for r in robustness.values())]
+    lines = ["| top-1 | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    rows = [("clean", [r["clean_top1"] for r in robustness.values()]),
+            ("**mean corruption accuracy**", [r["mean_corruption_accuracy"] for r in robustness.values()]),
+            ("relative drop", [r["relative_drop"] for r in robustness.values()])]
+    rows += [(name, [r["corruption_mean_top1"].get(name) for r in robustness.values()]) for name in corruptions]
+    for label, values in rows:
+        cells = [f"**{percent(v)}**" if label.startswith("**") else percent(v) for v in values]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def robustness_section(robustness: dict[str, dict]) -> str:
+    settings = sorted({describe_robustness(r) for r in robustness.values()})
+    return "\n\n".join([
+        "## Robustness",
+        "Top-1 under the common corruptions of CIFAR-10-C / ImageNet-C (" + "; ".join(settings) + "). The mean "
+        "corruption accuracy is the mean over every corruption x severity cell, the relative drop is (clean - "
+        "mean corruption accuracy) / clean, and each corruption's row is its mean over the severities.",
+        robustness_table(robustness),
+    ])
+
+
+def severity_curve(robustness: dict, corruptions: list[str]) -> tuple[list[int], list[float]]:
+    """Severity 0 (clean), then each severity's mean top-1 over `corruptions`."""
+    cells = robustness["cells"]
+    means = [sum(cells[name][str(s)]["top1"] for name in corruptions) / len(corruptions)
+             for s in robustness["severities"]]
+    return [0, *robustness["severities"]], [robustness["clean_top1"], *means]
+
+
+def plot_robustness(robustness: dict[str, dict], targets: set[str], path: Path) -> None:
+    """Accuracy against severity, one line per run: the mean over all corruptions large, each category's small."""
+    evaluated = [c for c in CORRUPTIONS if any(c in r["cells"] for r in robustness.values())]
+    categories = {category: [c for c in members if c in evaluated] for category, members in CATEGORIES.items()}
+    categories = {category: members for category, members in categories.items() if members}
+    figure = new_figure(figsize=(12, 5.6))
+    grid = figure.add_gridspec(2, 4)
+    main = figure.add_subplot(grid[:, :2])
+    small = [figure.add_subplot(grid[i // 2, 2 + i % 2], sharey=main) for i in range(len(categories))]
+    palette = iter(["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"] * 4)
+    styles = {name: {"color": TARGET_COLOUR, "linestyle": "--"} if name in targets else {"color": next(palette)}
+              for name in robustness}
+    panels = [(main, f"mean over all {len(evaluated)} corruptions", evaluated)]
+    panels += [(axis, f"{category}\n{', '.join(name.split('_')[0] for name in members)}", members)
+               for axis, (category, members) in zip(small, categories.items())]
+    for axis, title, members in panels:
+        for name, result in robustness.items():
+            present = [c for c in members if c in result["cells"]]
+            if present:
+                x, y = severity_curve(result, present)
+                axis.plot(x, [100 * v for v in y], marker="o", markersize=4 if axis is main else 3, label=name,
+                          linewidth=1.8 if axis is main else 1.2, **styles[name])
+        axis.set_title(title, fontsize=11 if axis is main else 8)
+        axis.set_xticks(range(0, 6))
+        axis.tick_params(labelsize=8 if axis is main else 7)
+        axis.grid(alpha=0.3)
+    main.set_xlabel("severity (0 = clean)")
+    main.set_ylabel("top-1 accuracy (%)")
+    main.legend(fontsize=8, loc="upper right")
+    figure.suptitle("accuracy under common corruptions (grey dashed: targets)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def run(config: ReportConfig) -> dict:
     evaluations = load_evaluations(config)
     rows: dict[str, dict] = {}
@@ -198,8 +280,14 @@ def run(config: ReportConfig) -> dict:
         markdown_table(rows, targets),
         *(f"![{name}]({file})" for name, file in figures.items()),
     ]
+    robustness = {name: metrics["robustness"] for name, metrics in rows.items() if "robustness" in metrics}
+    if robustness:
+        plot_robustness(robustness, targets, out / "robustness.png")
+        sections += [robustness_section(robustness), "![robustness](robustness.png)"]
     (out / "report.md").write_text("\n\n".join(sections) + "\n")
     summary = {name: {key: metrics[key] for key, _ in COLUMNS} for name, metrics in rows.items()}
+    for name, result in robustness.items():
+        summary[name].update({key: result[key] for key in ("mean_corruption_accuracy", "relative_drop")})
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     console.print(f"report written to {out / 'report.md'}")
     return summary
