@@ -258,13 +258,14 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         finally:
             locks.close()
         barrier()
+        main = is_main_process()  # asked while the process group still exists
     done = writer.done()
     unwritten = [(view, shard) for view, shard in owned if not done[view, shard]]
     if unwritten:
         raise RuntimeError(f"{len(unwritten)} blocks of {config.out} were not written")
     seconds = time.perf_counter() - started
     if done.all():
-        if is_main_process():
+        if main:
             console.print(f"cache complete: {config.out} ({layout.views} views x {layout.samples} samples, "
                           f"{seconds:.1f} s)")
     else:
