@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from typing import Any
@@ -142,26 +143,57 @@ class CacheReader:
         each key must be in the store with the same label. A store of another split, class list or set of
         samples is refused.
         """
-        stored = self.attrs["dataset"]
         wanted = dataset.describe()
-        for field in ("split", "num_samples", "class_names", "fingerprint"):
-            if stored[field] == wanted[field]:
-                continue
-            if field == "fingerprint":
-                rows = self._match_keys(dataset)
-                if rows is not None:
-                    return rows
-            difference = first_difference(stored[field], wanted[field], f"dataset.{field}")
-            raise UserError(f"cache {self.url} was built for another dataset ({difference})")
-        return None
+        self.require_dataset(**{field: wanted[field] for field in ("split", "num_samples", "class_names")})
+        if self.attrs["dataset"]["fingerprint"] == wanted["fingerprint"]:
+            return None
+        rows = self._match_keys(dataset)
+        if rows is None:
+            self.require_dataset(fingerprint=wanted["fingerprint"])
+        return rows
+
+    def require_dataset(self, **wanted) -> None:
+        """Refuse the store unless its dataset record holds these values."""
+        for field, value in wanted.items():
+            difference = first_difference(self.attrs["dataset"][field], value, f"dataset.{field}")
+            if difference:
+                raise UserError(f"cache {self.url} was built for another dataset ({difference})")
 
     def _match_keys(self, dataset) -> np.ndarray | None:
         samples = self.layout.samples
-        row_of = {key: row for row, key in enumerate(self.read("keys", 0, samples).tolist())}
-        rows = np.array([row_of.get(key, -1) for key in dataset.keys])
-        if (rows < 0).any() or not np.array_equal(self.read("labels", 0, samples)[rows], dataset.labels):
+        rows = self.key_index().rows(dataset.keys)
+        if (rows < 0).any():
+            return None
+        keys_match = self.read("keys", 0, samples)[rows].tolist() == list(dataset.keys)
+        if not keys_match or not np.array_equal(self.read("labels", 0, samples)[rows], dataset.labels):
             return None
         return rows
+
+    def key_index(self) -> KeyIndex:
+        return KeyIndex(self.read("keys", 0, self.layout.samples).tolist())
+
+
+class KeyIndex:
+    """Sample key -> store row, as two arrays of 16 bytes a sample (a dict of a million keys would take
+    some 150 MB in every loader process). Keys are looked up by a 64-bit hash: a caller that must be sure
+    compares the stored key."""
+
+    def __init__(self, keys: list[str]):
+        self.size = len(keys)
+        hashes = key_hashes(keys)
+        self.rows_by_hash = np.argsort(hashes, kind="stable")
+        self.sorted_hashes = hashes[self.rows_by_hash]
+
+    def rows(self, keys: list[str]) -> np.ndarray:
+        """The row of each key, -1 for a key not in the store."""
+        hashes = key_hashes(keys)
+        found = np.minimum(np.searchsorted(self.sorted_hashes, hashes), len(self.sorted_hashes) - 1)
+        return np.where(self.sorted_hashes[found] == hashes, self.rows_by_hash[found], -1)
+
+
+def key_hashes(keys: list[str]) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+                     for key in keys], dtype=np.uint64)
 
 
 def view_nbytes(layout: Layout, arrays: dict, names: tuple[str, ...]) -> int:

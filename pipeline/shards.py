@@ -15,6 +15,7 @@ The cache needs random access (row `i` is sample `i` whatever the loader order),
 once: their tar headers, each `cls` member and the first bytes of each image (its size) are read, seeking
 past the image data; an image is then read by seeking to it. That needs seekable files: local paths,
 `file://` and fsspec URLs that read byte ranges (`memory://`, `s3://`, `https://` ...), not `pipe:`.
+`distill --stream` needs no index: it reads whole shards front to back (`stream_shard`), `pipe:` included.
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ import posixpath
 import re
 import tarfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import torch
+import webdataset
 from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from richkd.pipeline.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
 from richkd.pipeline.errors import UserError
@@ -64,25 +68,51 @@ def shard_urls(pattern: str, split: str) -> list[str]:
     return expand_urls(pattern.replace(SPLIT_PLACEHOLDER, split))
 
 
-@register_dataset("webdataset")
-def open_shards(root: Path | str, split: str, download: bool) -> ImageDataset:
-    pattern = str(root)
-    if download:
-        raise UserError("dataset 'webdataset' cannot be downloaded; point --data-root at its shards")
+@dataclass
+class ShardSet:
+    """The shards of one split, with the class names and normalisation stored beside them."""
+
+    urls: list[str]
+    class_names: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def pipe_command(url: str) -> bool:
+    return url.startswith("pipe:")
+
+
+def open_shard_set(pattern: str, split: str, recorded: dict | None = None) -> ShardSet:
+    """The shards `pattern` names for `split`, all of which must exist, to be read by index: class names and
+    normalisation come from the first shard's folder. Shards to be streamed instead come with the dataset
+    record of a store precomputed from them, whose class names and normalisation they take; they may
+    include `pipe:` commands."""
     urls = shard_urls(pattern, split)
-    if any(url.startswith("pipe:") for url in urls):
+    if recorded is None and any(pipe_command(url) for url in urls):
         raise UserError(f"--data-root {pattern}: pipe: URLs cannot be read by index; give the shards' paths "
                         "or fsspec URLs")
-    missing = [url for url in urls if not shard_exists(url)]
+    files = [url for url in urls if not pipe_command(url)]
+    missing = [url for url in files if not shard_exists(url)]
     if len(missing) == len(urls):
         raise UserError(f"no shards match {pattern} for split '{split}': {missing[0]} does not exist")
     if missing:
         raise UserError(f"{len(missing)} of the {len(urls)} shards of {pattern} do not exist, e.g. {missing[0]}")
+    if recorded is not None:
+        return ShardSet(urls, list(recorded["class_names"]), tuple(recorded["mean"]), tuple(recorded["std"]))
     fs, first = fsspec.core.url_to_fs(urls[0])
     folder, shown = posixpath.dirname(first), posixpath.dirname(urls[0])  # the latter as the user wrote it
     class_names = read_class_names(fs, posixpath.join(folder, CLASSES_FILE), posixpath.join(shown, CLASSES_FILE))
     mean, std = read_normalization(fs, posixpath.join(folder, NORMALIZATION_FILE),
                                    posixpath.join(shown, NORMALIZATION_FILE))
+    return ShardSet(urls, class_names, mean, std)
+
+
+@register_dataset("webdataset")
+def open_shards(root: Path | str, split: str, download: bool) -> ImageDataset:
+    if download:
+        raise UserError("dataset 'webdataset' cannot be downloaded; point --data-root at its shards")
+    shard_set = open_shard_set(str(root), split)
+    urls, class_names = shard_set.urls, shard_set.class_names
 
     labels, keys, shards, offsets, sizes, image_sizes = [], [], [], [], [], set()
     shard_of: dict[str, str] = {}
@@ -108,8 +138,8 @@ def open_shards(root: Path | str, split: str, download: bool) -> ImageDataset:
         class_names=class_names,
         labels=np.asarray(labels, dtype=np.int64),
         keys=keys,
-        mean=mean,
-        std=std,
+        mean=shard_set.mean,
+        std=shard_set.std,
         native_size=native_size,
         load=ShardImages(urls, keys, np.asarray(shards, np.int32), np.asarray(offsets, np.int64),
                          np.asarray(sizes, np.int64)),
@@ -171,11 +201,37 @@ def index_shard(file, url: str, class_names: list[str]):
             if member is None:
                 raise UserError(f"sample '{sample.key}' in {url} has no {field}")
         file.seek(sample.cls.offset_data)
-        text = file.read(sample.cls.size).decode("utf-8", "replace").strip()
-        if not (re.fullmatch(r"[0-9]+", text) and int(text) < len(class_names)):
-            raise UserError(f"sample '{sample.key}' in {url}: cls '{text}' is not a class id of its "
-                            f"{len(class_names)} class names (0 to {len(class_names) - 1})")
-        yield sample, int(text), image_size(file, sample.image, f"{sample.key} in {url}")
+        label = class_id(file.read(sample.cls.size), len(class_names), f"sample '{sample.key}' in {url}")
+        yield sample, label, image_size(file, sample.image, f"{sample.key} in {url}")
+
+
+def class_id(cls: bytes, num_classes: int, sample: str) -> int:
+    """The class id a `cls` member holds, which must be one of the class names'."""
+    text = cls.decode("utf-8", "replace").strip()
+    if not (re.fullmatch(r"[0-9]+", text) and int(text) < num_classes):
+        raise UserError(f"{sample}: cls '{text}' is not a class id of its "
+                        f"{num_classes} class names (0 to {num_classes - 1})")
+    return int(text)
+
+
+def stream_shard(url: str, num_classes: int) -> Iterator[tuple[str, int, bytes]]:
+    """(key, class id, encoded image) of each sample of one shard, reading it once front to back as
+    webdataset does; `url` may also be a `pipe:` command."""
+    try:
+        stream = webdataset.gopen(url) if pipe_command(url) else open_shard(url)
+        with stream:
+            for fields in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                key = fields["__key__"]
+                image = next((name for name in fields if name in IMAGE_EXTENSIONS), None)
+                for present, field in ((image, "image member (.png, .jpg, .webp, ...)"),
+                                       ("cls" in fields, "cls member")):
+                    if not present:
+                        raise UserError(f"sample '{key}' in {url} has no {field}")
+                yield key, class_id(fields["cls"], num_classes, f"sample '{key}' in {url}"), fields[image]
+    except UserError:
+        raise
+    except Exception as error:  # webdataset raises whatever its tar reader or the stream raised
+        raise UserError(f"cannot read shard {url}: {error}") from error
 
 
 def group_members(tar: tarfile.TarFile) -> list[Sample]:
@@ -246,9 +302,29 @@ class ShardImages:
         return file.read(int(self.sizes[index]))
 
     def __call__(self, index: int) -> torch.Tensor:
-        try:
-            with Image.open(io.BytesIO(self.encoded(index))) as image:
-                return TF.pil_to_tensor(image.convert("RGB"))
-        except Exception as error:
-            name = f"{self.keys[index]} in {self.urls[self.shards[index]]}"
-            raise UserError(f"cannot read image {name}: {error}") from error
+        return decode_image(self.encoded(index), f"{self.keys[index]} in {self.urls[self.shards[index]]}")
+
+
+class CenterViewStream(IterableDataset):
+    """A split's shards read front to back for evaluation: (centre view, class id, 0) of each sample, once;
+    loader workers split the shards."""
+
+    def __init__(self, shards: ShardSet, policy):
+        super().__init__()
+        self.shards, self.policy = shards, policy
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for url in self.shards.urls[worker::workers]:
+            for key, label, encoded in stream_shard(url, len(self.shards.class_names)):
+                yield self.policy.center(decode_image(encoded, f"{key} in {url}")), label, 0
+
+
+def decode_image(encoded: bytes, name: str) -> torch.Tensor:
+    """An encoded image as a CHW uint8 RGB tensor."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            return TF.pil_to_tensor(image.convert("RGB"))
+    except Exception as error:
+        raise UserError(f"cannot read image {name}: {error}") from error

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize
@@ -29,6 +30,7 @@ from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device
+from richkd.pipeline.shards import CenterViewStream, ShardSet
 from richkd.pipeline.views import sample_view
 
 OPTIMIZERS = {
@@ -83,6 +85,10 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         self.milestone_list()
 
+    def resumable_changes(self) -> set[str]:
+        """Config fields that may change when this run is resumed."""
+        return RESUMABLE_CHANGES
+
     def milestone_list(self) -> list[int]:
         try:
             milestones = [int(part) for part in str(self.milestones).split(",") if part.strip()]
@@ -114,14 +120,14 @@ def seeded_model(arch: str, num_classes: int, seed: int) -> nn.Module:
     return create_model(arch, num_classes)
 
 
-def seeded_generator(seed: int, epoch: int, purpose: int) -> torch.Generator:
-    """An independent stream per (seed, epoch, purpose): nothing depends on what ran before it."""
-    state = np.random.SeedSequence([seed, epoch, purpose]).generate_state(2, dtype=np.uint32)
+def seeded_generator(seed: int, epoch: int, purpose: int, *stream: int) -> torch.Generator:
+    """An independent stream per (seed, epoch, purpose, *stream): nothing depends on what ran before it."""
+    state = np.random.SeedSequence([seed, epoch, purpose, *stream]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # Purposes of the per-epoch generators.
-ORDER, NEGATIVES, CRD_MEMORY = 0, 1, 2
+ORDER, NEGATIVES, CRD_MEMORY, SHUFFLE = 0, 1, 2, 3
 
 
 class LabelledViews(Dataset):
@@ -149,13 +155,15 @@ class LabelledViews(Dataset):
 class Objective(Protocol):
     """What a training run optimises, beyond the model: its losses, extra modules and per-epoch data."""
 
-    def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray | None, np.ndarray]:
+    def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray | None, np.ndarray] | IterableDataset:
         """(stored view params per sample or None for fresh random views, this process's part of the epoch's
-        sample order: every process gets as many samples)."""
+        sample order: every process gets as many samples), or the epoch's own stream of (view, label, index,
+        targets) with `check_epoch(samples seen)`."""
 
     def losses(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-               indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-        """Weighted loss terms of a batch; their sum is minimised."""
+               indices: torch.Tensor, epoch: int, targets: dict | None = None) -> dict[str, torch.Tensor]:
+        """Weighted loss terms of a batch, given its cached targets if the stream brought them; their sum
+        is minimised."""
 
     def end_epoch(self) -> None: ...
 
@@ -208,10 +216,10 @@ class StudentStep(nn.Module):
         self.model, self.objective, self.device = model, objective, device
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                epoch: int) -> dict[str, torch.Tensor]:
+                epoch: int, targets: dict | None = None) -> dict[str, torch.Tensor]:
         with autocast(self.device):
             logits, features = self.model(x)
-        return self.objective.losses(logits.float(), features.float(), labels, indices, epoch)
+        return self.objective.losses(logits.float(), features.float(), labels, indices, epoch, targets)
 
 
 def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:
@@ -222,8 +230,10 @@ def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.devi
 class Trainer:
     """Runs epochs of `objective` on `model`, evaluating, checkpointing and logging after each."""
 
-    def __init__(self, options: TrainingOptions, model: nn.Module, objective: nn.Module, dataset: ImageDataset,
-                 eval_dataset: ImageDataset, policy, checkpoint_info: dict):
+    def __init__(self, options: TrainingOptions, model: nn.Module, objective: nn.Module,
+                 dataset: ImageDataset | ShardSet, eval_dataset: ImageDataset | ShardSet, policy, checkpoint_info: dict):
+        """`dataset` is read by index, unless the objective streams it (then only its normalisation is used);
+        `eval_dataset` is read by index, or streamed when it is a set of shards."""
         self.options, self.objective = options, objective
         self.dataset, self.eval_dataset, self.policy = dataset, eval_dataset, policy
         self.device = resolve_device(options.device)
@@ -257,7 +267,7 @@ class Trainer:
         state, saved = read_checkpoint(last)
         for key, value in saved["config"].items():
             now = getattr(self.options, key, None)
-            if key not in RESUMABLE_CHANGES and now != value:
+            if key not in self.options.resumable_changes() and now != value:
                 raise UserError(f"cannot resume {self.run_dir}: it was run with {key}={value!r}, now {now!r}")
         self.model.load_state_dict(state)
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -282,21 +292,30 @@ class Trainer:
             (self.checkpoints / stale).unlink(missing_ok=True)
         return 0, {"epoch": None, "top1": None, "selected_on": self.options.eval_split}
 
+    def epoch_loader(self, epoch: int) -> tuple[DataLoader, int, Callable[[int], None]]:
+        """This process's batches of the epoch, how many samples they hold, and what checks the count."""
+        data = self.objective.epoch_data(epoch, self.part)
+        batch_size, workers = self.options.batch_size // self.part.count, self.options.num_workers
+        if isinstance(data, IterableDataset):
+            return data_loader(data, batch_size, workers, self.device), len(data), data.check_epoch
+        params, order = data
+        views = LabelledViews(self.dataset, self.policy, params, seed=self.options.seed, stream=epoch)
+        loader = data_loader(views, batch_size, workers, self.device, sampler=order.tolist())
+        return loader, len(order), lambda seen: None
+
     def train_epoch(self, epoch: int, step: nn.Module, progress, task) -> dict[str, float]:
         """One epoch of this process's part of the data; `step` is StudentStep, or its DDP wrapper."""
-        params, order = self.objective.epoch_data(epoch, self.part)
-        views = LabelledViews(self.dataset, self.policy, params, seed=self.options.seed, stream=epoch)
-        loader = data_loader(views, self.options.batch_size // self.part.count, self.options.num_workers,
-                             self.device, sampler=order.tolist())
+        loader, samples, check_epoch = self.epoch_loader(epoch)
+        progress.update(task, total=samples)
         self.model.train()
         self.objective.train()
         totals: dict[str, float] = {}
         seen = 0
         try:
-            for views_batch, labels, indices in loader:
+            for views_batch, labels, indices, *targets in loader:
                 x = normalize(views_batch.to(self.device, non_blocking=True), self.dataset.mean, self.dataset.std)
                 labels = labels.to(self.device, non_blocking=True)
-                losses = step(x.contiguous(memory_format=torch.channels_last), labels, indices, epoch)
+                losses = step(x.contiguous(memory_format=torch.channels_last), labels, indices, epoch, *targets)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     raise UserError(f"training diverged in epoch {epoch + 1}: the loss is {loss.item()}; "
@@ -309,13 +328,15 @@ class Trainer:
                 for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}.items():
                     totals[name] = totals.get(name, 0.0) + value.item() * batch
                 progress.advance(task, batch)
+            check_epoch(seen)
         finally:
             self.objective.end_epoch()
         self.scheduler.step()
         return {name: total / seen for name, total in totals.items()}
 
     def evaluate(self) -> dict[str, float]:
-        views = LabelledViews(self.eval_dataset, self.policy, center=True)
+        views = (CenterViewStream(self.eval_dataset, self.policy) if isinstance(self.eval_dataset, ShardSet)
+                 else LabelledViews(self.eval_dataset, self.policy, center=True))
         loader = data_loader(views, self.options.eval_batch_size, self.options.num_workers, self.device)
         meter = evaluate_model(self.model, loader, self.device, self.eval_dataset.mean, self.eval_dataset.std,
                                ClassificationMeter())
@@ -343,7 +364,7 @@ class Trainer:
             if not is_main_process():
                 with progress_bar("img", disable=True) as progress:
                     for epoch in range(first_epoch, self.options.epochs):
-                        self.train_epoch(epoch, step, progress, progress.add_task("", total=len(self.dataset)))
+                        self.train_epoch(epoch, step, progress, progress.add_task("", total=None))
                 return {}
             return self.run_epochs(step, first_epoch, best)
 
@@ -359,7 +380,7 @@ class Trainer:
                 live.log_params(to_dict(self.options))
             for epoch in range(first_epoch, self.options.epochs):
                 lr = self.optimizer.param_groups[0]["lr"]
-                task = progress.add_task(f"epoch {epoch + 1}/{self.options.epochs}", total=len(self.dataset))
+                task = progress.add_task(f"epoch {epoch + 1}/{self.options.epochs}", total=None)
                 started = time.perf_counter()
                 train_metrics = self.train_epoch(epoch, step, progress, task)
                 epoch_seconds.append(time.perf_counter() - started)
@@ -409,7 +430,7 @@ class SupervisedObjective(nn.Module):
         order = torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch, ORDER)).numpy()
         return None, rank_share(order, part)
 
-    def losses(self, logits, features, labels, indices, epoch) -> dict[str, torch.Tensor]:
+    def losses(self, logits, features, labels, indices, epoch, targets=None) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(logits, labels)}
 
     def end_epoch(self) -> None:

@@ -20,6 +20,8 @@ from richkd.pipeline.data import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import clip_scale_value, fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
+from richkd.pipeline.shards import ShardSet, open_shard_set
+from richkd.pipeline.streaming import ShardStream
 from richkd.pipeline.training import (
     CRD_MEMORY,
     NEGATIVES,
@@ -63,6 +65,13 @@ class DistillConfig(TrainingOptions):
     nce_temperature: float = option(0.07, "CRD: NCE temperature.", "CRD")
     nce_momentum: float = option(0.5, "CRD: memory bank momentum.", "CRD")
     embed_dim: int = option(128, "CRD: dimension of the contrastive embedding.", "CRD")
+    stream: bool = option(
+        False, "Stream the training tar shards (--dataset webdataset) front to back, each sample's cache row read "
+        "alongside, instead of reading both by index: sequential reads for shards and stores on slow or remote "
+        "storage; `pipe:` URLs work. Precompute from the same shards, so that both run in the same order.",
+        "Streaming")
+    shuffle_buffer: int = option(4096, "--stream: samples (encoded, with their targets) in each loader's shuffle "
+                                 "buffer.", "Streaming")
     out: str = option("runs/student", "Run directory: checkpoints, metrics, resolved config.", "Run")
 
     def validate(self) -> None:
@@ -80,8 +89,15 @@ class DistillConfig(TrainingOptions):
         require(self.nce_temperature > 0, f"--nce-temperature must be positive, got {self.nce_temperature}")
         require(0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), got {self.nce_momentum}")
         require(self.embed_dim >= 1, f"--embed-dim must be at least 1, got {self.embed_dim}")
+        require(not self.stream or self.dataset == "webdataset",
+                f"--stream reads tar shards: it needs --dataset webdataset, not '{self.dataset}'")
+        require(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         clip_scale_value(self.clip_scale, logit_scale=1.0)  # checks the flag; the store supplies the real scale
         parse_size(self.cache_memory, "--cache-memory")
+
+    def resumable_changes(self) -> set[str]:
+        """A stream's order depends on how many loader workers split its shards."""
+        return super().resumable_changes() - {"num_workers"} if self.stream else super().resumable_changes()
 
     @property
     def feature_lam(self) -> float:
@@ -125,10 +141,14 @@ def sample_negatives(labels: np.ndarray, all_labels: np.ndarray, k: int, rng: np
 class DistillObjective(nn.Module):
     """Cross-entropy, KD/DKD on fused logits and CRD on fused features, with targets read from the cache."""
 
-    def __init__(self, config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int):
-        """`rows[i]` is the store row of dataset sample i (None: the same order)."""
+    def __init__(self, config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int,
+                 shards: ShardSet | None = None, policy=None):
+        """`rows[i]` is the store row of dataset sample i (None: the same order); `shards` are streamed with
+        views made by `policy`, when given, instead of the dataset being read by index."""
         super().__init__()
         self.config, self.reader, self.rows = config, reader, rows
+        self.shards, self.policy = shards, policy
+        self.key_index = reader.key_index() if shards is not None else None
         self.sample_of_row = None if rows is None else np.argsort(rows)
         self.labels = reader.read("labels", 0, reader.layout.samples)  # by store row, as everything below
         self.names = config.cached_arrays()
@@ -166,10 +186,16 @@ class DistillObjective(nn.Module):
             self.targets = self._read_view(view, order)
         self.targets_view, self.next_view = view, None
 
-    def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray, np.ndarray]:
+    def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray, np.ndarray] | ShardStream:
         layout = self.reader.layout
         view = epoch % layout.views
         order_generator = seeded_generator(self.config.seed, epoch, ORDER)
+        self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES, *([part.index] * (part.count > 1))))
+        if self.shards is not None:
+            urls = [self.shards.urls[i] for i in torch.randperm(len(self.shards.urls), generator=order_generator)]
+            return ShardStream(urls, len(self.shards.class_names), self.reader.url, view, self.names,
+                               self.key_index, self.policy, part, self.config.num_workers,
+                               self.config.shuffle_buffer, self.config.seed, epoch)
         if self.in_memory and part.count == 1:
             order = torch.randperm(layout.samples, generator=order_generator).numpy()
         else:  # shard by shard: read front to back, and each of several processes reads only its shards
@@ -179,13 +205,12 @@ class DistillObjective(nn.Module):
             next_view = (epoch + 1) % layout.views
             if self.in_memory and next_view != view and epoch + 1 < self.config.epochs:
                 self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
-        self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES, *([part.index] * (part.count > 1))))
         params = self.reader.read("views/params", 0, layout.samples, view)
         if self.rows is None:
             return params, order
         return params[self.rows], self.sample_of_row[order]  # the loader speaks dataset indices
 
-    def losses(self, logits, features, labels, indices, epoch) -> dict[str, torch.Tensor]:
+    def losses(self, logits, features, labels, indices, epoch, targets=None) -> dict[str, torch.Tensor]:
         config = self.config
         if self.rows is not None:
             indices = torch.from_numpy(self.rows[indices.numpy()])
@@ -193,8 +218,9 @@ class DistillObjective(nn.Module):
         if not self.names:
             return terms
         device = logits.device
-        targets = {name: values.to(device, non_blocking=True)
-                   for name, values in self.targets.gather(indices.numpy()).items()}
+        if targets is None:
+            targets = self.targets.gather(indices.numpy())
+        targets = {name: values.to(device, non_blocking=True) for name, values in targets.items()}
         if config.uses_logits:
             fused = fuse_logits(targets.get("teacher/logits"), targets.get("clip/logits"), config.alpha, self.scale,
                                 config.standardize)
@@ -222,12 +248,19 @@ class DistillObjective(nn.Module):
 def run(config: DistillConfig) -> dict:
     reader = CacheReader(config.cache)
     reader.require_complete()
-    dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
-    rows = reader.rows_of(dataset)
-    eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
     policy = policy_from_description(reader.attrs["views"])
+    if config.stream:  # nothing is indexed: both splits are read front to back
+        reader.require_dataset(split=config.split)
+        recorded = reader.attrs["dataset"]
+        dataset = shards = open_shard_set(config.data_root, config.split, recorded)
+        rows = None  # each streamed sample is found in the store by its key
+        eval_dataset = open_shard_set(config.data_root, config.eval_split, recorded)
+    else:
+        dataset, shards = open_dataset(config.dataset, config.data_root, config.split, config.download), None
+        rows = reader.rows_of(dataset)
+        eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
-    objective = DistillObjective(config, reader, rows, model.feature_dim)
+    objective = DistillObjective(config, reader, rows, model.feature_dim, shards, policy)
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "distill",
             "class_names": list(dataset.class_names), "view_policy": reader.attrs["views"],
             "cache": {key: reader.attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout")}}

@@ -127,6 +127,7 @@ def test_every_row_names_tests_that_trigger_its_messages():
     (["distill", "--nce-temperature", "0"], "--nce-temperature must be positive, got 0.0"),
     (["distill", "--nce-momentum", "1"], "--nce-momentum must be in [0, 1), got 1.0"),
     (["distill", "--embed-dim", "0"], "--embed-dim must be at least 1, got 0"),
+    (["distill", "--shuffle-buffer", "0"], "--shuffle-buffer must be at least 1, got 0"),
     (["distill", "--clip-scale", "-2"], "--clip-scale must be positive, got -2"),
     (["precompute", "--teacher-checkpoint", "t.pth", "--shard-size", "0"], "--shard-size must be at least 1, got 0"),
     (["precompute"], "--teacher-checkpoint is required"),

@@ -1,0 +1,183 @@
+"""`richkd distill --stream`: tar shards and the store both read front to back, every sample with its own row."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_bad_input import assert_user_error, replace_flag
+from test_parallel import BIN, torchrun
+from test_shards import CIFAR_SHARDS, cifar_shards, png, write_shard  # noqa: F401 (a fixture)
+from torch.utils.data import DataLoader
+
+from richkd.cache.reader import CacheReader
+from richkd.pipeline.cli import run_cli
+from richkd.pipeline.data import open_dataset
+from richkd.pipeline.distributed import Part
+from richkd.pipeline.errors import UserError
+from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.shards import open_shard_set
+from richkd.pipeline.streaming import ShardStream
+from richkd.pipeline.training import LabelledViews
+from richkd.pipeline.views import policy_from_description
+
+TARGETS = ("teacher/logits", "teacher/features", "clip/logits", "clip/image_embeds")
+
+
+@pytest.fixture(scope="module")
+def store(tiny_world, cifar_shards, tmp_path_factory) -> Path:  # noqa: F811
+    """The CIFAR train split's 3 shards (16, 16 and 8 samples) precomputed in store shards of 8 rows."""
+    out = tmp_path_factory.mktemp("stream") / "cache.zarr"
+    args = replace_flag(tiny_world.precompute_args(out), "--dataset", "webdataset")
+    args = replace_flag(replace_flag(args, "--data-root", str(cifar_shards / CIFAR_SHARDS["train"])),
+                        "--shard-size", "8")
+    assert run_cli(args) == 0
+    return out
+
+
+def epoch_stream(store: Path, urls: list[str], part: Part = Part(), workers: int = 0, buffer: int = 8,
+                 epoch: int = 1) -> ShardStream:
+    reader = CacheReader(str(store))
+    return ShardStream(urls, 100, str(store), epoch % reader.layout.views, TARGETS, reader.key_index(),
+                       policy_from_description(reader.attrs["views"]), part, workers, buffer, seed=0, epoch=epoch)
+
+
+def train_urls(cifar_shards: Path) -> list[str]:  # noqa: F811
+    return open_shard_set(str(cifar_shards / CIFAR_SHARDS["train"]), "train").urls
+
+
+def test_a_streamed_epoch_reads_shards_and_store_in_one_pass(store, cifar_shards, monkeypatch):  # noqa: F811
+    """Every sample once, with exactly the targets and pixels of its row, while each store chunk is read
+    once, in the order of the tar shards streamed."""
+    urls = train_urls(cifar_shards)
+    epoch_order = [urls[2], urls[0], urls[1]]
+    stream = epoch_stream(store, epoch_order)
+    reads = []
+    original_read = CacheReader.read
+    monkeypatch.setattr(CacheReader, "read", lambda self, name, start, stop, view=None: (
+        reads.append((name, start, stop)), original_read(self, name, start, stop, view))[1])
+    samples = list(stream)
+    monkeypatch.undo()
+
+    rows = [row for _, _, row, _ in samples]
+    assert sorted(rows) == list(range(40)) and len(stream) == 40
+    assert rows != sorted(rows)  # shuffled within the buffer
+    # Shard 2 holds rows 32-39, shard 0 rows 0-15, shard 1 rows 16-31: chunks of 8 rows, each read once, in turn.
+    assert [start for name, start, _ in reads if name == "teacher/logits"] == [32, 0, 8, 16, 24]
+    assert len(reads) == 5 * (2 + 1 + len(TARGETS))  # keys, labels, view params and the targets
+    assert [row for _, _, row, _ in epoch_stream(store, epoch_order)] == rows  # the same every time
+
+    reader = CacheReader(str(store))
+    dataset = open_dataset("webdataset", str(cifar_shards / CIFAR_SHARDS["train"]))
+    stored = {name: reader.read(name, 0, 40, view=1) for name in ("views/params", *TARGETS)}
+    indexed = LabelledViews(dataset, stream.policy, stored["views/params"])
+    for view, label, row, targets in samples:
+        expected_view, expected_label, _ = indexed[row]
+        assert torch.equal(view, expected_view) and label == expected_label == reader.read("labels", 0, 40)[row]
+        for name in TARGETS:
+            assert torch.equal(targets[name], torch.from_numpy(stored[name][row].astype(np.float32))), name
+
+
+def test_loader_workers_and_processes_split_the_shards(store, cifar_shards):  # noqa: F811
+    urls = train_urls(cifar_shards)
+
+    def rows(part: Part, workers: int) -> list[int]:
+        loader = DataLoader(epoch_stream(store, urls, part, workers), batch_size=4, num_workers=workers)
+        return [row for _, _, batch, _ in loader for row in batch.tolist()]
+
+    assert sorted(rows(Part(), 2)) == list(range(40))  # two workers of one process: every sample once
+    # Two processes get as many samples, ceil(40 / 2): process 0 streams shard 0 (rows 0-15), then shard 2 (32-39)
+    # until it has 20; process 1 has only shard 1 (16-31) and starts it again.
+    first, second = rows(Part(0, 2), 0), rows(Part(1, 2), 0)
+    assert sorted(first) == [*range(16), *range(32, 36)]
+    assert sorted(second) == sorted([*range(16, 32), *range(16, 20)])
+    with pytest.raises(UserError, match="4 shards cannot be split over 5 processes"):
+        epoch_stream(store, [*urls, urls[0]], Part(0, 5))
+
+
+def test_distill_streams_from_a_pipe_and_resumes_bit_identical(store, cifar_shards, tmp_path, capsys):  # noqa: F811
+    piped = "::".join(f"pipe:cat {url}" for url in train_urls(cifar_shards))  # no file is ever indexed
+    distill = ["distill", "--dataset", "webdataset", "--data-root", piped, "--stream", "--cache", str(store),
+               "--arch", "resnet8", "--variant", "LF", "--nce-k", "8", "--batch-size", "8", "--num-workers", "2",
+               "--shuffle-buffer", "16", "--eval-split", "train", "--device", "cpu"]
+    assert run_cli([*distill, "--epochs", "2", "--out", str(tmp_path / "straight")]) == 0
+    assert run_cli([*distill, "--epochs", "1", "--out", str(tmp_path / "resumed")]) == 0
+    capsys.readouterr()
+    assert_user_error([*replace_flag(distill, "--num-workers", "1"), "--epochs", "2", "--resume", "--out",
+                       str(tmp_path / "resumed")], capsys, "it was run with num_workers=2, now 1")
+    assert run_cli([*distill, "--epochs", "2", "--resume", "--out", str(tmp_path / "resumed")]) == 0
+    straight, saved = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed, _ = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+    assert saved["epoch"] == 2 and saved["best"]["top1"] is not None
+
+
+def test_streaming_refuses_other_samples(store, cifar_shards, tmp_path, capsys):  # noqa: F811
+    urls = train_urls(cifar_shards)
+    distill = ["distill", "--dataset", "webdataset", "--data-root", "::".join(urls), "--stream", "--cache",
+               str(store), "--arch", "resnet8", "--epochs", "1", "--num-workers", "0", "--device", "cpu",
+               "--out", str(tmp_path / "run")]
+    assert_user_error(replace_flag(distill, "--dataset", "cifar100"), capsys,
+                      "--stream reads tar shards: it needs --dataset webdataset, not 'cifar100'")
+    assert_user_error([*distill, "--split", "test"], capsys, "was built for another dataset (dataset.split: 'train'")
+    assert_user_error(replace_flag(distill, "--data-root", "::".join(urls[:2])), capsys,
+                      "the shards streamed 32 samples and the cache", "holds 40: it was precomputed from other shards")
+
+    reader = CacheReader(str(store))
+    stored_class = int(reader.read("labels", 0, 1)[0])
+    other_class = (stored_class + 1) % 100
+    for key, label, message in (("stranger", 0, "is not in the cache"),
+                                ("0", other_class, f"has class {other_class}, the cache")):
+        shard = tmp_path / f"{key}.tar"
+        write_shard(shard, {"__key__": key, "cls": str(label).encode(), "png": png(32)})
+        with pytest.raises(UserError, match=re.escape(f"sample '{key}' in {shard} {message}")):
+            list(epoch_stream(store, [str(shard)]))
+    empty = tmp_path / "empty.tar"
+    write_shard(empty)
+    with pytest.raises(UserError, match=re.escape(f"the shards {empty} hold no samples")):
+        list(epoch_stream(store, [str(empty), urls[0]], Part(0, 2)))
+
+
+def test_torchrun_processes_stream_shards_of_unequal_size(store, cifar_shards, tmp_path):  # noqa: F811
+    """Shards of 16, 16 and 8 samples over 2 processes: each still runs as many batches, or DDP would hang."""
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(BIN / "richkd"), "distill",
+               "--dataset", "webdataset", "--data-root", "::".join(train_urls(cifar_shards)), "--stream",
+               "--cache", str(store), "--arch", "resnet8", "--variant", "LF", "--nce-k", "8", "--batch-size", "8",
+               "--epochs", "2", "--num-workers", "1", "--eval-split", "train", "--device", "cpu",
+               "--out", str(tmp_path / "run")]
+    finished = torchrun(command)
+    assert finished.stderr.count("epoch 2/2: loss") == 1  # logged by the first process only
+    _, saved = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 2
+
+
+def test_distill_runs_read_one_store_at_once(store, cifar_shards, tmp_path):  # noqa: F811
+    """Three runs at the same time, by index and streamed: all finish, two alike end alike, the store is untouched."""
+    def snapshot() -> dict[str, tuple[int, bytes]]:
+        return {str(path.relative_to(store)): (path.stat().st_mtime_ns, path.read_bytes())
+                for path in sorted(store.rglob("*")) if path.is_file()}
+
+    before = snapshot()
+    shards = "::".join(train_urls(cifar_shards))
+    distill = [str(BIN / "richkd"), "distill", "--dataset", "webdataset", "--data-root", shards, "--cache", str(store),
+               "--arch", "resnet8", "--variant", "LF", "--nce-k", "8", "--batch-size", "8", "--epochs", "2",
+               "--num-workers", "0", "--eval-split", "train", "--device", "cpu"]
+    runs = {name: [*distill, *extra, "--out", str(tmp_path / name)]
+            for name, extra in (("a", ()), ("b", ()), ("streamed", ("--stream",)))}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    processes = {name: subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+                 for name, command in runs.items()}
+    for name, process in processes.items():
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, (name, err[-2000:])
+    a, _ = read_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    b, _ = read_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert snapshot() == before
