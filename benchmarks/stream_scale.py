@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import random
 import shutil
 import statistics
 import tempfile
@@ -33,11 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset
 
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
 from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
 from richkd.cache.writer import CacheWriter
+from richkd.pipeline.distributed import Part
 from richkd.pipeline.models import create_model
+from richkd.pipeline.streaming import HELD_CHUNKS, ShardStream, StoreRows
 from richkd.pipeline.training import OPTIMIZERS, ORDER, TrainingOptions, seeded_generator
 from richkd.stages.distill import DistillConfig
 
@@ -114,21 +118,50 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def read_epoch(store: str, names: tuple[str, ...], batch_size: int, epoch: int) -> dict[str, float]:
-    """One epoch of view 0 streamed as distill streams it; run in a fresh process, whose peak RSS it measures."""
+def read_view(reader: CacheReader, names: tuple[str, ...], batch_size: int, epoch: int, buffer: int) -> int:
+    """View 0 as distill reads a view too large for --cache-memory; returns the rows read."""
+    order = block_shuffled_order(reader.layout, seeded_generator(0, epoch, ORDER))
+    view = reader.open_view(0, names, order, in_memory=False)
+    for first in range(0, len(order), batch_size):
+        view.gather(order[first:first + batch_size])
+    view.close()
+    return len(order)
+
+
+def read_as_streamed(reader: CacheReader, names: tuple[str, ...], batch_size: int, epoch: int, buffer: int) -> int:
+    """View 0 as `distill --stream` reads it while its tar shards (here: of 4096 samples, in a shuffled
+    order) arrive: every sample looked up by key and checked, its row read a chunk at a time, held in the
+    shuffle buffer and made float32 tensors. Image decoding is left out: only the store's side is timed."""
+    layout = reader.layout
+    labels = reader.read("labels", 0, layout.samples)
+    stream = ShardStream(["shard"], layout.classes, reader.url, 0, names, reader.key_index(), None, Part(), 0,
+                         buffer, 0, epoch)
+    rows = StoreRows(reader, 0, names)
+    shards = torch.randperm(layout.num_shards, generator=seeded_generator(0, epoch, ORDER)).tolist()
+    samples = (stream._with_targets("shard", f"{row:08d}", int(labels[row]), b"", rows)
+               for shard in shards for row in range(*layout.shard_range(shard)))
+    streamed = 0
+    for *_, targets in webdataset.filters.shuffle(buffer, buffer, rng=random.Random(epoch))(samples):
+        tensors = {name: torch.from_numpy(values.astype(np.float32)) for name, values in targets.items()}
+        streamed += len(tensors) == len(names)
+    return streamed
+
+
+READERS = {"view": read_view, "stream": read_as_streamed}
+
+
+def read_epoch(store: str, reader_name: str, names: tuple[str, ...], batch_size: int, epoch: int,
+               buffer: int) -> dict[str, float]:
+    """One epoch of view 0 read by `reader_name`; run in a fresh process, whose peak RSS it measures."""
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current RSS: the baseline after imports
     baseline = status_kib("VmRSS")
     started, cpu_started = time.perf_counter(), time.process_time()
     reader = CacheReader(store)
     reader.require_complete()
-    order = block_shuffled_order(reader.layout, seeded_generator(0, epoch, ORDER))
-    view = reader.open_view(0, names, order, in_memory=False)
-    for first in range(0, len(order), batch_size):
-        view.gather(order[first:first + batch_size])
-    view.close()
+    rows = READERS[reader_name](reader, names, batch_size, epoch, buffer)
     seconds = time.perf_counter() - started
-    return {"rows_per_second": len(order) / seconds, "cpu_seconds": time.process_time() - cpu_started,
+    return {"rows_per_second": rows / seconds, "cpu_seconds": time.process_time() - cpu_started,
             "seconds": seconds, "peak_growth": (status_kib("VmHWM") - baseline) * 1024,
             "load": os.getloadavg()[0]}
 
@@ -170,6 +203,9 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, default=8)
     parser.add_argument("--workdir", default=None, help="where the stores are built (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the stores instead of deleting them")
+    parser.add_argument("--readers", nargs="+", choices=sorted(READERS), default=["view", "stream"],
+                        help="view: distill's streamed view; stream: distill --stream's row by row reading")
+    parser.add_argument("--shuffle-buffer", type=int, default=4096, help="distill --stream's shuffle buffer")
     args = parser.parse_args()
 
     names = DistillConfig(variant="LF").cached_arrays()
@@ -200,16 +236,18 @@ def main() -> None:
             compression = store_nbytes(store) / raw_nbytes(layout, tuple(layout.arrays()))
             print(f"{layout.samples} samples: {layout.num_shards} shards, {store_nbytes(store) / GB:.2f} GB on disk "
                   f"({compression:.0%} of raw), written in {write_seconds:.0f} s; {load()}")
-            reads = []
-            for epoch in range(args.rounds):
-                drop_from_page_cache(store)
-                with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                    read = pool.submit(read_epoch, str(store), names, args.batch_size, epoch).result()
-                reads.append(read)
-                print(f"  epoch {epoch}: {read['rows_per_second']:8.0f} rows/s, {read['seconds']:.1f} s wall, "
-                      f"{read['cpu_seconds']:.1f} s CPU, peak RSS +{read['peak_growth'] / MB:.0f} MB, "
-                      f"load {read['load']:.2f}")
-            results.append((layout, compression, reads))
+            for reader_name in args.readers:
+                reads = []
+                for epoch in range(args.rounds):
+                    drop_from_page_cache(store)
+                    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                        read = pool.submit(read_epoch, str(store), reader_name, names, args.batch_size, epoch,
+                                           args.shuffle_buffer).result()
+                    reads.append(read)
+                    print(f"  {reader_name} epoch {epoch}: {read['rows_per_second']:8.0f} rows/s, "
+                          f"{read['seconds']:.1f} s wall, {read['cpu_seconds']:.1f} s CPU, "
+                          f"peak RSS +{read['peak_growth'] / MB:.0f} MB, load {read['load']:.2f}")
+                results.append((layout, reader_name, compression, reads))
             if not args.keep:
                 shutil.rmtree(store)
     finally:
@@ -222,15 +260,19 @@ def main() -> None:
     bound = (prefetch + 2 + 1) * shard_bytes
     print(f"\narrays read (distill --variant LF): {', '.join(names)}; {shard_bytes / args.shard_size:.0f} B/row, "
           f"{shard_bytes / MB:.1f} MB per shard decompressed")
-    print(f"design bound on held targets: ({prefetch} queued + 2 held for gathering + 1 being read) shards "
-          f"x {shard_bytes / MB:.1f} MB = {bound / MB:.0f} MB, whatever the store's size")
-    print(f"\n{'samples':>8} {'targets GB':>10} {'on disk':>8} {'rows/s':>8} {'CPU us/row':>10} "
+    print(f"design bound on held targets (view): ({prefetch} queued + 2 held for gathering + 1 being read) "
+          f"shards x {shard_bytes / MB:.1f} MB = {bound / MB:.0f} MB, whatever the store's size")
+    print(f"design bound on held targets (stream): a shuffle buffer of {args.shuffle_buffer} rows x "
+          f"{shard_bytes / args.shard_size:.0f} B + {HELD_CHUNKS} chunks of 1024 rows = "
+          f"{(args.shuffle_buffer + HELD_CHUNKS * 1024) * shard_bytes / args.shard_size / MB:.0f} MB")
+    print(f"\n{'samples':>8} {'reader':>6} {'targets GB':>10} {'on disk':>8} {'rows/s':>8} {'CPU us/row':>10} "
           f"{'rows/s / student img/s':>23} {'read CPU / step':>15} {'peak RSS +MB':>12}")
-    for layout, compression, reads in results:
+    for layout, reader_name, compression, reads in results:
         rate = statistics.median(read["rows_per_second"] for read in reads)
         cpu_per_row = statistics.median(read["cpu_seconds"] for read in reads) / layout.samples
         peak = max(read["peak_growth"] for read in reads)
-        print(f"{layout.samples:>8} {raw_nbytes(layout, names) / GB:>10.2f} {compression:>8.0%} {rate:>8.0f} "
+        print(f"{layout.samples:>8} {reader_name:>6} {raw_nbytes(layout, names) / GB:>10.2f} {compression:>8.0%} "
+              f"{rate:>8.0f} "
               f"{cpu_per_row * 1e6:>10.1f} {rate / student_rate:>23.0f} {cpu_per_row * student_rate:>15.2%} "
               f"{peak / MB:>12.0f}")
     print(f"(medians of {args.rounds} epochs each, read from disk; peak RSS: the largest; read CPU / step: "
