@@ -100,7 +100,7 @@ def plot_accuracy(rows: dict[str, dict], targets: set[str], path: Path) -> None:
     bars = axis.barh(names[::-1], values[::-1], color=colours(rows, targets)[::-1])
     axis.bar_label(bars, fmt="%.1f%%", padding=3)
     axis.set_xlabel("top-1 accuracy on the held-out split (%)")
-    axis.set_xlim(0, max(values) * 1.15)
+    axis.set_xlim(0, max(*values, 1.0) * 1.15)  # room for the labels, even when every run scores 0%
     axis.set_title("accuracy (grey: targets, blue: students)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
