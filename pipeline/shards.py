@@ -231,7 +231,14 @@ def stream_shard(url: str, num_classes: int) -> Iterator[tuple[str, int, bytes]]
     except UserError:
         raise
     except Exception as error:  # webdataset raises whatever its tar reader or the stream raised
-        raise UserError(f"cannot read shard {url}: {error}") from error
+        raise UserError(f"cannot read shard {url}: {stream_failure(error)}") from error
+
+
+def stream_failure(error: Exception) -> str:
+    """What went wrong reading a shard, without the stream object and URL webdataset appends to errors."""
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    exit_status = re.search(r": exit (-?\d+) \(read\)", text)  # how webdataset reports a failed pipe: command
+    return f"the command exited with status {exit_status[1]}" if exit_status else text
 
 
 def group_members(tar: tarfile.TarFile) -> list[Sample]:

@@ -231,7 +231,8 @@ class Trainer:
     """Runs epochs of `objective` on `model`, evaluating, checkpointing and logging after each."""
 
     def __init__(self, options: TrainingOptions, model: nn.Module, objective: nn.Module,
-                 dataset: ImageDataset | ShardSet, eval_dataset: ImageDataset | ShardSet, policy, checkpoint_info: dict):
+                 dataset: ImageDataset | ShardSet, eval_dataset: ImageDataset | ShardSet, policy,
+                 checkpoint_info: dict):
         """`dataset` is read by index, unless the objective streams it (then only its normalisation is used);
         `eval_dataset` is read by index, or streamed when it is a set of shards."""
         self.options, self.objective = options, objective

@@ -138,6 +138,11 @@ def test_streaming_refuses_other_samples(store, cifar_shards, tmp_path, capsys):
         write_shard(shard, {"__key__": key, "cls": str(label).encode(), "png": png(32)})
         with pytest.raises(UserError, match=re.escape(f"sample '{key}' in {shard} {message}")):
             list(epoch_stream(store, [str(shard)]))
+    (tmp_path / "not.tar").write_text("not a tar file")
+    for shard, reason in ((str(tmp_path / "not.tar"), "truncated header"),
+                          ("pipe:false", "the command exited with status 1")):
+        with pytest.raises(UserError, match=re.escape(f"cannot read shard {shard}: {reason}")):
+            list(epoch_stream(store, [shard]))
     empty = tmp_path / "empty.tar"
     write_shard(empty)
     with pytest.raises(UserError, match=re.escape(f"the shards {empty} hold no samples")):
