@@ -160,12 +160,11 @@ class CacheReader:
                 raise UserError(f"cache {self.url} was built for another dataset ({difference})")
 
     def _match_keys(self, dataset) -> np.ndarray | None:
-        samples = self.layout.samples
-        rows = self.key_index().rows(dataset.keys)
-        if (rows < 0).any():
+        stored_keys = self.read("keys", 0, self.layout.samples).tolist()
+        rows = KeyIndex(stored_keys).rows(dataset.keys)
+        if (rows < 0).any() or [stored_keys[row] for row in rows] != list(dataset.keys):
             return None
-        keys_match = self.read("keys", 0, samples)[rows].tolist() == list(dataset.keys)
-        if not keys_match or not np.array_equal(self.read("labels", 0, samples)[rows], dataset.labels):
+        if not np.array_equal(self.read("labels", 0, self.layout.samples)[rows], dataset.labels):
             return None
         return rows
 
