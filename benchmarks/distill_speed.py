@@ -78,7 +78,8 @@ def online_epoch_seconds(root: Path, args) -> float:
         logits, features = student(normalize(views, dataset.mean, dataset.std).contiguous(
             memory_format=torch.channels_last))
         fused = fuse_logits(targets["teacher/logits"], targets["clip/logits"], 0.7, 1.0)
-        negative = sample_negatives(labels.numpy(), dataset.labels, args.nce_k, negatives)
+        negative = sample_negatives(labels.numpy(), np.arange(len(dataset)), dataset.labels, args.nce_k,
+                                    negatives)
         contrast = torch.cat([indices[:, None], negative], dim=1)
         loss = (F.cross_entropy(logits, labels) + 3.0 * kd_loss(logits, fused, 3.0)
                 + 0.8 * crd(features, targets["teacher/features"], targets["clip/image_embeds"], indices, contrast))

@@ -33,12 +33,14 @@ def standardize(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def fuse_logits(teacher_logits: torch.Tensor | None, clip_cosines: torch.Tensor | None, alpha: float,
-                scale: float, standardized: bool = False) -> torch.Tensor:
-    """z_F; a source whose weight is zero may be None (it is then never read from the cache)."""
+                scale: float, standardized: bool = False, clip_weight: float | None = None) -> torch.Tensor:
+    """z_F = alpha z_T + clip_weight z_C, clip_weight 1 - alpha unless given (0: the teacher-shrink control,
+    alpha z_T alone); a source whose weight is zero may be None (it is then never read from the cache)."""
+    clip_weight = 1 - alpha if clip_weight is None else clip_weight
     parts = []
     if alpha > 0:
         parts.append(alpha * (standardize(teacher_logits) if standardized else teacher_logits))
-    if alpha < 1:
+    if clip_weight > 0:
         clip_logits = scale * clip_cosines
-        parts.append((1 - alpha) * (standardize(clip_logits) if standardized else clip_logits))
+        parts.append(clip_weight * (standardize(clip_logits) if standardized else clip_logits))
     return sum(parts)

@@ -6,6 +6,7 @@ every epoch holds all other state, so on the CPU a resumed run ends bit-identica
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -47,7 +48,11 @@ class TrainingOptions(DataOptions, ExecutionOptions):
     """Options of every training run; `train` and `distill` add their own."""
 
     eval_split: str = option(
-        "test", "Held-out split evaluated after every epoch; the best checkpoint is chosen on it.", "Data")
+        "test", "Held-out split evaluated once, after the last epoch: reported, never used to choose a checkpoint.",
+        "Data")
+    val_fraction: float = option(
+        0.1, "Share of the training split held out (drawn by --seed, listed in <out>/validation.json), evaluated "
+        "after every epoch to choose best.pt; 0 trains on every sample and keeps no best.pt.", "Data")
     arch: str = option("resnet8x4", "Architecture: a zoo name, tv:<torchvision model> or timm:<model>.", "Model")
     epochs: int = option(240, "Training epochs.", "Optimisation")
     batch_size: int = option(64, "Training batch size.", "Optimisation")
@@ -59,7 +64,10 @@ class TrainingOptions(DataOptions, ExecutionOptions):
     milestones: str = option("150,180,210", "Epochs at which multistep decays the learning rate.", "Optimisation")
     lr_decay: float = option(0.1, "Multistep decay factor.", "Optimisation")
     warmup_epochs: int = option(0, "Epochs of linear learning-rate warmup.", "Optimisation")
-    seed: int = option(0, "Seed of initialisation, data order and every other random draw.", "Run")
+    seed: int = option(0, "Seed of initialisation, validation samples, data order and every other random draw.",
+                       "Run")
+    seeds: str | None = option(
+        None, "Train one run per seed, such as 0,1,2, each in <out>/seed-<seed> (instead of --seed).", "Run")
     out: str = option("runs/model", "Run directory: checkpoints, metrics, resolved config.", "Run")
     resume: bool = option(False, "Continue the run in --out from its last checkpoint.", "Run")
     overwrite: bool = option(False, "Start over, replacing the run in --out.", "Run")
@@ -83,7 +91,22 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         require(0 <= self.warmup_epochs < self.epochs,
                 f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
         self.milestone_list()
+        self.seed_list()
+
+    def seed_list(self) -> list[int]:
+        """The seeds of --seeds, or just --seed."""
+        if self.seeds is None:
+            return [self.seed]
+        try:
+            seeds = [int(part) for part in str(self.seeds).split(",") if part.strip()]
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated seeds such as 0,1,2, got '{self.seeds}'") from None
+        require(seeds and all(seed >= 0 for seed in seeds) and len(set(seeds)) == len(seeds),
+                f"--seeds must be distinct seeds of 0 or more, got '{self.seeds}'")
+        return seeds
 
     def resumable_changes(self) -> set[str]:
         """Config fields that may change when this run is resumed."""
@@ -126,8 +149,35 @@ def seeded_generator(seed: int, epoch: int, purpose: int, *stream: int) -> torch
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+# The best checkpoint before any epoch, or of a run that keeps no validation samples.
+NO_BEST = {"epoch": None, "top1": None, "selected_on": None}
+
 # Purposes of the per-epoch generators.
-ORDER, NEGATIVES, CRD_MEMORY, SHUFFLE = 0, 1, 2, 3
+ORDER, NEGATIVES, CRD_MEMORY, SHUFFLE, VALIDATION = 0, 1, 2, 3, 4
+
+
+def run_per_seed(options: TrainingOptions, train_one: Callable[[TrainingOptions], dict]) -> dict:
+    """`train_one(options)`, or with --seeds one run per seed in <out>/seed-<seed>: {"seed-<seed>": summary}."""
+    if options.seeds is None:
+        return train_one(options)
+    return {f"seed-{seed}": train_one(dataclasses.replace(options, seed=seed, seeds=None,
+                                                          out=str(Path(options.out) / f"seed-{seed}")))
+            for seed in options.seed_list()}
+
+
+def holdout_split(num_samples: int, options: TrainingOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(training samples, validation samples), sorted: --val-fraction of the split, drawn by --seed."""
+    count = round(options.val_fraction * num_samples)
+    require(count < num_samples, f"--val-fraction {options.val_fraction} leaves no training sample of {num_samples}")
+    shuffled = np.random.default_rng((options.seed, VALIDATION)).permutation(num_samples)
+    return np.sort(shuffled[count:]), np.sort(shuffled[:count])
+
+
+def training_mask(num_samples: int, training: np.ndarray) -> np.ndarray:
+    """True for the samples an epoch trains on."""
+    mask = np.zeros(num_samples, dtype=bool)
+    mask[training] = True
+    return mask
 
 
 class LabelledViews(Dataset):
@@ -232,11 +282,13 @@ class Trainer:
 
     def __init__(self, options: TrainingOptions, model: nn.Module, objective: nn.Module,
                  dataset: ImageDataset | ShardSet, eval_dataset: ImageDataset | ShardSet, policy,
-                 checkpoint_info: dict):
+                 checkpoint_info: dict, validation: np.ndarray | None = None):
         """`dataset` is read by index, unless the objective streams it (then only its normalisation is used);
-        `eval_dataset` is read by index, or streamed when it is a set of shards."""
+        its `validation` samples choose best.pt. `eval_dataset` is read by index, or streamed when it is a set of
+        shards, once after the last epoch."""
         self.options, self.objective = options, objective
         self.dataset, self.eval_dataset, self.policy = dataset, eval_dataset, policy
+        self.validation = np.zeros(0, dtype=np.int64) if validation is None else validation
         self.device = resolve_device(options.device)
         self.model = model.to(self.device)
         self.objective.to(self.device)
@@ -291,7 +343,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("last.pt", "best.pt"):
             (self.checkpoints / stale).unlink(missing_ok=True)
-        return 0, {"epoch": None, "top1": None, "selected_on": self.options.eval_split}
+        return 0, NO_BEST
 
     def epoch_loader(self, epoch: int) -> tuple[DataLoader, int, Callable[[int], None]]:
         """This process's batches of the epoch, how many samples they hold, and what checks the count."""
@@ -335,19 +387,20 @@ class Trainer:
         self.scheduler.step()
         return {name: total / seen for name, total in totals.items()}
 
-    def evaluate(self) -> dict[str, float]:
-        views = (CenterViewStream(self.eval_dataset, self.policy) if isinstance(self.eval_dataset, ShardSet)
-                 else LabelledViews(self.eval_dataset, self.policy, center=True))
-        loader = data_loader(views, self.options.eval_batch_size, self.options.num_workers, self.device)
-        meter = evaluate_model(self.model, loader, self.device, self.eval_dataset.mean, self.eval_dataset.std,
-                               ClassificationMeter())
+    def evaluate(self, dataset: ImageDataset | ShardSet, samples: np.ndarray | None = None) -> dict[str, float]:
+        """Metrics of the centre views of `dataset`, or of its `samples`."""
+        views = (CenterViewStream(dataset, self.policy) if isinstance(dataset, ShardSet)
+                 else LabelledViews(dataset, self.policy, center=True))
+        sampler = None if samples is None else samples.tolist()
+        loader = data_loader(views, self.options.eval_batch_size, self.options.num_workers, self.device, sampler)
+        meter = evaluate_model(self.model, loader, self.device, dataset.mean, dataset.std, ClassificationMeter())
         return meter.result()
 
     def follow_run_dir(self) -> tuple[int, dict]:
         """What the first process's prepare_run_dir decided, for the others: continue from last.pt, or start."""
         if self.options.resume and (self.checkpoints / "last.pt").exists():
             return self.restore()
-        return 0, {"epoch": None, "top1": None, "selected_on": self.options.eval_split}
+        return 0, NO_BEST
 
     def run(self) -> dict:
         """Train, alone or as one of torchrun's processes: each trains on its part of every batch, the
@@ -374,6 +427,10 @@ class Trainer:
 
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.options), sort_keys=False))
         (self.run_dir / "run.json").write_text(json.dumps(self.checkpoint_info, indent=2))
+        keys = getattr(self.dataset, "keys", None)
+        (self.run_dir / "validation.json").write_text(json.dumps({
+            "fraction": self.options.val_fraction, "seed": self.options.seed, "count": len(self.validation),
+            "keys": [keys[i] for i in self.validation] if keys is not None else self.validation.tolist()}))
         epoch_seconds = []
         with Live(str(self.run_dir / "dvclive"), resume=first_epoch > 0, save_dvc_exp=False, dvcyaml=None,
                   report=None) as live, progress_bar("img") as progress:
@@ -386,12 +443,11 @@ class Trainer:
                 train_metrics = self.train_epoch(epoch, step, progress, task)
                 epoch_seconds.append(time.perf_counter() - started)
                 progress.remove_task(task)
-                eval_metrics = self.evaluate()
-                if best["top1"] is None or eval_metrics["top1"] > best["top1"]:
-                    best = {"epoch": epoch + 1, "top1": eval_metrics["top1"], "selected_on": self.options.eval_split}
-                    is_best = True
-                else:
-                    is_best = False
+                line = f"epoch {epoch + 1}/{self.options.epochs}: loss {train_metrics['loss']:.4f}"
+                val_metrics = self.evaluate(self.dataset, self.validation) if len(self.validation) else None
+                is_best = val_metrics is not None and (best["top1"] is None or val_metrics["top1"] > best["top1"])
+                if is_best:
+                    best = {"epoch": epoch + 1, "top1": val_metrics["top1"], "selected_on": "validation"}
                 payload = self.checkpoint_payload(epoch + 1, best)
                 # best.pt first: last.pt is where a resumed run starts, so a kill between the two
                 # writes repeats this epoch, never leaves best.pt behind the best it records.
@@ -401,18 +457,24 @@ class Trainer:
                 live.step = epoch
                 for name, value in train_metrics.items():
                     live.log_metric(f"train/{name}", value)
-                for name in ("top1", "top5", "nll", "ece"):
-                    live.log_metric(f"{self.options.eval_split}/{name}", eval_metrics[name])
+                if val_metrics is not None:
+                    for name in ("top1", "top5", "nll", "ece"):
+                        live.log_metric(f"validation/{name}", val_metrics[name])
+                    line += f", validation top-1 {100 * val_metrics['top1']:.2f}%"
                 live.log_metric("lr", lr)
                 live.log_metric("epoch_seconds", epoch_seconds[-1])
                 live.next_step()
-                console.print(f"epoch {epoch + 1}/{self.options.epochs}: loss {train_metrics['loss']:.4f}, "
-                              f"{self.options.eval_split} top-1 {100 * eval_metrics['top1']:.2f}% "
-                              f"({epoch_seconds[-1]:.1f} s)")
+                console.print(f"{line} ({epoch_seconds[-1]:.1f} s)")
+            # Reported, never selected on: the last epoch's model, once.
+            held_out = self.evaluate(self.eval_dataset)
+            for name in ("top1", "top5", "nll", "ece"):
+                live.summary[f"{self.options.eval_split}/{name}"] = held_out[name]
+            live.make_summary()
+        console.print(f"{self.options.eval_split} top-1 of the last epoch's model: {100 * held_out['top1']:.2f}%")
         summary = {
             "epochs": self.options.epochs,
             "best": best,
-            "last": self.evaluate() if first_epoch == self.options.epochs else eval_metrics,
+            "last": {self.options.eval_split: held_out},
             "train_seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
             "epoch_train_seconds": epoch_seconds,
         }
@@ -421,15 +483,15 @@ class Trainer:
 
 
 class SupervisedObjective(nn.Module):
-    """Cross-entropy on labels, with a fresh random view of every sample each epoch."""
+    """Cross-entropy on labels, with a fresh random view of every training sample each epoch."""
 
-    def __init__(self, num_samples: int, seed: int):
+    def __init__(self, training: np.ndarray, num_samples: int, seed: int):
         super().__init__()
-        self.num_samples, self.seed = num_samples, seed
+        self.trains_on, self.seed = training_mask(num_samples, training), seed
 
     def epoch_data(self, epoch: int, part: Part) -> tuple[None, np.ndarray]:
-        order = torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch, ORDER)).numpy()
-        return None, rank_share(order, part)
+        order = torch.randperm(len(self.trains_on), generator=seeded_generator(self.seed, epoch, ORDER)).numpy()
+        return None, rank_share(order[self.trains_on[order]], part)
 
     def losses(self, logits, features, labels, indices, epoch, targets=None) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(logits, labels)}

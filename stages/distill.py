@@ -20,6 +20,7 @@ from richkd.pipeline.data import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import clip_scale_value, fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
+from richkd.pipeline.runtime import console
 from richkd.pipeline.shards import ShardSet, open_shard_set
 from richkd.pipeline.streaming import ShardStream
 from richkd.pipeline.training import (
@@ -28,12 +29,41 @@ from richkd.pipeline.training import (
     ORDER,
     Trainer,
     TrainingOptions,
+    holdout_split,
+    run_per_seed,
     seeded_generator,
     seeded_model,
+    training_mask,
 )
 from richkd.pipeline.views import policy_from_description
 
-VARIANTS = {"none": (False, False), "L": (True, False), "F": (False, True), "LF": (True, True)}
+
+@dataclass(frozen=True)
+class Variant:
+    """What a run adds to cross-entropy: a logit loss on z_F = teacher_weight z_T + clip_weight z_C (weights from
+    alpha), a feature loss, or both."""
+
+    description: str
+    logits: bool = False
+    features: bool = False
+    teacher_in_logits: bool = True
+    clip_in_logits: bool = True
+
+    def logit_weights(self, alpha: float) -> tuple[float, float]:
+        """(weight of z_T, weight of z_C) in z_F."""
+        teacher = alpha if self.teacher_in_logits else 0.0
+        return teacher, (1 - teacher) * self.clip_in_logits
+
+
+VARIANTS = {
+    "none": Variant("cross-entropy only"),
+    "L": Variant("logit loss on z_F = alpha z_T + (1 - alpha) z_C", logits=True),
+    "F": Variant("CRD on the fused features", features=True),
+    "LF": Variant("both", logits=True, features=True),
+    # Controls from the same cache: what the teacher alone gives, softened as fusing softens it, and CLIP alone.
+    "shrink": Variant("teacher-shrink control: z_F = alpha z_T, no CLIP", logits=True, clip_in_logits=False),
+    "clip": Variant("CLIP-only control: z_F = z_C (alpha unused)", logits=True, teacher_in_logits=False),
+}
 DEFAULT_LOGIT_WEIGHTS = {"kd": 3.0, "dkd": 1.0}
 LOGIT_LOSSES = tuple(DEFAULT_LOGIT_WEIGHTS)
 
@@ -44,7 +74,8 @@ class DistillConfig(TrainingOptions):
     cache_memory: str = option(
         "4GiB", "Memory for cached targets: views that fit are read whole, larger ones streamed.", "Cache")
     variant: str = option(
-        "LF", "none (cross-entropy only), L (logits), F (features) or LF (both).", "Distillation")
+        "LF", "; ".join(f"{name}: {variant.description}" for name, variant in VARIANTS.items()) + ".",
+        "Distillation")
     logit_loss: str = option("kd", "Loss on fused logits: kd or dkd.", "Distillation")
     alpha: float = option(0.7, "Logit fusion weight: z_F = alpha z_T + (1 - alpha) z_C; 1 is plain KD.",
                           "Distillation")
@@ -61,7 +92,11 @@ class DistillConfig(TrainingOptions):
     dkd_alpha: float = option(1.0, "DKD: weight of target-class KD.", "Loss weights")
     dkd_beta: float = option(8.0, "DKD: weight of non-target-class KD.", "Loss weights")
     dkd_warmup: int = option(20, "DKD: epochs over which its weight ramps up linearly.", "Loss weights")
-    nce_k: int = option(16384, "CRD: negatives per sample.", "CRD")
+    feature_start_epoch: int = option(
+        0, "CRD: epochs before the feature loss counts (its memory bank fills meanwhile).", "CRD")
+    feature_warmup_epochs: int = option(
+        0, "CRD: epochs over which the feature loss's weight then ramps up linearly to --feature-weight.", "CRD")
+    nce_k: int = option(16384, "CRD: negatives per sample (clamped below the number of training samples).", "CRD")
     nce_temperature: float = option(0.07, "CRD: NCE temperature.", "CRD")
     nce_momentum: float = option(0.5, "CRD: memory bank momentum.", "CRD")
     embed_dim: int = option(128, "CRD: dimension of the contrastive embedding.", "CRD")
@@ -86,11 +121,18 @@ class DistillConfig(TrainingOptions):
             require(value is None or value >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {value}")
         require(self.dkd_warmup >= 0, f"--dkd-warmup must be 0 or more, got {self.dkd_warmup}")
         require(self.nce_k >= 1, f"--nce-k must be at least 1, got {self.nce_k}")
+        require(self.feature_start_epoch >= 0,
+                f"--feature-start-epoch must be 0 or more, got {self.feature_start_epoch}")
+        require(self.feature_warmup_epochs >= 0,
+                f"--feature-warmup-epochs must be 0 or more, got {self.feature_warmup_epochs}")
         require(self.nce_temperature > 0, f"--nce-temperature must be positive, got {self.nce_temperature}")
         require(0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), got {self.nce_momentum}")
         require(self.embed_dim >= 1, f"--embed-dim must be at least 1, got {self.embed_dim}")
         require(not self.stream or self.dataset == "webdataset",
                 f"--stream reads tar shards: it needs --dataset webdataset, not '{self.dataset}'")
+        require(not self.stream or self.val_fraction == 0,
+                "--stream reads every training sample in turn, none can be held out: pass --val-fraction 0 "
+                "(no best.pt is then kept)")
         require(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         clip_scale_value(self.clip_scale, logit_scale=1.0)  # checks the flag; the store supplies the real scale
         parse_size(self.cache_memory, "--cache-memory")
@@ -112,53 +154,78 @@ class DistillConfig(TrainingOptions):
 
     @property
     def uses_logits(self) -> bool:
-        return VARIANTS[self.variant][0] and self.logit_loss_weight > 0
+        return VARIANTS[self.variant].logits and self.logit_loss_weight > 0
 
     @property
     def uses_features(self) -> bool:
-        return VARIANTS[self.variant][1] and self.feature_weight > 0
+        return VARIANTS[self.variant].features and self.feature_weight > 0
+
+    @property
+    def logit_weights(self) -> tuple[float, float]:
+        return VARIANTS[self.variant].logit_weights(self.alpha)
+
+    def feature_schedule(self, epoch: int) -> float:
+        """Factor of the feature loss's weight in `epoch`: 0 before the start, then a linear ramp to 1."""
+        if epoch < self.feature_start_epoch:
+            return 0.0
+        if not self.feature_warmup_epochs:
+            return 1.0
+        return min((epoch - self.feature_start_epoch + 1) / self.feature_warmup_epochs, 1.0)
 
     def cached_arrays(self) -> tuple[str, ...]:
         """The per-view arrays this run reads: nothing a zero weight makes irrelevant."""
         names = []
         if self.uses_logits:
-            names += ["teacher/logits"] * (self.alpha > 0) + ["clip/logits"] * (self.alpha < 1)
+            teacher_weight, clip_weight = self.logit_weights
+            names += ["teacher/logits"] * (teacher_weight > 0) + ["clip/logits"] * (clip_weight > 0)
         if self.uses_features:
             names += ["teacher/features"] * (self.feature_lam > 0) + ["clip/image_embeds"] * (self.feature_lam < 1)
         return tuple(names)
 
 
-def sample_negatives(labels: np.ndarray, all_labels: np.ndarray, k: int, rng: np.random.Generator) -> torch.Tensor:
-    """k indices per sample, drawn uniformly with replacement from samples of other classes (CRD's 'exact')."""
-    candidates = rng.integers(0, len(all_labels), (len(labels), k))
-    clash = all_labels[candidates] == labels[:, None]
+def sample_negatives(labels: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, k: int,
+                     rng: np.random.Generator) -> torch.Tensor:
+    """k rows of `pool` per sample, drawn uniformly with replacement from those of other classes (CRD's 'exact')."""
+    candidates = rng.integers(0, len(pool), (len(labels), k))
+    clash = pool_labels[candidates] == labels[:, None]
     while clash.any():
-        candidates[clash] = rng.integers(0, len(all_labels), int(clash.sum()))
-        clash = all_labels[candidates] == labels[:, None]
-    return torch.from_numpy(candidates)
+        candidates[clash] = rng.integers(0, len(pool), int(clash.sum()))
+        clash = pool_labels[candidates] == labels[:, None]
+    return torch.from_numpy(pool[candidates])
 
 
 class DistillObjective(nn.Module):
     """Cross-entropy, KD/DKD on fused logits and CRD on fused features, with targets read from the cache."""
 
     def __init__(self, config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int,
-                 shards: ShardSet | None = None, policy=None):
-        """`rows[i]` is the store row of dataset sample i (None: the same order); `shards` are streamed with
-        views made by `policy`, when given, instead of the dataset being read by index."""
+                 training: np.ndarray, shards: ShardSet | None = None, policy=None):
+        """`rows[i]` is the store row of dataset sample i (None: the same order), and the epochs train on the
+        `training` samples; `shards` are streamed with views made by `policy`, when given, instead of the dataset
+        being read by index."""
         super().__init__()
         self.config, self.reader, self.rows = config, reader, rows
         self.shards, self.policy = shards, policy
         self.key_index = reader.key_index() if shards is not None else None
         self.sample_of_row = None if rows is None else np.argsort(rows)
         self.labels = reader.read("labels", 0, reader.layout.samples)  # by store row, as everything below
+        self.training_rows = np.sort(training if rows is None else rows[training])
+        self.training_labels = self.labels[self.training_rows]
+        self.trains_on = training_mask(reader.layout.samples, self.training_rows)
         self.names = config.cached_arrays()
         self.scale = clip_scale_value(config.clip_scale, reader.attrs["clip"]["logit_scale"])
         layout = reader.layout
         views_held = min(2, layout.views)  # the current view and the next one, loaded ahead
         self.in_memory = reader.fits_in_memory(self.names, parse_size(config.cache_memory) // views_held)
         self.crd = None
+        self.nce_k = config.nce_k
         if config.uses_features:
-            require(len(np.unique(self.labels)) > 1, "CRD needs at least two classes to draw negatives from")
+            require(len(np.unique(self.training_labels)) > 1,
+                    "CRD needs at least two classes to draw negatives from")
+            # Negatives are the other training samples: more of them than there are only repeats the same rows.
+            if self.nce_k >= len(self.training_rows):
+                self.nce_k = len(self.training_rows) - 1
+                console.print(f"--nce-k {config.nce_k} is not below the {len(self.training_rows)} training samples: "
+                              f"CRD draws {self.nce_k} negatives per sample")
             memory_init = seeded_generator(config.seed, 0, CRD_MEMORY)
             self.crd = FusedCRD(student_dim, layout.teacher_dim, layout.clip_dim, num_data=layout.samples,
                                 lam=config.feature_lam, embed_dim=config.embed_dim,
@@ -198,8 +265,10 @@ class DistillObjective(nn.Module):
                                self.config.shuffle_buffer, self.config.seed, epoch)
         if self.in_memory and part.count == 1:
             order = torch.randperm(layout.samples, generator=order_generator).numpy()
+            order = order[self.trains_on[order]]
         else:  # shard by shard: read front to back, and each of several processes reads only its shards
-            order = shard_share(block_shuffled_order(layout, order_generator), layout, part)
+            order = block_shuffled_order(layout, order_generator)
+            order = shard_share(order[self.trains_on[order]], layout, part)
         if self.names:
             self._open_targets(view, order)
             next_view = (epoch + 1) % layout.views
@@ -222,8 +291,9 @@ class DistillObjective(nn.Module):
             targets = self.targets.gather(indices.numpy())
         targets = {name: values.to(device, non_blocking=True) for name, values in targets.items()}
         if config.uses_logits:
-            fused = fuse_logits(targets.get("teacher/logits"), targets.get("clip/logits"), config.alpha, self.scale,
-                                config.standardize)
+            teacher_weight, clip_weight = config.logit_weights
+            fused = fuse_logits(targets.get("teacher/logits"), targets.get("clip/logits"), teacher_weight, self.scale,
+                                config.standardize, clip_weight)
             if config.logit_loss == "kd":
                 terms["logit"] = config.logit_loss_weight * kd_loss(logits, fused, config.temperature)
             else:
@@ -231,9 +301,10 @@ class DistillObjective(nn.Module):
                 terms["logit"] = config.logit_loss_weight * warmup * dkd_loss(
                     logits, fused, labels, config.dkd_alpha, config.dkd_beta, config.temperature)
         if self.crd is not None:
-            negatives = sample_negatives(self.labels[indices.numpy()], self.labels, config.nce_k, self.negatives)
+            negatives = sample_negatives(self.labels[indices.numpy()], self.training_rows, self.training_labels,
+                                         self.nce_k, self.negatives)
             contrast_index = torch.cat([indices[:, None], negatives], dim=1).to(device)
-            terms["feature"] = config.feature_weight * self.crd(
+            terms["feature"] = config.feature_weight * config.feature_schedule(epoch) * self.crd(
                 features, targets.get("teacher/features"), targets.get("clip/image_embeds"),
                 indices.to(device), contrast_index)
         return terms
@@ -246,6 +317,10 @@ class DistillObjective(nn.Module):
 
 
 def run(config: DistillConfig) -> dict:
+    return run_per_seed(config, distill_one)
+
+
+def distill_one(config: DistillConfig) -> dict:
     reader = CacheReader(config.cache)
     reader.require_complete()
     policy = policy_from_description(reader.attrs["views"])
@@ -260,8 +335,9 @@ def run(config: DistillConfig) -> dict:
         rows = reader.rows_of(dataset)
         eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
-    objective = DistillObjective(config, reader, rows, model.feature_dim, shards, policy)
+    training, validation = holdout_split(reader.layout.samples if shards is not None else len(dataset), config)
+    objective = DistillObjective(config, reader, rows, model.feature_dim, training, shards, policy)
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "distill",
             "class_names": list(dataset.class_names), "view_policy": reader.attrs["views"],
             "cache": {key: reader.attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout")}}
-    return Trainer(config, model, objective, dataset, eval_dataset, policy, info).run()
+    return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation).run()

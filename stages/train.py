@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 from richkd.pipeline.config import ViewOptions
 from richkd.pipeline.data import open_dataset
-from richkd.pipeline.training import SupervisedObjective, Trainer, TrainingOptions, seeded_model
+from richkd.pipeline.training import (
+    SupervisedObjective,
+    Trainer,
+    TrainingOptions,
+    holdout_split,
+    run_per_seed,
+    seeded_model,
+)
 from richkd.pipeline.views import describe_policy, make_view_policy
 
 
@@ -20,11 +27,16 @@ class TrainConfig(TrainingOptions, ViewOptions):
 
 
 def run(config: TrainConfig) -> dict:
+    return run_per_seed(config, train_one)
+
+
+def train_one(config: TrainConfig) -> dict:
     dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
     eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
     policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size)
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "train",
             "class_names": list(dataset.class_names), "view_policy": describe_policy(policy)}
-    objective = SupervisedObjective(len(dataset), config.seed)
-    return Trainer(config, model, objective, dataset, eval_dataset, policy, info).run()
+    training, validation = holdout_split(len(dataset), config)
+    objective = SupervisedObjective(training, len(dataset), config.seed)
+    return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation).run()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from conftest import TINY_CLIP
 
 from richkd.pipeline.cli import run_cli
 from richkd.pipeline.demo import write_demo
+from richkd.pipeline.models import read_checkpoint
 
 CHANCE = 1 / 8
 OPTIMISATION = ["--batch-size", "32", "--schedule", "cosine", "--epochs", "6", "--num-workers", "0",
@@ -46,7 +49,7 @@ def demo_cache(tiny_world, tmp_path_factory):
 def test_teacher_learns(demo_cache):
     root, _ = demo_cache
     summary = json.loads((root / "teacher" / "summary.json").read_text())
-    assert summary["best"]["top1"] > 4 * CHANCE and summary["best"]["selected_on"] == "test"
+    assert summary["best"]["top1"] > 4 * CHANCE and summary["best"]["selected_on"] == "validation"
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -58,16 +61,16 @@ def test_every_variant_learns_from_the_cache(demo_cache, variant, capsys):
     summary = json.loads((run / "summary.json").read_text())
 
     capsys.readouterr()
-    assert run_cli(["evaluate", *data, "--checkpoint", str(run / "checkpoints" / "best.pt"), "--json",
+    assert run_cli(["evaluate", *data, "--checkpoint", str(run / "checkpoints" / "last.pt"), "--json",
                     "--num-workers", "0", "--device", "cpu", "--output", str(run / "eval.json")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((run / "eval.json").read_text())
     assert report["top1"] > 2 * CHANCE, f"{variant} did not learn: {report['top1']:.3f}"
-    assert report["top1"] == pytest.approx(summary["best"]["top1"])  # the same held-out images, the same views
+    assert report["top1"] == pytest.approx(summary["last"]["test"]["top1"])  # the same images, the same views
     assert report["count"] == 400 and len(report["per_class_accuracy"]) == 8
     assert 0 <= report["confidently_wrong"] <= 1 - report["top1"]
 
-    logged = (run / "dvclive" / "plots" / "metrics" / "test" / "top1.tsv").read_text().splitlines()
+    logged = (run / "dvclive" / "plots" / "metrics" / "validation" / "top1.tsv").read_text().splitlines()
     assert len(logged) == 1 + 6
     run_info = json.loads((run / "run.json").read_text())
     assert run_info["cache"]["teacher"]["arch"] == "wrn_16_1" and run_info["kind"] == "distill"
@@ -103,3 +106,52 @@ def test_report_compares_targets_and_students(demo_cache, tiny_world):
     for figure in ("accuracy", "reliability", "confidence", "alpha_sweep"):
         with Image.open(out / f"{figure}.png") as image:
             assert image.size[0] > 400 and image.size[1] > 200
+
+
+def test_teacher_shrink_is_kd_on_the_shrunk_teacher_logits_exactly(demo_cache):
+    """The control that separates CLIP's part of z_F from the softening that alpha < 1 brings on its own."""
+    from richkd.cache.reader import CacheReader
+    from richkd.pipeline.config import build_config
+    from richkd.pipeline.distributed import Part
+    from richkd.pipeline.losses import kd_loss
+    from richkd.stages.distill import DistillConfig, DistillObjective
+
+    root, _ = demo_cache
+    reader = CacheReader(str(root / "cache.zarr"))
+    config = build_config(DistillConfig, "distill", overrides={
+        "variant": "shrink", "alpha": 0.7, "temperature": 3.0, "cache": str(root / "cache.zarr")})
+    assert config.cached_arrays() == ("teacher/logits",)  # CLIP is never read
+    objective = DistillObjective(config, reader, None, 64, training=np.arange(reader.layout.samples))
+    _, order = objective.epoch_data(0, Part())
+    indices = torch.from_numpy(order[:32])
+    labels = torch.from_numpy(objective.labels[order[:32]])
+    student = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    terms = objective.losses(student, torch.zeros(32, 64), labels, indices, epoch=0)
+    teacher_logits = torch.from_numpy(reader.read("teacher/logits", 0, reader.layout.samples, 0)[order[:32]]).float()
+    assert torch.equal(terms["logit"], 3.0 * kd_loss(student, 0.7 * teacher_logits, 3.0))
+    assert set(terms) == {"ce", "logit"}
+
+
+def test_a_feature_loss_that_has_not_started_leaves_cross_entropy_training_unchanged(demo_cache, capsys):
+    """Before --feature-start-epoch CRD only fills its memory: the student is bit-identical to the CE-only one.
+    An --nce-k above the number of training samples is clamped, with a message."""
+    root, data = demo_cache
+    common = [*data, *OPTIMISATION[:-5], "--epochs", "2", "--num-workers", "0", "--device", "cpu",
+              "--arch", "resnet8", "--cache", str(root / "cache.zarr")]
+    assert run_cli(["distill", *common, "--variant", "none", "--out", str(root / "ce_only")]) == 0
+    capsys.readouterr()
+    assert run_cli(["distill", *common, "--variant", "F", "--feature-start-epoch", "2", "--nce-k", "100000",
+                    "--out", str(root / "f_later")]) == 0
+    assert "--nce-k 100000 is not below the 1800 training samples: CRD draws 1799 negatives" in capsys.readouterr().out
+    ce_only, _ = read_checkpoint(root / "ce_only" / "checkpoints" / "last.pt")
+    f_later, _ = read_checkpoint(root / "f_later" / "checkpoints" / "last.pt")
+    assert all(torch.equal(ce_only[key], f_later[key]) for key in ce_only)
+
+
+def test_the_feature_loss_ramps_in_after_its_start():
+    from richkd.pipeline.config import build_config
+    from richkd.stages.distill import DistillConfig
+
+    config = build_config(DistillConfig, "distill", overrides={"feature_start_epoch": 2, "feature_warmup_epochs": 4})
+    assert [config.feature_schedule(epoch) for epoch in range(8)] == [0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    assert build_config(DistillConfig, "distill").feature_schedule(0) == 1
