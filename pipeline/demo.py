@@ -4,6 +4,9 @@ Generated deterministically from (seed, split, index), offline. Colour, size, po
 and noise vary independently of the class, so the class is in the shape alone. The caption names the
 object and some of its other attributes ("a photo of a small red kite in the top left"), which is
 what a vision-language model trained on the captions learns from.
+
+Besides the labelled `train` and `test` splits there is an unlabelled `pool` of captioned images, as
+in RichKD's setting: the teacher learns from a few labels, CLIP from many more image-text pairs.
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ BACKGROUNDS = {
     "dark blue": (20, 30, 80), "grey": (128, 128, 128), "light grey": (200, 200, 200), "brown": (110, 70, 40),
     "dark green": (20, 70, 30), "beige": (225, 210, 170), "dark": (35, 35, 35), "sky blue": (140, 190, 235),
 }
+# Object radii in pixels of a 32-pixel image; other sides scale them.
 SIZES = {"small": (5.0, 7.5), "medium": (7.5, 10.0), "large": (10.0, 13.0)}
-SPLITS = {"train": 0, "test": 1}
-SIDE = 32
+SPLITS = {"train": 0, "test": 1, "pool": 2}
+# The pool's images carry captions but no labels: one folder, so an image folder reader sees one class.
+POOL_SPLIT, POOL_FOLDER = "pool", "unlabelled"
+SIDE = 16
 SUPERSAMPLE = 4
 
 
 @dataclass
 class DemoSample:
-    image: np.ndarray  # uint8 (32, 32, 3)
+    image: np.ndarray  # uint8 (side, side, 3)
     label: int
     caption: str
 
@@ -73,8 +79,8 @@ def _shape_polygons(name: str, cx: float, cy: float, r: float, angle: float) -> 
     raise KeyError(name)
 
 
-def _position_words(cx: float, cy: float) -> str:
-    third = SIDE / 3
+def _position_words(cx: float, cy: float, side: int) -> str:
+    third = side / 3
     row = ("top", "", "bottom")[min(int(cy // third), 2)]
     column = ("left", "", "right")[min(int(cx // third), 2)]
     if row and column:
@@ -84,28 +90,29 @@ def _position_words(cx: float, cy: float) -> str:
     return f"on the {column}" if column else "in the centre"
 
 
-def demo_sample(seed: int, split: str, index: int) -> DemoSample:
+def demo_sample(seed: int, split: str, index: int, side: int = SIDE) -> DemoSample:
     """Sample `index` of `split`: the same pixels and caption on every machine."""
     rng = np.random.default_rng((seed, SPLITS[split], index))
+    unit = side / 32  # geometry is drawn in a 32-pixel image's units
     label = int(rng.integers(len(CLASS_NAMES)))
     name = CLASS_NAMES[label]
     colour_name = str(rng.choice(list(COLOURS)))
     background_name = str(rng.choice([b for b in BACKGROUNDS if _contrast(BACKGROUNDS[b], COLOURS[colour_name])]))
     size_name = str(rng.choice(list(SIZES)))
-    radius = rng.uniform(*SIZES[size_name])
-    cx, cy = (rng.uniform(radius + 1, SIDE - radius - 1) for _ in range(2))
+    radius = rng.uniform(*SIZES[size_name]) * unit
+    cx, cy = (rng.uniform(radius + unit, side - radius - unit) for _ in range(2))
     angle = rng.uniform(-0.4, 0.4)
 
     scale = SUPERSAMPLE
     top, bottom = np.array(BACKGROUNDS[background_name]), np.array(BACKGROUNDS[background_name]) * rng.uniform(0.6, 1.3)
-    gradient = np.linspace(0, 1, SIDE * scale)[:, None, None]
+    gradient = np.linspace(0, 1, side * scale)[:, None, None]
     canvas = (top * (1 - gradient) + bottom * gradient).clip(0, 255)
-    canvas = np.broadcast_to(canvas, (SIDE * scale, SIDE * scale, 3)).astype(np.uint8)
+    canvas = np.broadcast_to(canvas, (side * scale, side * scale, 3)).astype(np.uint8)
     picture = Image.fromarray(np.ascontiguousarray(canvas))
     draw = ImageDraw.Draw(picture)
     # A faint distractor blob of another colour, so colour patches alone do not give the object away.
     blob_colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-    bx, by, br = rng.uniform(0, SIDE) * scale, rng.uniform(0, SIDE) * scale, rng.uniform(1.5, 3) * scale
+    bx, by, br = rng.uniform(0, side) * scale, rng.uniform(0, side) * scale, rng.uniform(1.5, 3) * unit * scale
     draw.ellipse([bx - br, by - br, bx + br, by + br], fill=blob_colour)
     colour = tuple(int(c) for c in np.clip(np.array(COLOURS[colour_name]) + rng.normal(0, 12, 3), 0, 255))
     background = tuple(int(c) for c in canvas[int(cy * scale), int(cx * scale)])
@@ -121,10 +128,11 @@ def demo_sample(seed: int, split: str, index: int) -> DemoSample:
             shift = radius * scale * 0.55
             x0, y0, x1, y1 = coords
             draw.ellipse([x0 + shift, y0 - shift * 0.3, x1 + shift, y1 - shift * 0.3], fill=background)
-    small = picture.resize((SIDE, SIDE), Image.Resampling.LANCZOS)
-    noisy = np.asarray(small, dtype=np.float32) + rng.normal(0, rng.uniform(3, 15), (SIDE, SIDE, 3))
+    small = picture.resize((side, side), Image.Resampling.LANCZOS)
+    noisy = np.asarray(small, dtype=np.float32) + rng.normal(0, rng.uniform(3, 15), (side, side, 3))
     image = np.clip(noisy, 0, 255).astype(np.uint8)
-    caption = _caption(rng, name.replace("_", " "), size_name, colour_name, _position_words(cx, cy), background_name)
+    caption = _caption(rng, name.replace("_", " "), size_name, colour_name, _position_words(cx, cy, side),
+                       background_name)
     return DemoSample(image, label, caption)
 
 
@@ -133,12 +141,12 @@ def _caption(rng: np.random.Generator, name: str, size: str, colour: str, positi
 
     Since only the name is always there, matching captions to images needs the shape, not just the colours.
     """
-    words = [word for word, keep in ((size, rng.random() < 0.5), (colour, rng.random() < 0.6)) if keep]
+    words = [word for word, keep in ((size, rng.random() < 0.3), (colour, rng.random() < 0.3)) if keep]
     noun = " ".join([*words, name])
     article = "an" if noun[0] in "aeiou" else "a"
     prefix = str(rng.choice(["", "a photo of ", "a picture of ", "an image of "]))
-    tail = [part for part, keep in ((position, rng.random() < 0.4), (f"on a {background} background",
-                                                                      rng.random() < 0.3)) if keep]
+    tail = [part for part, keep in ((position, rng.random() < 0.2), (f"on a {background} background",
+                                                                      rng.random() < 0.15)) if keep]
     return " ".join([f"{prefix}{article} {noun}", *tail])
 
 
@@ -146,19 +154,23 @@ def _contrast(a, b) -> bool:
     return float(np.abs(np.array(a) - np.array(b)).sum()) > 150
 
 
-def write_demo(root: str | Path, train: int, test: int, seed: int = 0) -> None:
-    """The demo as an image folder (`root/<split>/<class>/<index>.png`) with `root/<split>/captions.json`."""
+def write_demo(root: str | Path, train: int, test: int, pool: int = 0, seed: int = 0, side: int = SIDE) -> None:
+    """The demo as an image folder (`root/<split>/<class>/<index>.png`) with `root/<split>/captions.json`;
+    the unlabelled pool's images are all in `root/pool/unlabelled/`."""
     root = Path(root)
-    total = train + test
     with progress_bar("img") as progress:
-        task = progress.add_task("demo images", total=total)
-        for split, count in (("train", train), ("test", test)):
+        task = progress.add_task("demo images", total=train + test + pool)
+        for split, count in (("train", train), ("test", test), (POOL_SPLIT, pool)):
+            if not count:
+                continue
             captions = {}
-            for name in CLASS_NAMES:
+            folders = (POOL_FOLDER,) if split == POOL_SPLIT else CLASS_NAMES
+            for name in folders:
                 (root / split / name).mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                sample = demo_sample(seed, split, index)
-                key = f"{CLASS_NAMES[sample.label]}/{index:06d}.png"
+                sample = demo_sample(seed, split, index, side)
+                folder = POOL_FOLDER if split == POOL_SPLIT else CLASS_NAMES[sample.label]
+                key = f"{folder}/{index:06d}.png"
                 Image.fromarray(sample.image).save(root / split / key)
                 captions[key] = sample.caption
                 progress.advance(task)
@@ -167,8 +179,9 @@ def write_demo(root: str | Path, train: int, test: int, seed: int = 0) -> None:
 
 @register_dataset("demo")
 def open_demo(root: Path, split: str, download: bool) -> ImageDataset:
-    """The demo as written by `richkd demo`: an image folder of 32 x 32 images."""
+    """The demo as written by `richkd demo`: an image folder of square images of one side."""
     if download or not (root / split).is_dir():
         raise UserError(f"no demo data under {root}: generate it with `richkd demo --out {root}` "
                         "(it is generated, never downloaded)")
-    return dataclasses.replace(open_image_folder(root, split), name="demo", native_size=SIDE)
+    dataset = open_image_folder(root, split)
+    return dataclasses.replace(dataset, name="demo", native_size=int(dataset.image(0).shape[-1]))

@@ -107,7 +107,14 @@ def run(config: TrainClipConfig) -> dict:
     train_views = LabelledViews(dataset, policy, center=True)
     eval_loader = data_loader(LabelledViews(eval_dataset, policy, center=True), config.batch_size,
                               config.num_workers, device)
-    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # As open_clip's training does: no decay on gains, biases and the temperature, which decay would pull to 0.
+    def decays(name: str, parameter: torch.Tensor) -> bool:
+        return parameter.ndim >= 2 and not any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
+
+    named = list(clip.model.named_parameters())
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
     warmup, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
 
