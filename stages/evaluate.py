@@ -2,10 +2,14 @@
 
 With `--corruptions`, also its robustness: accuracy under the common corruptions of CIFAR-10-C / ImageNet-C
 at each severity, made on the fly from the centre views or read from the published `.npy` files.
+
+`--checkpoint` may be a glob pattern matching every seed of a run: the data and views are set up once (process
+start-up is a large part of an evaluation), and each checkpoint is evaluated in turn, in seed order.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,7 @@ from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
 from richkd.pipeline.runtime import autocast, progress_bar, resolve_device
 from richkd.pipeline.training import LabelledViews, data_loader, evaluate_model
-from richkd.pipeline.views import make_view_policy, policy_from_description
+from richkd.pipeline.views import ViewPolicy, make_view_policy, policy_from_description
 
 # The uncorrupted images, evaluated with the corrupted ones.
 CLEAN = ("clean", 0)
@@ -38,15 +42,17 @@ CLEAN = ("clean", 0)
 
 @dataclass
 class EvaluateConfig(DataOptions, ExecutionOptions):
-    checkpoint: str | None = option(None, "Checkpoint from train or distill, or a teacher checkpoint (required).",
-                                    "Model")
+    checkpoint: str | None = option(
+        None, "Checkpoint from train or distill, or a teacher checkpoint (required); or a glob pattern such as "
+        "'runs/kd/seed-*/checkpoints/last.pt' to evaluate every seed of a run in one process.", "Model")
     arch: str | None = option(None, "Architecture, for checkpoints that do not record it (e.g. mdistiller's).",
                               "Model")
     split: str = option("test", "Split to evaluate.", "Data")
     image_size: int | None = option(None, "Evaluation image side, for checkpoints that do not record it.", "Data")
     confidence_threshold: float = option(
         0.9, "Confidence at or above which a prediction counts as confident.", "Metrics")
-    output: str | None = option(None, "Write the metrics to this JSON file.", "Output")
+    output: str | None = option(
+        None, "Write the metrics to this JSON file (several checkpoints: {\"seeds\": [one result each]}).", "Output")
     json: bool = option(False, "Print the metrics as JSON instead of a table.", "Output")
     batch_size: int = option(256, "Images per forward pass.", "Execution")
     corruptions: str | None = option(
@@ -86,46 +92,85 @@ class EvaluateConfig(DataOptions, ExecutionOptions):
 def run(config: EvaluateConfig) -> dict:
     device = resolve_device(config.device)
     dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
-    _, saved = read_checkpoint(config.checkpoint)
-    arch = saved.get("arch") or config.arch
-    if arch is None:
-        raise UserError(f"checkpoint {config.checkpoint} does not record its architecture: pass --arch")
-    model = create_model(arch, len(dataset.class_names))
-    load_checkpoint(model, config.checkpoint)
-    model.to(device)
-    if "view_policy" in saved:
-        policy = policy_from_description(saved["view_policy"])
-    else:
-        policy = make_view_policy("auto", dataset.native_size, config.image_size)
+    checkpoints = find_checkpoints(config.checkpoint)
+    policy = evaluation_policy(checkpoints, dataset.native_size, config.image_size)
     names = config.corruption_names()
     published = open_published(config.corrupted_root, names, dataset.labels, policy.size) if names else None
     views = LabelledViews(dataset, policy, center=True)
     loader = data_loader(views, config.batch_size, config.num_workers, device)
-    meter = ClassificationMeter(confidence_threshold=config.confidence_threshold,
-                                num_classes=len(dataset.class_names))
-    evaluate_model(model, loader, device, dataset.mean, dataset.std, meter)
-    report = {
-        "checkpoint": config.checkpoint,
-        "arch": arch,
-        "dataset": dataset.name,
-        "split": dataset.split,
-        "confidence_threshold": config.confidence_threshold,
-        **meter.result(),
-        "per_class_accuracy": dict(zip(dataset.class_names, meter.per_class_accuracy())),
-        "reliability": meter.reliability(),
-    }
-    if names:
-        report["robustness"] = evaluate_robustness(config, model, views, device, policy.size, names, published)
+    results = []
+    for path, saved in checkpoints:
+        arch = saved.get("arch") or config.arch
+        if arch is None:
+            raise UserError(f"checkpoint {path} does not record its architecture: pass --arch")
+        model = create_model(arch, len(dataset.class_names))
+        load_checkpoint(model, path)
+        model.to(device)
+        meter = ClassificationMeter(confidence_threshold=config.confidence_threshold,
+                                    num_classes=len(dataset.class_names))
+        evaluate_model(model, loader, device, dataset.mean, dataset.std, meter)
+        result = {
+            "checkpoint": path,
+            "seed": checkpoint_seed(saved),
+            "arch": arch,
+            "dataset": dataset.name,
+            "split": dataset.split,
+            "confidence_threshold": config.confidence_threshold,
+            **meter.result(),
+            "per_class_accuracy": dict(zip(dataset.class_names, meter.per_class_accuracy())),
+            "reliability": meter.reliability(),
+        }
+        if names:
+            result["robustness"] = evaluate_robustness(config, model, views, device, policy.size, names, published)
+        results.append(result)
+    # One checkpoint keeps the format of a single evaluation, which `richkd report` also reads as one seed.
+    report = results[0] if len(results) == 1 else {"seeds": results}
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps(report, indent=2))
     if config.json:
         print(json.dumps(report, indent=2))
     else:
-        print_report(report)
-        if "robustness" in report:
-            print_robustness(report["robustness"])
+        for result in results:
+            print_report(result)
+            if "robustness" in result:
+                print_robustness(result["robustness"])
     return report
+
+
+def checkpoint_seed(saved: dict) -> int | None:
+    """The seed a training run recorded in its checkpoint (None for checkpoints of other tools)."""
+    config = saved.get("config")
+    return config.get("seed") if isinstance(config, dict) else None
+
+
+def find_checkpoints(pattern: str) -> list[tuple[str, dict]]:
+    """(path, the checkpoint's entries besides its weights) of every checkpoint `pattern` matches, by seed."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise UserError(f"no checkpoint matches {pattern}")
+    by_seed: dict[int | None, tuple[str, dict]] = {}
+    for path in paths:
+        saved = read_checkpoint(path)[1]
+        seed = checkpoint_seed(saved)
+        if seed in by_seed:
+            which = "record no seed" if seed is None else f"have seed {seed}"
+            raise UserError(f"checkpoints {by_seed[seed][0]} and {path} both {which}: evaluate each seed of a run once")
+        by_seed[seed] = path, saved
+    return [by_seed[seed] for seed in sorted(by_seed, key=lambda seed: (seed is None, seed or 0))]
+
+
+def evaluation_policy(checkpoints: list[tuple[str, dict]], native_size: int | None,
+                      image_size: int | None) -> ViewPolicy:
+    """The centre views every checkpoint is evaluated on: those it was trained on, the same for all of them."""
+    (first, saved), *others = checkpoints
+    for path, other in others:
+        if other.get("view_policy") != saved.get("view_policy"):
+            raise UserError(f"checkpoints {first} and {path} were trained on different views "
+                            f"({saved.get('view_policy')} and {other.get('view_policy')}): evaluate them separately")
+    if "view_policy" in saved:
+        return policy_from_description(saved["view_policy"])
+    return make_view_policy("auto", native_size, image_size)
 
 
 def open_published(root: str | None, names: list[str], labels, side: int) -> PublishedCorruptions | None:
@@ -193,7 +238,8 @@ def evaluate_robustness(config: EvaluateConfig, model, views: LabelledViews, dev
 
 
 def print_report(report: dict) -> None:
-    table = Table(title=f"{report['arch']} on {report['dataset']} / {report['split']} ({report['count']} images)",
+    seed = "" if report["seed"] is None else f" seed {report['seed']}"
+    table = Table(title=f"{report['arch']}{seed} on {report['dataset']} / {report['split']} ({report['count']} images)",
                   title_justify="left")
     for column in ("top-1", "top-5", "NLL", "ECE", f"confident-correct (>= {report['confidence_threshold']})",
                    "confidently-wrong"):

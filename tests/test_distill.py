@@ -95,14 +95,14 @@ def test_report_compares_targets_and_students(demo_cache, tiny_world):
     assert run_cli(["report", "--evals", str(evals), "--runs", "teacher", "--runs", "none", "--runs", "LF",
                     "--test-cache", str(test_cache), "--out", str(out)]) == 0
 
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())["runs"]
     assert list(metrics) == ["teacher", "CLIP zero-shot (12 prompts)", "fused targets (alpha 0.7, raw)", "none", "LF"]
     teacher = json.loads((evals / "teacher.json").read_text())
-    assert metrics["teacher"]["top1"] == teacher["top1"]
+    assert metrics["teacher"]["top1"] == {"mean": teacher["top1"], "ci95": None, "n_seeds": 1}
     # The centre-view test cache holds the same teacher: its fused targets at alpha 1 would be the teacher.
-    assert metrics["fused targets (alpha 0.7, raw)"]["top1"] == pytest.approx(teacher["top1"], abs=0.05)
+    assert metrics["fused targets (alpha 0.7, raw)"]["top1"]["mean"] == pytest.approx(teacher["top1"], abs=0.05)
     table = (out / "report.md").read_text()
-    assert "| *teacher* |" in table and "| LF |" in table and f"{100 * teacher['top1']:.2f}%" in table
+    assert "| *teacher* |" in table and "| LF |" in table and f"{100 * teacher['top1']:.1f}%" in table
     for figure in ("accuracy", "reliability", "confidence", "alpha_sweep"):
         with Image.open(out / f"{figure}.png") as image:
             assert image.size[0] > 400 and image.size[1] > 200
