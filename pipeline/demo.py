@@ -34,8 +34,8 @@ BACKGROUNDS = {
     "dark blue": (20, 30, 80), "grey": (128, 128, 128), "light grey": (200, 200, 200), "brown": (110, 70, 40),
     "dark green": (20, 70, 30), "beige": (225, 210, 170), "dark": (35, 35, 35), "sky blue": (140, 190, 235),
 }
-# Object radii in pixels of a 32-pixel image; other sides scale them.
-SIZES = {"small": (5.0, 7.5), "medium": (7.5, 10.0), "large": (10.0, 13.0)}
+# Object radii as shares of the image side.
+SIZES = {"small": (0.22, 0.28), "medium": (0.28, 0.34), "large": (0.34, 0.40)}
 SPLITS = {"train": 0, "test": 1, "pool": 2}
 # The pool's images carry captions but no labels: one folder, so an image folder reader sees one class.
 POOL_SPLIT, POOL_FOLDER = "pool", "unlabelled"
@@ -99,7 +99,7 @@ def demo_sample(seed: int, split: str, index: int, side: int = SIDE) -> DemoSamp
     colour_name = str(rng.choice(list(COLOURS)))
     background_name = str(rng.choice([b for b in BACKGROUNDS if _contrast(BACKGROUNDS[b], COLOURS[colour_name])]))
     size_name = str(rng.choice(list(SIZES)))
-    radius = rng.uniform(*SIZES[size_name]) * unit
+    radius = rng.uniform(*SIZES[size_name]) * side
     cx, cy = (rng.uniform(radius + unit, side - radius - unit) for _ in range(2))
     angle = rng.uniform(-0.4, 0.4)
 
