@@ -51,7 +51,7 @@ def main() -> None:
                       for seed in args.seeds.split(",")]
     baseline = top1[next(iter(schedules))]
     print(f"\ntop-1 on the test split, {len(baseline)} seeds, {demo['epochs']} epochs (mean, 95% interval):")
-    print(f"| schedule | top-1 | vs ce (paired) |\n|---|---:|---:|")
+    print("| schedule | top-1 | vs ce (paired) |\n|---|---:|---:|")
     for name, values in top1.items():
         own = estimate(values)
         paired = estimate([value - base for value, base in zip(values, baseline)])

@@ -10,7 +10,7 @@ import hashlib
 import json
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -150,19 +150,32 @@ _cifar("cifar10", torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.247
 _cifar("cifar100", torchvision.datasets.CIFAR100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
 
 
+# Decoded images each process keeps, so that a small dataset is decoded once, not once an epoch.
+DECODED_IMAGES_BYTES = 256 * 2**20
+
+
 @dataclass
 class FolderImages:
-    """Index -> CHW uint8 tensor, decoding the file with torchvision's ImageFolder loader."""
+    """Index -> CHW uint8 tensor, decoding the file with torchvision's ImageFolder loader; the first
+    DECODED_IMAGES_BYTES of decoded images are kept in memory."""
 
     paths: list[str]
     loader: Callable
+    decoded: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    decoded_bytes: int = 0
 
     def __call__(self, index: int) -> torch.Tensor:
+        if index in self.decoded:
+            return self.decoded[index]
         path = self.paths[index]
         try:
-            return TF.pil_to_tensor(self.loader(path))
+            image = TF.pil_to_tensor(self.loader(path))
         except Exception as error:
             raise UserError(f"cannot read image {path}: {error}") from error
+        if self.decoded_bytes + image.numel() <= DECODED_IMAGES_BYTES:
+            self.decoded[index] = image
+            self.decoded_bytes += image.numel()
+        return image
 
 
 @register_dataset("imagefolder")

@@ -134,7 +134,8 @@ def make_view_policy(name: str, native_size: int | None, image_size: int | None)
     if name == "pad_crop":
         if native_size is None and image_size is None:
             raise UserError("view policy pad_crop needs --image-size for a dataset whose images may differ in size")
-        return PadCrop(size=image_size or native_size)
+        size = image_size or native_size
+        return PadCrop(size=size, padding=max(1, size // 8))  # CIFAR's 4 pixels of 32, at any side
     return ResizedCrop(size=image_size or DEFAULT_RESIZED_SIZE)
 
 

@@ -15,21 +15,29 @@ from richkd.pipeline.errors import UserError
 
 def test_demo_is_deterministic_and_varied(tmp_path):
     for out in ("a", "b"):
-        assert run_cli(["demo", "--out", str(tmp_path / out), "--train", "64", "--test", "16"]) == 0
+        assert run_cli(["demo", "--out", str(tmp_path / out), "--train", "64", "--test", "16", "--pool", "24"]) == 0
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 64 + 16 + 2
+    assert files_a == files_b and len(files_a) == 64 + 16 + 24 + 3
     for path in files_a:
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
 
     train = open_dataset("demo", tmp_path / "a", "train")
-    assert train.native_size == 32 and sorted(train.class_names) == sorted(CLASS_NAMES)
+    assert train.native_size == 16 and sorted(train.class_names) == sorted(CLASS_NAMES)
     captions = read_captions(tmp_path / "a" / "train" / "captions.json", train.keys)
     for key, caption, label in zip(train.keys, captions, train.labels):
         assert train.class_names[label].replace("_", " ") in caption and key.startswith(train.class_names[label])
     images = np.stack([train.image(i).numpy() for i in range(len(train))])
-    assert images.shape == (64, 3, 32, 32) and images.std() > 30
-    assert len(set(captions)) > 50 and len(set(train.labels.tolist())) == 8
+    assert images.shape == (64, 3, 16, 16) and images.std() > 30
+    assert len(set(captions)) > 30 and len(set(train.labels.tolist())) == 8
+
+    # The pool: captioned images in one folder, so that nothing in the layout gives their classes away.
+    pool = open_dataset("demo", tmp_path / "a", "pool")
+    assert pool.class_names == ["unlabelled"] and len(pool) == 24 and pool.native_size == 16
+    pool_captions = read_captions(tmp_path / "a" / "pool" / "captions.json", pool.keys)
+    assert all(any(name.replace("_", " ") in caption for name in CLASS_NAMES) for caption in pool_captions)
+    assert run_cli(["demo", "--out", str(tmp_path / "big"), "--train", "2", "--test", "1", "--side", "32"]) == 0
+    assert open_dataset("demo", tmp_path / "big", "train").native_size == 32
 
 
 def test_a_different_seed_gives_different_images():
@@ -70,7 +78,7 @@ def test_train_clip_writes_a_bundle_that_precompute_loads(tmp_path):
     assert len(metrics["history"]) == 2 and metrics["history"][1]["loss"] < metrics["history"][0]["loss"]
     assert 0 <= metrics["zero_shot_top1"] <= 1
     clip = load_clip(f"local-dir:{bundle}", None)
-    assert clip.image_size == (32, 32) and len(clip.checkpoint_sha256) == 64
+    assert clip.image_size == (16, 16) and len(clip.checkpoint_sha256) == 64
 
     teacher = tmp_path / "teacher"
     assert run_cli(["train", "--dataset", "demo", "--data-root", str(tmp_path / "demo"), "--arch", "resnet8",
