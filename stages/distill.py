@@ -198,17 +198,17 @@ class DistillObjective(nn.Module):
     """Cross-entropy, KD/DKD on fused logits and CRD on fused features, with targets read from the cache."""
 
     def __init__(self, config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int,
-                 training: np.ndarray, shards: ShardSet | None = None, policy=None):
+                 training_rows: np.ndarray, shards: ShardSet | None = None, policy=None):
         """`rows[i]` is the store row of dataset sample i (None: the same order), and the epochs train on the
-        `training` samples; `shards` are streamed with views made by `policy`, when given, instead of the dataset
-        being read by index."""
+        samples of `training_rows`; `shards` are streamed with views made by `policy`, when given, instead of the
+        dataset being read by index."""
         super().__init__()
         self.config, self.reader, self.rows = config, reader, rows
         self.shards, self.policy = shards, policy
         self.key_index = reader.key_index() if shards is not None else None
         self.sample_of_row = None if rows is None else np.argsort(rows)
         self.labels = reader.read("labels", 0, reader.layout.samples)  # by store row, as everything below
-        self.training_rows = np.sort(training if rows is None else rows[training])
+        self.training_rows = training_rows
         self.training_labels = self.labels[self.training_rows]
         self.trains_on = training_mask(reader.layout.samples, self.training_rows)
         self.names = config.cached_arrays()
@@ -335,8 +335,10 @@ def distill_one(config: DistillConfig) -> dict:
         rows = reader.rows_of(dataset)
         eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
-    training, validation = holdout_split(reader.layout.samples if shards is not None else len(dataset), config)
-    objective = DistillObjective(config, reader, rows, model.feature_dim, training, shards, policy)
+    # Held out by store row: the same samples whatever order the dataset lists them in.
+    training_rows, validation_rows = holdout_split(reader.layout.samples, config)
+    objective = DistillObjective(config, reader, rows, model.feature_dim, training_rows, shards, policy)
+    validation = validation_rows if rows is None else np.sort(objective.sample_of_row[validation_rows])
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "distill",
             "class_names": list(dataset.class_names), "view_policy": reader.attrs["views"],
             "cache": {key: reader.attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout")}}

@@ -247,7 +247,7 @@ def plot_accuracy(estimates: dict[str, dict], targets: set[str], path: Path) -> 
     highs = [100 * value["mean"] if value["ci95"] is None else 100 * value["ci95"][1] for value in top1]
     bars = axis.barh(names[::-1], values[::-1], xerr=errors[::-1], capsize=3, color=colours(estimates, targets)[::-1])
     axis.bar_label(bars, fmt="%.1f%%", padding=3)
-    axis.set_xlabel("top-1 accuracy on the held-out split (%, mean over seeds, 95% interval)")
+    axis.set_xlabel("top-1 on the held-out split (%): mean over seeds, 95% interval")
     axis.set_xlim(0, max(*highs, 1.0) * 1.15)  # room for the labels, even when every run scores 0%
     axis.set_title("accuracy (grey: targets, blue: students)")
     figure.tight_layout()

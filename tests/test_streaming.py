@@ -122,7 +122,7 @@ def test_distill_streams_from_a_pipe_and_resumes_bit_identical(store, cifar_shar
 def test_streaming_refuses_other_samples(store, cifar_shards, tmp_path, capsys):  # noqa: F811
     urls = train_urls(cifar_shards)
     distill = ["distill", "--dataset", "webdataset", "--data-root", "::".join(urls), "--stream", "--val-fraction",
-               "0", "--cache", str(store), "--arch", "resnet8", "--epochs", "1", "--num-workers", "0",
+               "0", "--cache", str(store), "--arch", "resnet8", "--epochs", "1", "--num-workers", "0", "--nce-k", "8",
                "--device", "cpu", "--out", str(tmp_path / "run")]
     assert_user_error(replace_flag(distill, "--dataset", "cifar100"), capsys,
                       "--stream reads tar shards: it needs --dataset webdataset, not 'cifar100'")

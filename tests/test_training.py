@@ -69,7 +69,7 @@ def test_killed_distill_resumes_bit_identical(world, tmp_path):
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
-    logged = (killed / "dvclive" / "plots" / "metrics" / "test" / "top1.tsv").read_text().splitlines()
+    logged = (killed / "dvclive" / "plots" / "metrics" / "validation" / "top1.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in logged[1:]] == ["0", "1", "2", "3"]
 
 
