@@ -71,6 +71,15 @@ class RateColumn(ProgressColumn):
         return Text(f"{rate:,.1f} {self.unit}/s", style="progress.data.speed")
 
 
+# False in a process that shares its terminal with others running at the same time.
+progress_bars_shown = True
+
+
+def hide_progress_bars() -> None:
+    global progress_bars_shown
+    progress_bars_shown = False
+
+
 def progress_bar(unit: str, disable: bool = False) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -82,5 +91,5 @@ def progress_bar(unit: str, disable: bool = False) -> Progress:
         console=console,
         # Gone when done: a run's summary line follows, and an error stays the last (only) line.
         transient=True,
-        disable=disable,
+        disable=disable or not progress_bars_shown,
     )

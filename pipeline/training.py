@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,7 +32,7 @@ from richkd.pipeline.distributed import Part, is_main_process, main_process_firs
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
-from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device
+from richkd.pipeline.runtime import autocast, console, hide_progress_bars, progress_bar, resolve_device
 from richkd.pipeline.shards import CenterViewStream, ShardSet
 from richkd.pipeline.views import sample_view
 
@@ -40,7 +42,7 @@ OPTIMIZERS = {
 }
 SCHEDULES = ("multistep", "cosine")
 # Config fields that may change when a run is resumed.
-RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "eval_batch_size"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "eval_batch_size", "jobs"}
 
 
 @dataclass
@@ -68,6 +70,10 @@ class TrainingOptions(DataOptions, ExecutionOptions):
                        "Run")
     seeds: str | None = option(
         None, "Train one run per seed, such as 0,1,2, each in <out>/seed-<seed> (instead of --seed).", "Run")
+    jobs: int = option(
+        1, "Seeds of --seeds trained at once, each in its own process with an equal share of torch's CPU threads "
+        "(small models train faster so than on every thread at once; a run's numbers depend on its thread count, "
+        "so keep --jobs to reproduce it).", "Run")
     out: str = option("runs/model", "Run directory: checkpoints, metrics, resolved config.", "Run")
     resume: bool = option(False, "Continue the run in --out from its last checkpoint.", "Run")
     overwrite: bool = option(False, "Start over, replacing the run in --out.", "Run")
@@ -93,6 +99,9 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
+        require(self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}")
+        require(self.jobs == 1 or torchrun_part().count == 1,
+                "--jobs runs seeds in processes of its own: under torchrun, leave it at 1")
         self.milestone_list()
         self.seed_list()
 
@@ -157,12 +166,27 @@ ORDER, NEGATIVES, CRD_MEMORY, SHUFFLE, VALIDATION = 0, 1, 2, 3, 4
 
 
 def run_per_seed(options: TrainingOptions, train_one: Callable[[TrainingOptions], dict]) -> dict:
-    """`train_one(options)`, or with --seeds one run per seed in <out>/seed-<seed>: {"seed-<seed>": summary}."""
+    """`train_one(options)`, or with --seeds one run per seed in <out>/seed-<seed>: {"seed-<seed>": summary},
+    --jobs of them at once."""
     if options.seeds is None:
         return train_one(options)
-    return {f"seed-{seed}": train_one(dataclasses.replace(options, seed=seed, seeds=None,
-                                                          out=str(Path(options.out) / f"seed-{seed}")))
+    runs = {seed: dataclasses.replace(options, seed=seed, seeds=None, out=str(Path(options.out) / f"seed-{seed}"))
             for seed in options.seed_list()}
+    jobs = min(options.jobs, len(runs))
+    if jobs == 1:
+        return {f"seed-{seed}": train_one(run) for seed, run in runs.items()}
+    threads = max(1, torch.get_num_threads() // jobs)
+    # Forked, not spawned: a worker starts at once instead of importing torch again.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=start_seed_worker,
+                             initargs=(threads,)) as pool:
+        futures = {seed: pool.submit(train_one, run) for seed, run in runs.items()}
+        return {f"seed-{seed}": future.result() for seed, future in futures.items()}
+
+
+def start_seed_worker(threads: int) -> None:
+    """A process training seeds beside others: its share of the threads, and no progress bar to share a terminal."""
+    torch.set_num_threads(threads)
+    hide_progress_bars()
 
 
 def holdout_split(num_samples: int, options: TrainingOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -443,7 +467,8 @@ class Trainer:
                 train_metrics = self.train_epoch(epoch, step, progress, task)
                 epoch_seconds.append(time.perf_counter() - started)
                 progress.remove_task(task)
-                line = f"epoch {epoch + 1}/{self.options.epochs}: loss {train_metrics['loss']:.4f}"
+                line = (f"seed {self.options.seed}, epoch {epoch + 1}/{self.options.epochs}: "
+                        f"loss {train_metrics['loss']:.4f}")
                 val_metrics = self.evaluate(self.dataset, self.validation) if len(self.validation) else None
                 is_best = val_metrics is not None and (best["top1"] is None or val_metrics["top1"] > best["top1"])
                 if is_best:
@@ -470,7 +495,8 @@ class Trainer:
             for name in ("top1", "top5", "nll", "ece"):
                 live.summary[f"{self.options.eval_split}/{name}"] = held_out[name]
             live.make_summary()
-        console.print(f"{self.options.eval_split} top-1 of the last epoch's model: {100 * held_out['top1']:.2f}%")
+        console.print(f"seed {self.options.seed}, {self.options.eval_split} top-1 of the last epoch's model: "
+                      f"{100 * held_out['top1']:.2f}%")
         summary = {
             "epochs": self.options.epochs,
             "best": best,

@@ -98,7 +98,7 @@ def run(config: EvaluateConfig) -> dict:
     published = open_published(config.corrupted_root, names, dataset.labels, policy.size) if names else None
     views = LabelledViews(dataset, policy, center=True)
     loader = data_loader(views, config.batch_size, config.num_workers, device)
-    results = []
+    results, models = [], []
     for path, saved in checkpoints:
         arch = saved.get("arch") or config.arch
         if arch is None:
@@ -109,7 +109,7 @@ def run(config: EvaluateConfig) -> dict:
         meter = ClassificationMeter(confidence_threshold=config.confidence_threshold,
                                     num_classes=len(dataset.class_names))
         evaluate_model(model, loader, device, dataset.mean, dataset.std, meter)
-        result = {
+        results.append({
             "checkpoint": path,
             "seed": checkpoint_seed(saved),
             "arch": arch,
@@ -119,10 +119,12 @@ def run(config: EvaluateConfig) -> dict:
             **meter.result(),
             "per_class_accuracy": dict(zip(dataset.class_names, meter.per_class_accuracy())),
             "reliability": meter.reliability(),
-        }
-        if names:
-            result["robustness"] = evaluate_robustness(config, model, views, device, policy.size, names, published)
-        results.append(result)
+        })
+        models.append(model)
+    if names:
+        for result, robustness in zip(results, evaluate_robustness(config, models, views, device, policy.size,
+                                                                   names, published)):
+            result["robustness"] = robustness
     # One checkpoint keeps the format of a single evaluation, which `richkd report` also reads as one seed.
     report = results[0] if len(results) == 1 else {"seeds": results}
     if config.output:
@@ -185,18 +187,20 @@ def open_published(root: str | None, names: list[str], labels, side: int) -> Pub
 
 
 @torch.inference_mode()
-def evaluate_robustness(config: EvaluateConfig, model, views: LabelledViews, device, side: int, names: list[str],
-                        published: PublishedCorruptions | None) -> dict:
-    """Top-1, NLL and ECE under every (corruption, severity), their means, and the drop from clean accuracy,
-    the clean accuracy measured on the same images."""
+def evaluate_robustness(config: EvaluateConfig, models: list, views: LabelledViews, device, side: int,
+                        names: list[str], published: PublishedCorruptions | None) -> list[dict]:
+    """Per model: top-1, NLL and ECE under every (corruption, severity), their means, and the drop from clean
+    accuracy, the clean accuracy measured on the same images. Each corrupted batch is made once for all models."""
     dataset = views.dataset
     severities = parse_severities(config.severities)
     count = min(config.corruption_samples or len(dataset), len(dataset))
     samples = (np.arange(count) * len(dataset) // count).tolist()  # evenly spaced, so every class is in
     loader = data_loader(views, config.batch_size, config.num_workers, device, sampler=samples)
     settings = [(name, severity) for name in names for severity in severities]
-    meters = {setting: ClassificationMeter(num_classes=len(dataset.class_names)) for setting in [CLEAN, *settings]}
-    model.eval()
+    meters = [{setting: ClassificationMeter(num_classes=len(dataset.class_names)) for setting in [CLEAN, *settings]}
+              for _ in models]
+    for model in models:
+        model.eval()
     with progress_bar("img") as progress:
         task = progress.add_task(f"{len(settings)} corruption settings", total=count * (len(settings) + 1))
         for batch, labels, indices in loader:
@@ -209,11 +213,19 @@ def evaluate_robustness(config: EvaluateConfig, model, views: LabelledViews, dev
                 else:
                     images = corrupt(clean, name, severity, config.corruption_seed, indices.tolist())
                 x = TF.normalize(images.to(device, non_blocking=True), list(dataset.mean), list(dataset.std))
-                with autocast(device):
-                    logits, _ = model(x)
-                meters[(name, severity)].update(logits.float().cpu(), labels)
+                for model, model_meters in zip(models, meters):
+                    with autocast(device):
+                        logits, _ = model(x)
+                    model_meters[(name, severity)].update(logits.float().cpu(), labels)
                 progress.advance(task, len(labels))
-    results = {setting: meter.result() for setting, meter in meters.items()}
+    return [robustness_summary(config, {setting: meter.result() for setting, meter in model_meters.items()},
+                               side, count, names, severities, published) for model_meters in meters]
+
+
+def robustness_summary(config: EvaluateConfig, results: dict, side: int, count: int, names: list[str],
+                       severities: list[int], published: PublishedCorruptions | None) -> dict:
+    """One model's robustness entry from its metrics per (corruption, severity) and CLEAN."""
+    settings = [(name, severity) for name in names for severity in severities]
     clean_top1 = results[CLEAN]["top1"]
     accuracy = {setting: results[setting]["top1"] for setting in settings}
     mean_accuracy = sum(accuracy.values()) / len(accuracy)

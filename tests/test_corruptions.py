@@ -25,6 +25,7 @@ from richkd.pipeline.corruptions import (
 )
 from richkd.pipeline.data import open_dataset
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.models import read_checkpoint
 
 RANDOM = {
     "gaussian_noise",
@@ -337,6 +338,28 @@ def test_evaluate_reports_every_corruption_and_severity_and_the_report_shows_the
         "mean": 0.4, "ci95": None, "n_seeds": 1}
     with Image.open(out / "robustness.png") as figure:
         assert figure.size[0] > 800 and figure.size[1] > 400
+
+
+def test_checkpoints_evaluated_together_score_as_each_alone(tiny_world, tmp_path, capsys):
+    """The corrupted images are made once for all checkpoints of a glob: each checkpoint's cells are still its own."""
+    state, saved = read_checkpoint(tiny_world.teacher_checkpoint)
+    for seed, scale in ((0, 1.0), (1, 0.5)):
+        path = tmp_path / "runs" / f"seed-{seed}" / "last.pt"
+        path.parent.mkdir(parents=True)
+        torch.save({**saved, "model": {key: value * scale if value.is_floating_point() else value
+                                       for key, value in state.items()},
+                    "config": {**saved.get("config", {}), "seed": seed}}, path)
+    robust = ["--corruptions", "fog,jpeg_compression,shot_noise", "--severities", "1,5", "--json"]
+    together_args = evaluate_args(tiny_world, *robust)
+    together_args[together_args.index("--checkpoint") + 1] = str(tmp_path / "runs" / "seed-*" / "last.pt")
+    assert run_cli(together_args) == 0
+    together = json.loads(capsys.readouterr().out)["seeds"]
+    for seed in (0, 1):
+        alone_args = evaluate_args(tiny_world, *robust)
+        alone_args[alone_args.index("--checkpoint") + 1] = str(tmp_path / "runs" / f"seed-{seed}" / "last.pt")
+        assert run_cli(alone_args) == 0
+        assert together[seed]["robustness"] == json.loads(capsys.readouterr().out)["robustness"]
+    assert together[0]["robustness"]["cells"] != together[1]["robustness"]["cells"]
 
 
 def test_evaluate_reads_the_published_files(tiny_world, tmp_path, capsys):

@@ -57,6 +57,23 @@ def test_seeds_train_one_run_per_seed_each_as_a_single_seed_run_would(tmp_path):
     assert not torch.equal(three["fc.weight"], one["fc.weight"])
 
 
+def test_seeds_trained_at_once_each_match_a_single_seed_run_on_their_share_of_the_threads(tmp_path, capfd):
+    write_demo(tmp_path / "data", train=96, test=16)
+    common = [*TRAIN, "--epochs", "1", "--data-root", str(tmp_path / "data")]
+    threads = torch.get_num_threads()
+    assert run_cli([*common, "--seeds", "3,1", "--jobs", "2", "--out", str(tmp_path / "parallel")]) == 0
+    assert "seed 1, epoch 1/1: loss" in capfd.readouterr().err  # from the worker process
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        assert run_cli([*common, "--seed", "1", "--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    parallel, _ = read_checkpoint(tmp_path / "parallel" / "seed-1" / "checkpoints" / "last.pt")
+    single, _ = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")
+    assert all(torch.equal(parallel[key], single[key]) for key in parallel)
+    assert json.loads((tmp_path / "parallel" / "seed-3" / "summary.json").read_text())["epochs"] == 1
+
+
 def test_a_validation_share_that_leaves_nothing_to_train_on_is_refused(tmp_path, capsys):
     write_demo(tmp_path / "data", train=2, test=2)
     assert run_cli([*TRAIN, "--data-root", str(tmp_path / "data"), "--val-fraction", "0.9",
