@@ -63,7 +63,9 @@ class TrainingOptions(DataOptions, ExecutionOptions):
     momentum: float = option(0.9, "SGD momentum.", "Optimisation")
     weight_decay: float = option(5e-4, "Weight decay.", "Optimisation")
     schedule: str = option("multistep", "Learning-rate schedule: multistep or cosine.", "Optimisation")
-    milestones: str = option("150,180,210", "Epochs at which multistep decays the learning rate.", "Optimisation")
+    milestones: str = option(
+        "0.625,0.75,0.875", "When multistep decays the learning rate: fractions of --epochs (0.625,0.75,0.875 is "
+        "150,180,210 of 240) or whole epochs.", "Optimisation")
     lr_decay: float = option(0.1, "Multistep decay factor.", "Optimisation")
     warmup_epochs: int = option(0, "Epochs of linear learning-rate warmup.", "Optimisation")
     seed: int = option(0, "Seed of initialisation, validation samples, data order and every other random draw.",
@@ -102,7 +104,7 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         require(self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}")
         require(self.jobs == 1 or torchrun_part().count == 1,
                 "--jobs runs seeds in processes of its own: under torchrun, leave it at 1")
-        self.milestone_list()
+        self.warn_about_milestones()
         self.seed_list()
 
     def seed_list(self) -> list[int]:
@@ -122,13 +124,29 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         return RESUMABLE_CHANGES
 
     def milestone_list(self) -> list[int]:
+        """The epochs of --milestones, fractions of --epochs rounded to the nearest epoch."""
+        def epoch_of(part: str) -> int:
+            if "." not in part:
+                return int(part)
+            fraction = float(part)
+            require(0 < fraction < 1, f"--milestones fractions must lie in (0, 1), got '{self.milestones}'")
+            return max(1, round(fraction * self.epochs))
+
         try:
-            milestones = [int(part) for part in str(self.milestones).split(",") if part.strip()]
+            milestones = [epoch_of(part.strip()) for part in str(self.milestones).split(",") if part.strip()]
         except ValueError:
-            raise UserError(f"--milestones must be comma-separated epochs, got '{self.milestones}'") from None
+            raise UserError(f"--milestones must be comma-separated fractions of --epochs or epochs, "
+                            f"got '{self.milestones}'") from None
         require(milestones == sorted(milestones) and all(m > 0 for m in milestones),
-                f"--milestones must be increasing positive epochs, got '{self.milestones}'")
+                f"--milestones must be increasing and positive, got '{self.milestones}'")
         return milestones
+
+    def warn_about_milestones(self) -> None:
+        """A multistep milestone at or after the last epoch never decays the learning rate: say so."""
+        late = [m for m in self.milestone_list() if m >= self.epochs]
+        if self.schedule == "multistep" and late:
+            console.print(f"warning: --milestones {','.join(map(str, late))} at or after the last epoch "
+                          f"({self.epochs}): the learning rate never decays there")
 
 
 class LearningRateFactor:

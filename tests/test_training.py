@@ -242,3 +242,19 @@ def test_evaluate_a_teacher_checkpoint_needs_its_architecture(tiny_world, capsys
     assert run_cli([*args, "--arch", "resnet8"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 20 and report["arch"] == "resnet8"
+
+
+def test_milestones_are_fractions_of_the_epochs_and_a_late_one_is_a_warning(capsys):
+    from richkd.pipeline.training import LearningRateFactor, TrainingOptions
+
+    paper = TrainingOptions(epochs=240, schedule="multistep")
+    paper.validate()
+    assert paper.milestone_list() == [150, 180, 210]
+    factor = LearningRateFactor(paper)
+    assert [factor(epoch) for epoch in (149, 150, 179, 180, 210)] == pytest.approx([1, 0.1, 0.1, 0.01, 0.001])
+    assert TrainingOptions(epochs=10, schedule="multistep").milestone_list() == [6, 8, 9]
+    assert capsys.readouterr().err == ""
+    late = TrainingOptions(epochs=10, schedule="multistep", milestones="5,150,180")
+    late.validate()
+    assert "warning: --milestones 150,180 at or after the last epoch (10): the learning rate never decays there" in \
+        " ".join(capsys.readouterr().err.split())

@@ -115,8 +115,10 @@ def test_every_row_names_tests_that_trigger_its_messages():
     (["train", "--lr-decay", "0"], "--lr-decay must be in (0, 1], got 0.0"),
     (["train", "--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs must be in [0, epochs), got 2"),
     (["train", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
-    (["train", "--milestones", "150,x"], "--milestones must be comma-separated epochs, got '150,x'"),
-    (["train", "--milestones", "180,150"], "--milestones must be increasing positive epochs, got '180,150'"),
+    (["train", "--milestones", "150,x"], "--milestones must be comma-separated fractions of --epochs or epochs, "
+                                         "got '150,x'"),
+    (["train", "--milestones", "180,150"], "--milestones must be increasing and positive, got '180,150'"),
+    (["train", "--milestones", "0.5,1.5"], "--milestones fractions must lie in (0, 1), got '0.5,1.5'"),
     (["train", "--num-workers", "-1"], "--num-workers must be 0 or more, got -1"),
     (["train", "--image-size", "0"], "--image-size must be positive, got 0"),
     (["distill", "--logit-loss", "mse"], "--logit-loss must be kd or dkd, got 'mse'"),
