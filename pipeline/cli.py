@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,14 @@ app = typer.Typer(
     add_completion=False,
 )
 
+# What an interrupted command that keeps nothing tells the user.
+INTERRUPTED_ADVICE = "nothing is kept; run the command again"
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a stage; the message says what the stage kept and how to go on."""
+
+
 # Set by the --debug flag: show the traceback of user errors instead of one line.
 debug_mode = {"enabled": False}
 
@@ -46,7 +55,11 @@ def add_stage_command(name: str, config_class: type, run: Callable, summary: str
         # typer bundles its own click, so the source enum is compared by name.
         given = {key: value for key, value in values.items()
                  if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"}
-        run(build_config(config_class, name.replace("-", "_"), params_file, given))
+        config = build_config(config_class, name.replace("-", "_"), params_file, given)
+        try:
+            run(config)
+        except KeyboardInterrupt:
+            raise Interrupted(getattr(config, "interruption_advice", lambda: INTERRUPTED_ADVICE)()) from None
 
     parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     for field in dataclasses.fields(config_class):
@@ -92,6 +105,13 @@ def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit status: 2 with one line on stderr for a user error."""
     try:
         app(args=argv, prog_name="richkd")
+    except Interrupted as interrupted:
+        # --overwrite would throw away what was kept; the advice adds --resume where the stage needs it.
+        args = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg not in ("--overwrite", "--resume")]
+        command = shlex.join(["richkd", *args])
+        console.print(Text.assemble(("interrupted: ", "bold"), str(interrupted).replace("{command}", command)),
+                      soft_wrap=True)
+        return 130
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
     except (UserError, OSError) as error:

@@ -170,6 +170,11 @@ def read_templates(path: str | Path) -> list[str]:
     for number, template in enumerate(templates, 1):
         if template.count("{}") != 1:
             raise UserError(f"templates file {path}: template {number} '{template}' must contain '{{}}' exactly once")
+        try:
+            template.format("class")
+        except (KeyError, IndexError, ValueError):
+            raise UserError(f"templates file {path}: template {number} '{template}' has braces besides its '{{}}'; "
+                            "write a literal brace as {{ or }}") from None
     return templates
 
 

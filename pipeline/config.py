@@ -8,6 +8,7 @@ against it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -40,10 +41,19 @@ def field_default(field: dataclasses.Field) -> Any:
 
 def field_type(config_class: type, name: str) -> type:
     """The plain type of a field: `int | None` gives `int`."""
+    return _type_and_optional(config_class, name)[0]
+
+
+def accepts_none(config_class: type, name: str) -> bool:
+    """Whether the field may be None (`int | None`)."""
+    return _type_and_optional(config_class, name)[1]
+
+
+def _type_and_optional(config_class: type, name: str) -> tuple[type, bool]:
     hint = typing.get_type_hints(config_class)[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None)), type(None) in typing.get_args(hint)
+    return hint, False
 
 
 def read_params_section(path: str | Path, section: str) -> dict[str, Any]:
@@ -69,9 +79,12 @@ def read_params_section(path: str | Path, section: str) -> dict[str, Any]:
 
 def coerce(config_class: type, name: str, value: Any, source: str) -> Any:
     """Check a params-file value against the field's type (YAML already parsed numbers and booleans)."""
-    if value is None:
-        return None
     wanted = field_type(config_class, name)
+    if value is None:
+        if not accepts_none(config_class, name):
+            raise UserError(f"{source}: '{name}' must be {wanted.__name__}, got null (leave the field out for "
+                            "its default)")
+        return None
     if typing.get_origin(wanted) is list:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise UserError(f"{source}: '{name}' must be a list of names, got {value!r}")
@@ -105,7 +118,36 @@ def build_config(
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
+    # A stage's outputs: checked before any work, so nothing computed is lost to a path that cannot be written.
+    for name, directory in OUTPUT_FIELDS.items():
+        if isinstance(getattr(config, name, None), str):
+            require_writable(getattr(config, name), f"--{name}", directory)
     return config
+
+
+# The fields that name where a stage writes: a directory (--out) or a file (--output).
+OUTPUT_FIELDS = {"out": True, "output": False}
+
+
+def require_writable(path: str, flag: str, directory: bool) -> None:
+    """A user error unless `path` (a local path; URLs are left to their store) can be written as a directory
+    or a file: an existing one of the other kind, or a missing one whose nearest ancestor is not a writable
+    directory, is refused."""
+    if "://" in path:
+        return
+    target = Path(path)
+    if target.exists():
+        if directory != target.is_dir():
+            raise UserError(f"{flag} {path} is {'a file' if directory else 'a directory'}: it must name "
+                            f"{'a directory' if directory else 'a file'}")
+        if not os.access(target, os.W_OK):
+            raise UserError(f"{flag} {path} is not writable")
+        return
+    ancestor = next(parent for parent in target.absolute().parents if parent.exists())
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {path} cannot be created: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} cannot be created: {ancestor} is not writable")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
@@ -150,6 +151,19 @@ _cifar("cifar10", torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.247
 _cifar("cifar100", torchvision.datasets.CIFAR100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
 
 
+# PIL modes of 16-bit single-channel images (16-bit PNGs open as I;16), which converting to RGB would clip at 255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An image file as 8-bit RGB; 16-bit grey levels are scaled to 8 bits, not clipped."""
+    with Image.open(path) as image:
+        if image.mode in SIXTEEN_BIT_MODES:
+            grey = np.asarray(image, dtype=np.float64) / 257
+            return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+        return image.convert("RGB")
+
+
 # Decoded images each process keeps, so that a small dataset is decoded once, not once an epoch.
 DECODED_IMAGES_BYTES = 256 * 2**20
 
@@ -207,7 +221,7 @@ def open_image_folder(root: Path, split: str) -> ImageDataset:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         native_size=None,
-        load=FolderImages(paths, images.loader),
+        load=FolderImages(paths, load_rgb),
     )
 
 
@@ -246,9 +260,16 @@ def read_captions(path: str | Path, keys: list[str]) -> list[str]:
         raise UserError(f"cannot read captions file {path}: {error.strerror or error}") from error
     except json.JSONDecodeError as error:
         raise UserError(f"captions file {path} is not valid JSON: {error}") from error
+    if not isinstance(captions, dict):
+        raise UserError(f"captions file {path} must map each sample key to its caption, "
+                        f"found {type(captions).__name__}")
     missing = [key for key in keys if key not in captions]
     if missing:
         raise UserError(f"captions file {path} has no caption for {len(missing)} samples (e.g. {missing[0]})")
+    not_text = [key for key in keys if not isinstance(captions[key], str)]
+    if not_text:
+        raise UserError(f"captions file {path}: {len(not_text)} captions are not text (e.g. {not_text[0]}: "
+                        f"{captions[not_text[0]]!r})")
     return [captions[key] for key in keys]
 
 

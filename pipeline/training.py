@@ -41,8 +41,8 @@ OPTIMIZERS = {
     "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay),
 }
 SCHEDULES = ("multistep", "cosine")
-# Config fields that may change when a run is resumed.
-RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "eval_batch_size", "jobs"}
+# Config fields that may change when a run is resumed (`out`: a run directory may be moved).
+RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "eval_batch_size", "jobs", "out"}
 
 
 @dataclass
@@ -119,6 +119,12 @@ class TrainingOptions(DataOptions, ExecutionOptions):
                 f"--seeds must be distinct seeds of 0 or more, got '{self.seeds}'")
         return seeds
 
+    def interruption_advice(self) -> str:
+        """What Ctrl-C keeps, and the command (`{command}`, as it was typed) that continues the run."""
+        where = f"{self.out}/seed-*" if self.seeds is not None else self.out
+        return (f"the checkpoint of the last finished epoch in {where} is kept; continue with: "
+                "{command} --resume")
+
     def resumable_changes(self) -> set[str]:
         """Config fields that may change when this run is resumed."""
         return RESUMABLE_CHANGES
@@ -147,6 +153,13 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         if self.schedule == "multistep" and late:
             console.print(f"warning: --milestones {','.join(map(str, late))} at or after the last epoch "
                           f"({self.epochs}): the learning rate never decays there")
+
+
+def same_setting(now, saved) -> bool:
+    """Equal, or two spellings of one path (`runs/a` and `./runs/a/`)."""
+    if isinstance(now, str) and isinstance(saved, str):
+        return now == saved or Path(now).resolve() == Path(saved).resolve()
+    return now == saved
 
 
 class LearningRateFactor:
@@ -362,7 +375,7 @@ class Trainer:
         state, saved = read_checkpoint(last)
         for key, value in saved["config"].items():
             now = getattr(self.options, key, None)
-            if key not in self.options.resumable_changes() and now != value:
+            if key not in self.options.resumable_changes() and not same_setting(now, value):
                 raise UserError(f"cannot resume {self.run_dir}: it was run with {key}={value!r}, now {now!r}")
         self.model.load_state_dict(state)
         self.optimizer.load_state_dict(saved["optimizer"])

@@ -9,6 +9,7 @@ start-up is a large part of an evaluation), and each checkpoint is evaluated in 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from richkd.pipeline.corruptions import (
     parse_corruptions,
     parse_severities,
 )
-from richkd.pipeline.data import open_dataset
+from richkd.pipeline.data import ImageDataset, open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
@@ -96,6 +97,7 @@ def run(config: EvaluateConfig) -> dict:
     policy = evaluation_policy(checkpoints, dataset.native_size, config.image_size)
     names = config.corruption_names()
     published = open_published(config.corrupted_root, names, dataset.labels, policy.size) if names else None
+    dataset = in_checkpoint_class_order(dataset, checkpoints)
     views = LabelledViews(dataset, policy, center=True)
     loader = data_loader(views, config.batch_size, config.num_workers, device)
     results, models = [], []
@@ -103,7 +105,7 @@ def run(config: EvaluateConfig) -> dict:
         arch = saved.get("arch") or config.arch
         if arch is None:
             raise UserError(f"checkpoint {path} does not record its architecture: pass --arch")
-        model = create_model(arch, len(dataset.class_names))
+        model = create_model(arch, saved.get("num_classes") or len(dataset.class_names))
         load_checkpoint(model, path)
         model.to(device)
         meter = ClassificationMeter(confidence_threshold=config.confidence_threshold,
@@ -160,6 +162,26 @@ def find_checkpoints(pattern: str) -> list[tuple[str, dict]]:
             raise UserError(f"checkpoints {by_seed[seed][0]} and {path} both {which}: evaluate each seed of a run once")
         by_seed[seed] = path, saved
     return [by_seed[seed] for seed in sorted(by_seed, key=lambda seed: (seed is None, seed or 0))]
+
+
+def in_checkpoint_class_order(dataset: ImageDataset, checkpoints: list[tuple[str, dict]]) -> ImageDataset:
+    """The split with its labels renumbered into the classes the checkpoints were trained on, matched by name
+    (class folders that sort differently must not score 0%); unchanged for checkpoints that name no classes."""
+    (first, saved), *others = checkpoints
+    for path, other in others:
+        if other.get("class_names") != saved.get("class_names"):
+            raise UserError(f"checkpoints {first} and {path} were trained on different classes: evaluate them "
+                            "separately")
+    trained = saved.get("class_names")
+    if trained is None or list(trained) == list(dataset.class_names):
+        return dataset
+    unknown = [name for name in dataset.class_names if name not in trained]
+    if unknown:
+        raise UserError(f"{dataset.name} / {dataset.split} has classes that checkpoint {first} was not trained on: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    number = {name: index for index, name in enumerate(trained)}
+    renumbered = np.array([number[name] for name in dataset.class_names], dtype=np.int64)
+    return dataclasses.replace(dataset, class_names=list(trained), labels=renumbered[dataset.labels])
 
 
 def evaluation_policy(checkpoints: list[tuple[str, dict]], native_size: int | None,

@@ -77,6 +77,10 @@ class PrecomputeConfig(DataOptions, ViewOptions, ExecutionOptions):
         600.0, "Seconds without a heartbeat after which a lock on a block counts as left by a killed process "
         "(on the same host a lock whose process is gone is taken over at once).", "Parallel")
 
+    def interruption_advice(self) -> str:
+        """What Ctrl-C keeps, and the command (`{command}`, as it was typed) that continues the store."""
+        return f"the finished blocks of {self.out} are kept; the same command computes the rest: {{command}}"
+
     def validate(self) -> None:
         super().validate()
         require(self.views >= 1, f"--views must be at least 1, got {self.views}")

@@ -9,6 +9,7 @@ import zarr
 from PIL import Image
 
 from richkd.pipeline.cli import run_cli
+from richkd.pipeline.data import open_dataset
 from richkd.pipeline.models import create_model
 
 
@@ -109,6 +110,12 @@ def test_template_without_a_slot(tiny_world, tmp_path, capsys):
     templates.write_text("a photo of a {}\na photo\n")
     assert_user_error(tiny_world.precompute_args(tmp_path / "c.zarr", "--templates", str(templates)), capsys,
                       "template 2 'a photo' must contain '{}' exactly once")
+    for template in ("a {} of {x}", "a {} of {"):
+        templates.write_text(f"a photo of a {{}}\n{template}\n")
+        assert_user_error(tiny_world.precompute_args(tmp_path / "c.zarr", "--templates", str(templates)), capsys,
+                          f"template 2 '{template}' has braces besides its '{{}}'; "
+                          "write a literal brace as {{ or }}")
+        assert not (tmp_path / "c.zarr").exists()
 
 
 def test_empty_image_folder(tiny_world, tmp_path, capsys):
@@ -163,6 +170,9 @@ def test_malformed_params_file(tiny_world, tmp_path, capsys):
     assert_user_error(["precompute", "--config", str(params)], capsys, "unknown field 'viewz'")
     params.write_text("precompute:\n  views: many\n")
     assert_user_error(["precompute", "--config", str(params)], capsys, "'views' must be int, got 'many'")
+    params.write_text("precompute:\n  views: null\n")
+    assert_user_error(["precompute", "--config", str(params)], capsys,
+                      "'views' must be int, got null (leave the field out for its default)")
     params.write_text("- precompute\n")
     assert_user_error(["precompute", "--config", str(params)], capsys,
                       f"params file {params} must be a mapping of stage sections, found list")
@@ -177,3 +187,31 @@ def test_debug_shows_the_traceback(tiny_world, tmp_path):
     args = replace_flag(tiny_world.precompute_args(tmp_path / "c.zarr"), "--views", "0")
     with pytest.raises(Exception, match="--views must be at least 1"):
         run_cli(["--debug", *args])
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tiny_world, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    evaluate = ["evaluate", "--dataset", "cifar100", "--data-root", str(tiny_world.data_root), "--checkpoint",
+                str(tiny_world.teacher_checkpoint), "--arch", tiny_world.teacher_arch, "--device", "cpu"]
+    assert_user_error([*evaluate, "--output", str(tmp_path)], capsys,
+                      f"--output {tmp_path} is a directory: it must name a file")
+    assert_user_error([*evaluate, "--output", str(a_file / "metrics.json")], capsys,
+                      f"--output {a_file / 'metrics.json'} cannot be created: {a_file} is a file")
+    assert_user_error(["train", "--data-root", str(tiny_world.data_root), "--out", str(a_file)], capsys,
+                      f"--out {a_file} is a file: it must name a directory")
+    assert_user_error(replace_flag(tiny_world.precompute_args(a_file), "--out", str(a_file)), capsys,
+                      f"--out {a_file} is a file: it must name a directory")
+    assert a_file.read_text() == "keep me"
+
+
+def test_sixteen_bit_grey_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
+    # Every 8-bit level, plus a little: each 16-bit value rounds to its 8-bit level.
+    levels = np.minimum(np.arange(256).reshape(16, 16) * 257 + 100, 65535).astype(np.uint16)
+    (tmp_path / "train" / "grey").mkdir(parents=True)
+    Image.fromarray(levels).save(tmp_path / "train" / "grey" / "0.png")
+    with Image.open(tmp_path / "train" / "grey" / "0.png") as saved:
+        assert saved.mode == "I;16"
+    image = open_dataset("imagefolder", tmp_path, "train").image(0)
+    assert image.shape == (3, 16, 16)
+    assert torch.equal(image, torch.from_numpy(np.arange(256, dtype=np.uint8).reshape(16, 16)).expand(3, 16, 16))

@@ -65,6 +65,18 @@ def test_captions_file_must_cover_every_sample(tmp_path, capsys):
     (tmp_path / "broken.json").write_text('{"a": ')
     with pytest.raises(UserError, match="is not valid JSON"):
         read_captions(tmp_path / "broken.json", train.keys)
+    (tmp_path / "list.json").write_text('["a kite"]')
+    with pytest.raises(UserError, match="must map each sample key to its caption, found list"):
+        read_captions(tmp_path / "list.json", train.keys)
+    numbered = json.loads((tmp_path / "train" / "captions.json").read_text())
+    numbered[train.keys[3]] = 7
+    (tmp_path / "numbered.json").write_text(json.dumps(numbered))
+    capsys.readouterr()
+    assert run_cli(["train-clip", "--data-root", str(tmp_path), "--split", "train", "--captions",
+                    str(tmp_path / "numbered.json"), "--out", str(tmp_path / "clip"), "--device", "cpu"]) == 2
+    assert f"captions file {tmp_path / 'numbered.json'}: 1 captions are not text (e.g. {train.keys[3]}: 7)" in \
+        " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "clip").exists()
 
 
 def test_train_clip_writes_a_bundle_that_precompute_loads(tmp_path):

@@ -263,3 +263,13 @@ def test_load_error_shape_mismatch(trained_resnet8, tmp_path):
     torch.save(state, path)
     message = load_error(create_model("resnet8", 10), path)
     assert "1 shape mismatches: conv1.weight is [16, 3, 5, 5] in the checkpoint, [16, 3, 3, 3] in the model" in message
+
+
+def test_load_error_weights_that_compute_nonsense(trained_resnet8, tmp_path):
+    path = tmp_path / "ckpt.pth"
+    state = trained_resnet8.state_dict()
+    torch.save({**state, "fc.weight": torch.full_like(state["fc.weight"], float("nan"))}, path)
+    assert "1 weights hold NaN or infinite values: fc.weight" in load_error(create_model("resnet8", 10), path)
+    torch.save({**state, "conv1.weight": state["conv1.weight"].long()}, path)
+    assert "1 weights are not floating point: conv1.weight is torch.int64" in load_error(create_model("resnet8", 10),
+                                                                                       path)

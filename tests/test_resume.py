@@ -204,3 +204,41 @@ def test_a_full_disk_fails_clearly_and_the_same_command_finishes_later(tiny_worl
     assert "Traceback" not in train_error
     assert " ".join(train_error.split()).startswith("error: no space left on the device")
     assert "free some space and run the command again" in " ".join(train_error.split())
+
+
+def interrupt_when(command: list[str], ready) -> subprocess.CompletedProcess:
+    """Run `command`, press Ctrl-C (SIGINT) once `ready()` holds, and wait for it to exit."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stderr=stderr)
+
+
+def test_ctrl_c_says_what_was_kept_and_the_command_that_continues(tiny_world, tmp_path):
+    data_root = tmp_path / "data"
+    write_cifar100(data_root, train=160, test=8, seed=1)
+    run = tmp_path / "run"
+    train = [RICHKD, "train", "--data-root", str(data_root), "--arch", "resnet8", "--epochs", "40", "--batch-size",
+             "16", "--num-workers", "0", "--device", "cpu", "--out", str(run), "--overwrite"]
+    interrupted = interrupt_when(train, lambda: (run / "checkpoints" / "last.pt").exists())
+    assert interrupted.returncode == 130, interrupted.stderr
+    last_line = " ".join(interrupted.stderr.strip().splitlines()[-1].split())
+    resume = shlex.join(["richkd", *train[1:-1]]) + " --resume"  # --overwrite would discard what was kept
+    assert last_line == f"interrupted: the checkpoint of the last finished epoch in {run} is kept; continue with: " \
+                        f"{resume}", interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
+    kept = read_checkpoint(run / "checkpoints" / "last.pt")[1]["epoch"]
+    assert run_cli([*shlex.split(resume)[1:], "--epochs", str(kept + 1)]) == 0
+    assert read_checkpoint(run / "checkpoints" / "last.pt")[1]["epoch"] == kept + 1
+
+    store = tmp_path / "cache.zarr"
+    precompute = [RICHKD, *bundle_args(tiny_world, data_root, store)]
+    interrupted = interrupt_when(precompute, lambda: done_count(store) > 0)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert " ".join(interrupted.stderr.strip().splitlines()[-1].split()) == (
+        f"interrupted: the finished blocks of {store} are kept; the same command computes the rest: "
+        f"{shlex.join(['richkd', *precompute[1:]])}")
+    assert run_cli(precompute[1:]) == 0

@@ -79,3 +79,26 @@ def test_a_validation_share_that_leaves_nothing_to_train_on_is_refused(tmp_path,
     assert run_cli([*TRAIN, "--data-root", str(tmp_path / "data"), "--val-fraction", "0.9",
                     "--out", str(tmp_path / "run")]) == 2
     assert "--val-fraction 0.9 leaves no training sample of 2" in capsys.readouterr().err
+
+
+def test_evaluate_matches_classes_by_name_whatever_folders_the_split_has(tmp_path, capsys):
+    write_demo(tmp_path / "data", train=64, test=48)
+    run = tmp_path / "run"
+    assert run_cli([*TRAIN, "--epochs", "1", "--data-root", str(tmp_path / "data"), "--out", str(run)]) == 0
+    evaluate = ["evaluate", "--dataset", "imagefolder", "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                "--split", "test", "--num-workers", "0", "--device", "cpu", "--json"]
+    capsys.readouterr()
+    assert run_cli([*evaluate, "--data-root", str(tmp_path / "data")]) == 0
+    whole = json.loads(capsys.readouterr().out)["per_class_accuracy"]
+    # Without the first class's folder every other class sorts one place earlier: labels must follow the names.
+    shutil.copytree(tmp_path / "data" / "test", tmp_path / "fewer" / "test")
+    first = sorted(whole)[0]
+    shutil.rmtree(tmp_path / "fewer" / "test" / first)
+    assert run_cli([*evaluate, "--data-root", str(tmp_path / "fewer")]) == 0
+    fewer = json.loads(capsys.readouterr().out)["per_class_accuracy"]
+    assert fewer == {**whole, first: None}
+    (tmp_path / "fewer" / "test" / "zebra").mkdir()
+    shutil.copy(next((tmp_path / "fewer" / "test").rglob("*.png")), tmp_path / "fewer" / "test" / "zebra")
+    assert run_cli([*evaluate, "--data-root", str(tmp_path / "fewer")]) == 2
+    assert (f"imagefolder / test has classes that checkpoint {tmp_path / 'run' / 'checkpoints' / 'last.pt'} was "
+            "not trained on: zebra") in " ".join(capsys.readouterr().err.split())

@@ -126,6 +126,12 @@ def test_a_run_is_not_replaced_or_resumed_with_other_settings(world, tmp_path, c
     assert "already holds a run: pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert run_cli([*distill, *run, "--resume", "--alpha", "0.5"]) == 2
     assert "it was run with alpha=0.7, now 0.5" in capsys.readouterr().err
+    # The same paths spelled otherwise, and the run directory moved: the same run.
+    cache = distill[distill.index("--cache") + 1]
+    respelled = [*distill[:distill.index("--cache")], "--cache", f"{cache}/", *distill[distill.index("--cache") + 2:]]
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    assert run_cli([*respelled, *run[2:], "--out", f"{tmp_path}/./moved/", "--resume", "--epochs", "2"]) == 0
+    assert read_checkpoint(tmp_path / "moved" / "checkpoints" / "last.pt")[1]["epoch"] == 2
     assert run_cli([*distill, *run, "--overwrite", "--alpha", "0.5"]) == 0
 
 

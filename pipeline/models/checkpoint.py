@@ -143,4 +143,13 @@ def _describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], meta
     ]
     if wrong_shapes:
         return f"{len(wrong_shapes)} shape mismatches: {_preview(wrong_shapes)}"
+    # load_state_dict would cast integer weights to float and keep NaN: a model that computes nonsense.
+    wrong_types = [f"{key} is {state[key].dtype}" for key, value in expected.items()
+                   if value.is_floating_point() and not state[key].is_floating_point()]
+    if wrong_types:
+        return f"{len(wrong_types)} weights are not floating point: {_preview(wrong_types)}"
+    not_finite = [key for key, value in expected.items() if value.is_floating_point()
+                  and not torch.isfinite(state[key]).all()]
+    if not_finite:
+        return f"{len(not_finite)} weights hold NaN or infinite values: {_preview(not_finite)}"
     return ""
