@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,25 +158,39 @@ def _contrast(a, b) -> bool:
 
 def write_demo(root: str | Path, train: int, test: int, pool: int = 0, seed: int = 0, side: int = SIDE) -> None:
     """The demo as an image folder (`root/<split>/<class>/<index>.png`) with `root/<split>/captions.json`;
-    the unlabelled pool's images are all in `root/pool/unlabelled/`."""
+    the unlabelled pool's images are all in `root/pool/unlabelled/`. Each sample depends on its index alone,
+    so the images are drawn by one process per core, the same files as by one."""
     root = Path(root)
-    with progress_bar("img") as progress:
+    with progress_bar("img") as progress, ProcessPoolExecutor(os.cpu_count() or 1) as pool_of_workers:
         task = progress.add_task("demo images", total=train + test + pool)
         for split, count in (("train", train), ("test", test), (POOL_SPLIT, pool)):
             if not count:
                 continue
-            captions = {}
-            folders = (POOL_FOLDER,) if split == POOL_SPLIT else CLASS_NAMES
-            for name in folders:
+            for name in (POOL_FOLDER,) if split == POOL_SPLIT else CLASS_NAMES:
                 (root / split / name).mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                sample = demo_sample(seed, split, index, side)
-                folder = POOL_FOLDER if split == POOL_SPLIT else CLASS_NAMES[sample.label]
-                key = f"{folder}/{index:06d}.png"
-                Image.fromarray(sample.image).save(root / split / key)
-                captions[key] = sample.caption
-                progress.advance(task)
+            starts = range(0, count, DEMO_CHUNK)
+            chunks = [(root, seed, split, range(start, min(start + DEMO_CHUNK, count)), side) for start in starts]
+            captions = {}
+            for written in pool_of_workers.map(_write_samples, *zip(*chunks)):
+                captions.update(written)
+                progress.advance(task, len(written))
             (root / split / "captions.json").write_text(json.dumps(captions, indent=0))
+
+
+# Samples a worker draws and writes at a time.
+DEMO_CHUNK = 500
+
+
+def _write_samples(root: Path, seed: int, split: str, indices: range, side: int) -> dict[str, str]:
+    """Draw and save samples `indices` of `split`; their captions by key."""
+    captions = {}
+    for index in indices:
+        sample = demo_sample(seed, split, index, side)
+        folder = POOL_FOLDER if split == POOL_SPLIT else CLASS_NAMES[sample.label]
+        key = f"{folder}/{index:06d}.png"
+        Image.fromarray(sample.image).save(root / split / key)
+        captions[key] = sample.caption
+    return captions
 
 
 @register_dataset("demo")

@@ -130,16 +130,19 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         return RESUMABLE_CHANGES
 
     def milestone_list(self) -> list[int]:
-        """The epochs of --milestones, fractions of --epochs rounded to the nearest epoch."""
-        def epoch_of(part: str) -> int:
+        """The epochs of --milestones; a fraction of --epochs rounds to an epoch, and is left out when the run is
+        too short to hold it (a one-epoch run has no epoch to decay at)."""
+        def epochs_of(part: str) -> list[int]:
             if "." not in part:
-                return int(part)
+                return [int(part)]
             fraction = float(part)
             require(0 < fraction < 1, f"--milestones fractions must lie in (0, 1), got '{self.milestones}'")
-            return max(1, round(fraction * self.epochs))
+            epoch = round(fraction * self.epochs)
+            return [epoch] if 0 < epoch < self.epochs else []
 
         try:
-            milestones = [epoch_of(part.strip()) for part in str(self.milestones).split(",") if part.strip()]
+            milestones = [epoch for part in str(self.milestones).split(",") if part.strip()
+                          for epoch in epochs_of(part.strip())]
         except ValueError:
             raise UserError(f"--milestones must be comma-separated fractions of --epochs or epochs, "
                             f"got '{self.milestones}'") from None
@@ -152,7 +155,7 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         late = [m for m in self.milestone_list() if m >= self.epochs]
         if self.schedule == "multistep" and late:
             console.print(f"warning: --milestones {','.join(map(str, late))} at or after the last epoch "
-                          f"({self.epochs}): the learning rate never decays there")
+                          f"({self.epochs}): the learning rate never decays there", soft_wrap=True)
 
 
 def same_setting(now, saved) -> bool:

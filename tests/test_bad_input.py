@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +17,8 @@ from PIL import Image
 from richkd.pipeline.cli import run_cli
 from richkd.pipeline.data import open_dataset
 from richkd.pipeline.models import create_model
+
+RICHKD = str(Path(sys.executable).parent / "richkd")
 
 
 def replace_flag(args: list[str], flag: str, value: str) -> list[str]:
@@ -203,6 +211,22 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tiny_world, 
     assert_user_error(replace_flag(tiny_world.precompute_args(a_file), "--out", str(a_file)), capsys,
                       f"--out {a_file} is a file: it must name a directory")
     assert a_file.read_text() == "keep me"
+
+    # A read-only file system (a tmpfs mounted read-only in a private mount namespace): refused before any work.
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    commands = {"evaluate": [*evaluate, "--output", str(read_only / "metrics.json")],
+                "train": ["train", "--data-root", str(tiny_world.data_root), "--out", str(read_only)]}
+    script = f"mount -t tmpfs -o ro tmpfs {read_only}\n" + "".join(
+        f"{shlex.join([RICHKD, *args])} 2> {tmp_path}/{name}.err || echo $? > {tmp_path}/{name}.status\n"
+        for name, args in commands.items())
+    subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-ec", script], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for name, message in (("evaluate", f"--output {read_only / 'metrics.json'} cannot be created: {read_only} is not "
+                                       "writable"),
+                          ("train", f"--out {read_only} is not writable")):
+        assert (tmp_path / f"{name}.status").read_text().strip() == "2"
+        assert (tmp_path / f"{name}.err").read_text().strip() == f"error: {message}"
 
 
 def test_sixteen_bit_grey_images_are_scaled_to_eight_bits_not_clipped(tmp_path):

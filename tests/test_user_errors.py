@@ -144,6 +144,7 @@ def test_every_row_names_tests_that_trigger_its_messages():
     (["train", "--seed", "-1"], "--seed must be 0 or more, got -1"),
     (["train", "--seeds", "0,x"], "--seeds must be comma-separated seeds such as 0,1,2, got '0,x'"),
     (["train", "--seeds", "1,1"], "--seeds must be distinct seeds of 0 or more, got '1,1'"),
+    (["train", "--jobs", "0"], "--jobs must be at least 1, got 0"),
     (["distill", "--feature-start-epoch", "-1"], "--feature-start-epoch must be 0 or more, got -1"),
     (["distill", "--feature-warmup-epochs", "-1"], "--feature-warmup-epochs must be 0 or more, got -1"),
     (["distill", "--dataset", "webdataset", "--stream"],
@@ -156,6 +157,12 @@ def test_every_row_names_tests_that_trigger_its_messages():
 ])
 def test_option_checks(argv, message, capsys):
     assert_user_error(argv, capsys, message)
+
+
+def test_jobs_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_user_error(["train", "--seeds", "0,1", "--batch-size", "32", "--jobs", "2"], capsys,
+                      "--jobs runs seeds in processes of its own: under torchrun, leave it at 1")
 
 
 def image_folder(root: Path, classes: tuple[str, ...], sizes: tuple[int, ...] = (36, 40, 44)) -> None:
