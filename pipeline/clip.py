@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,7 @@ def load_clip(name: str, pretrained: str | None, device: torch.device | str = "c
         checkpoint_sha256 = file_sha256(pretrained)
     elif open_clip.get_pretrained_cfg(name, pretrained):
         weights = pretrained
+        require_reachable_hub_weights(name, pretrained)
     elif any(sep in pretrained for sep in ("/", "\\", ".")):
         raise UserError(f"CLIP checkpoint {pretrained} does not exist")
     else:
@@ -129,7 +131,8 @@ def load_clip(name: str, pretrained: str | None, device: torch.device | str = "c
     except RuntimeError as error:
         # open_clip raises RuntimeError both for failed downloads and for checkpoints that do not fit.
         first_line = str(error).strip().splitlines()[0]
-        raise UserError(f"cannot load CLIP {name} with weights {pretrained or name}: {first_line}") from error
+        source = name if has_schema else f"{name} with weights {weights or RANDOM_WEIGHTS}"
+        raise UserError(f"cannot load CLIP {source}: {first_line}") from error
     model.eval()
     cfg = model.visual.preprocess_cfg
     size = cfg["size"]
@@ -144,6 +147,37 @@ def load_clip(name: str, pretrained: str | None, device: torch.device | str = "c
         std=tuple(cfg["std"]),
         interpolation=cfg["interpolation"],
     )
+
+
+# How long the hub may take to answer whether weights that are not cached can be downloaded.
+HUB_TIMEOUT_SECONDS = 10
+
+
+def require_reachable_hub_weights(name: str, tag: str) -> None:
+    """Fail at once, before open_clip's download retries and their warnings, when the weights of a pretrained tag
+    come from the Hugging Face hub, are not in its local cache, and the hub is offline or does not answer."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
+
+    hub = open_clip_library().get_pretrained_cfg(name, tag).get("hf_hub", "")
+    if not hub:
+        return
+    repo, filename = os.path.split(hub)
+    filename = filename or "open_clip_pytorch_model.bin"
+    # open_clip looks for a .safetensors twin of the file first.
+    alternative = "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin" else \
+        filename.removesuffix(".bin") + ".safetensors"
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, file), str) for file in (alternative, filename)):
+        return
+    where = f"the weights '{tag}' of CLIP {name} ({repo} on the Hugging Face hub)"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UserError(f"{where} are not in the local cache and HF_HUB_OFFLINE is set: download them once with "
+                        "a network connection, or pass a checkpoint file")
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, filename), timeout=HUB_TIMEOUT_SECONDS)
+    except (HTTPError, HfHubHTTPError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{where} are not in the local cache and cannot be downloaded: {reason}") from error
 
 
 def bundle_sha256(folder: Path) -> str:

@@ -175,6 +175,8 @@ class FolderImages:
 
     paths: list[str]
     loader: Callable
+    # The side every image was found to have (from a sample), which each decoded image must have too.
+    native_size: int | None = None
     decoded: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     decoded_bytes: int = 0
 
@@ -186,6 +188,10 @@ class FolderImages:
             image = TF.pil_to_tensor(self.loader(path))
         except Exception as error:
             raise UserError(f"cannot read image {path}: {error}") from error
+        if self.native_size is not None and image.shape[1:] != (self.native_size, self.native_size):
+            raise UserError(f"image {path} is {image.shape[2]} x {image.shape[1]} where the images sampled are "
+                            f"{self.native_size} x {self.native_size}: pass --view-policy resized_crop (and "
+                            "--image-size) for images of several sizes")
         if self.decoded_bytes + image.numel() <= DECODED_IMAGES_BYTES:
             self.decoded[index] = image
             self.decoded_bytes += image.numel()
@@ -212,6 +218,7 @@ def open_image_folder(root: Path, split: str) -> ImageDataset:
     paths = [path for path, _ in images.samples]
     if not paths:
         raise UserError(f"no images under {folder} (supported: {', '.join(IMG_EXTENSIONS)})")
+    native_size = sampled_native_size(paths)
     return ImageDataset(
         name="imagefolder",
         split=split,
@@ -220,9 +227,27 @@ def open_image_folder(root: Path, split: str) -> ImageDataset:
         keys=[Path(path).relative_to(folder).as_posix() for path in paths],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        native_size=None,
-        load=FolderImages(paths, load_rgb),
+        native_size=native_size,
+        load=FolderImages(paths, load_rgb, native_size),
     )
+
+
+# Images whose sizes are read (from their headers, without decoding) to find a folder's native size.
+NATIVE_SIZE_SAMPLE = 32
+
+
+def sampled_native_size(paths: list[str]) -> int | None:
+    """The side of the images when NATIVE_SIZE_SAMPLE of them, evenly spaced, are all square and of one side."""
+    picked = paths[::max(1, len(paths) // NATIVE_SIZE_SAMPLE)][:NATIVE_SIZE_SAMPLE]
+    sizes = set()
+    for path in picked:
+        try:
+            with Image.open(path) as image:
+                sizes.add(image.size)
+        except OSError as error:  # PIL's UnidentifiedImageError is one
+            raise UserError(f"cannot read image {path}: {error}") from error
+    (width, height), *others = sizes
+    return width if not others and width == height else None
 
 
 def write_cifar(root: str | Path, name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],

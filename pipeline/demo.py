@@ -195,9 +195,8 @@ def _write_samples(root: Path, seed: int, split: str, indices: range, side: int)
 
 @register_dataset("demo")
 def open_demo(root: Path, split: str, download: bool) -> ImageDataset:
-    """The demo as written by `richkd demo`: an image folder of square images of one side."""
+    """The demo as written by `richkd demo`: an image folder of square images of one side (its native size)."""
     if download or not (root / split).is_dir():
         raise UserError(f"no demo data under {root}: generate it with `richkd demo --out {root}` "
                         "(it is generated, never downloaded)")
-    dataset = open_image_folder(root, split)
-    return dataclasses.replace(dataset, name="demo", native_size=int(dataset.image(0).shape[-1]))
+    return dataclasses.replace(open_image_folder(root, split), name="demo")

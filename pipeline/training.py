@@ -340,11 +340,11 @@ class Trainer:
 
     def __init__(self, options: TrainingOptions, model: nn.Module, objective: nn.Module,
                  dataset: ImageDataset | ShardSet, eval_dataset: ImageDataset | ShardSet, policy,
-                 checkpoint_info: dict, validation: np.ndarray | None = None):
+                 checkpoint_info: dict, validation: np.ndarray | None = None, announce: str | None = None):
         """`dataset` is read by index, unless the objective streams it (then only its normalisation is used);
         its `validation` samples choose best.pt. `eval_dataset` is read by index, or streamed when it is a set of
-        shards, once after the last epoch."""
-        self.options, self.objective = options, objective
+        shards, once after the last epoch. `announce` is printed once the run directory is ready."""
+        self.options, self.objective, self.announce = options, objective, announce
         self.dataset, self.eval_dataset, self.policy = dataset, eval_dataset, policy
         self.validation = np.zeros(0, dtype=np.int64) if validation is None else validation
         self.device = resolve_device(options.device)
@@ -483,6 +483,8 @@ class Trainer:
     def run_epochs(self, step: nn.Module, first_epoch: int, best: dict) -> dict:
         from dvclive import Live
 
+        if self.announce:
+            console.print(self.announce, soft_wrap=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.options), sort_keys=False))
         (self.run_dir / "run.json").write_text(json.dumps(self.checkpoint_info, indent=2))
         keys = getattr(self.dataset, "keys", None)

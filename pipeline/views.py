@@ -122,9 +122,13 @@ VIEW_POLICIES = {policy.name: policy for policy in (PadCrop, ResizedCrop, Center
 DEFAULT_RESIZED_SIZE = 224
 
 
+# The largest side that `auto` treats as a small-image dataset (CIFAR's 32, STL's 64... are pad-cropped).
+SMALL_IMAGE_SIDE = 64
+
+
 def make_view_policy(name: str, native_size: int | None, image_size: int | None) -> ViewPolicy:
     """`auto` pad-crops datasets whose images all share one small side (CIFAR) and resized-crops the rest."""
-    small = native_size is not None and native_size <= 64
+    small = native_size is not None and native_size <= SMALL_IMAGE_SIDE
     if name == "auto":
         name = "pad_crop" if small else "resized_crop"
     if name == "center":
@@ -137,6 +141,17 @@ def make_view_policy(name: str, native_size: int | None, image_size: int | None)
         size = image_size or native_size
         return PadCrop(size=size, padding=max(1, size // 8))  # CIFAR's 4 pixels of 32, at any side
     return ResizedCrop(size=image_size or DEFAULT_RESIZED_SIZE)
+
+
+def policy_summary(policy: ViewPolicy, native_size: int | None) -> str:
+    """One line on the views a stage will cut, and why, for its start-up message."""
+    images = (f"the images are {native_size} x {native_size}" if native_size is not None
+              else "the images differ in size, or are not square")
+    if isinstance(policy, PadCrop):
+        return f"views: pad-crop to {policy.size} px, padding {policy.padding}, and flips ({images})"
+    if isinstance(policy, ResizedCrop):
+        return f"views: random resized crops to {policy.size} px, and flips ({images})"
+    return f"views: the centre {policy.size} px ({images})"
 
 
 def describe_policy(policy: ViewPolicy) -> dict:

@@ -44,7 +44,7 @@ from richkd.pipeline.distributed import (
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
-from richkd.pipeline.views import describe_policy, make_view_policy, sample_view
+from richkd.pipeline.views import describe_policy, make_view_policy, policy_summary, sample_view
 
 
 @dataclass
@@ -238,6 +238,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         writer = main_process_first(
             lambda: open_writer(config, layout, provenance, dataset, class_embeds, prompt_embeds),
             lambda: CacheWriter.open(config.out, layout, provenance))
+        console.print(policy_summary(policy, dataset.native_size), soft_wrap=True)
         done = writer.done()
         owned = [block for position, block in enumerate(layout.blocks()) if part.owns(position)]
         pending = [(view, shard) for view, shard in owned if not done[view, shard]]

@@ -18,7 +18,7 @@ from richkd.pipeline.training import (
     run_per_seed,
     seeded_model,
 )
-from richkd.pipeline.views import describe_policy, make_view_policy
+from richkd.pipeline.views import describe_policy, make_view_policy, policy_summary
 
 
 @dataclass
@@ -39,4 +39,5 @@ def train_one(config: TrainConfig) -> dict:
             "class_names": list(dataset.class_names), "view_policy": describe_policy(policy)}
     training, validation = holdout_split(len(dataset), config)
     objective = SupervisedObjective(training, len(dataset), config.seed)
-    return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation).run()
+    return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation,
+                   announce=policy_summary(policy, dataset.native_size)).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import huggingface_hub
 import open_clip
 import pytest
 import torch
@@ -43,10 +44,24 @@ def test_zero_shot_classifier_averages_normalised_prompt_embeddings(tiny_world):
                                        atol=1e-5)
 
 
-def test_hub_weights_need_a_connection():
-    # HF_HUB_OFFLINE=1 (set for the suite): the real download path runs and fails with a clear error.
-    with pytest.raises(UserError, match="cannot load CLIP ViT-B-32 with weights openai"):
+def test_hub_weights_need_a_connection(monkeypatch, tmp_path):
+    # HF_HUB_OFFLINE=1 (set for the suite): the real hub path runs, finds the weights missing from the local
+    # cache and stops at once, before open_clip's download retries and their warnings.
+    weights = (r"the weights 'openai' of CLIP ViT-B-32 \(timm/vit_base_patch32_clip_224\.openai "
+               r"on the Hugging Face hub\)")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=f"{weights} are not in the local cache and HF_HUB_OFFLINE is set: download "
+                                        "them once with a network connection, or pass a checkpoint file"):
         load_clip("ViT-B-32", "openai")
+    # Online, with a hub that does not answer (a closed port): one request, refused, and a clear error.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(UserError, match=f"{weights} are not in the local cache and cannot be downloaded: "):
+        load_clip("ViT-B-32", "openai")
+    # A checkpoint file whose weights do not fit the architecture.
+    torch.save({"visual.proj": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match=f"cannot load CLIP ViT-B-32 with weights {tmp_path / 'other.pt'}: "):
+        load_clip("ViT-B-32", str(tmp_path / "other.pt"))
 
 
 @pytest.mark.parametrize("name, pretrained, message", [

@@ -253,10 +253,14 @@ def test_distilling_one_class_with_crd(tiny_world, tmp_path, capsys):
 
 
 def test_diverging_training_stops(tiny_world, tmp_path, capsys):
-    assert_user_error(["train", "--data-root", str(tiny_world.data_root), "--arch", "resnet8", "--lr", "1e30",
-                       "--batch-size", "4", "--epochs", "1", "--num-workers", "0", "--device", "cpu",
-                       "--out", str(tmp_path / "run")], capsys,
-                      "training diverged in epoch 1: the loss is", "lower --lr or check the loss weights")
+    assert run_cli(["train", "--data-root", str(tiny_world.data_root), "--arch", "resnet8", "--lr", "1e30",
+                    "--batch-size", "4", "--epochs", "1", "--num-workers", "0", "--device", "cpu",
+                    "--out", str(tmp_path / "run")]) == 2
+    # Training had begun (its views announced) when the loss stopped being a number.
+    started, error = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert started.startswith("views: pad-crop to 32 px")
+    assert error.startswith("error: training diverged in epoch 1: the loss is")
+    assert error.endswith("lower --lr or check the loss weights")
 
 
 def test_stores_that_cannot_be_read(tiny_world, tmp_path, capsys):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from richkd.pipeline.cli import run_cli
+from richkd.pipeline.data import open_dataset
+from richkd.pipeline.models import read_checkpoint
 from richkd.pipeline.views import (
     PadCrop,
     ResizedCrop,
@@ -77,3 +81,30 @@ def test_policy_choice_and_round_trip():
     for policy in (PadCrop(size=32), ResizedCrop(size=96)):
         description = {**describe_policy(policy), "seed": 0, "count": 4}
         assert policy_from_description(description) == policy
+
+
+def write_folder(root, sides: list[int]) -> None:
+    rng = np.random.default_rng(0)
+    for index, side in enumerate(sides):
+        folder = root / "train" / ("cat" if index % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{index:03d}.png")
+
+
+def test_an_image_folder_of_small_images_is_pad_cropped_at_its_own_size(tmp_path, capsys):
+    write_folder(tmp_path / "small", [32] * 40)
+    train = ["train", "--dataset", "imagefolder", "--eval-split", "train", "--arch", "resnet8", "--epochs", "1",
+             "--batch-size", "16", "--num-workers", "0", "--device", "cpu"]
+    assert run_cli([*train, "--data-root", str(tmp_path / "small"), "--out", str(tmp_path / "run")]) == 0
+    assert "views: pad-crop to 32 px, padding 4, and flips (the images are 32 x 32)" in capsys.readouterr().err
+    policy = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")[1]["view_policy"]
+    assert (policy["policy"], policy["size"], policy["padding"]) == ("pad_crop", 32, 4)
+
+    write_folder(tmp_path / "mixed", [32, 40, 48] * 4)
+    assert open_dataset("imagefolder", tmp_path / "mixed", "train").native_size is None
+    # One odd image that the sample of sizes misses is refused when it is read, with what to do.
+    write_folder(tmp_path / "odd", [32] * 38 + [40, 32])  # dog/038.png, the last path: not in the sample
+    assert run_cli([*train, "--data-root", str(tmp_path / "odd"), "--out", str(tmp_path / "odd_run")]) == 2
+    odd = tmp_path / "odd" / "train" / "dog" / "038.png"
+    assert (f"error: image {odd} is 40 x 40 where the images sampled are 32 x 32: pass --view-policy resized_crop "
+            "(and --image-size) for images of several sizes") in " ".join(capsys.readouterr().err.split())
