@@ -31,8 +31,10 @@ def replace_flag(args: list[str], flag: str, value: str) -> list[str]:
 
 
 def assert_user_error(args: list[str], capsys, *fragments: str) -> str:
+    """One error line, after at most the line announcing the views of work that had begun."""
     assert run_cli(args) == 2
-    err = capsys.readouterr().err.strip()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = "\n".join(lines[1:] if lines and lines[0].startswith("views: ") else lines)
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ")
     for fragment in fragments:
@@ -150,12 +152,18 @@ def test_unreadable_image_is_named(tiny_world, tmp_path, capsys, workers):
 def test_non_finite_teacher_output(tiny_world, tmp_path, capsys):
     teacher = create_model("resnet8", 100)
     state = teacher.state_dict()
-    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
-    checkpoint = tmp_path / "nan.pth"
+    # Finite weights whose outputs overflow float32; NaN weights are refused as the checkpoint is loaded.
+    state["fc.weight"] = torch.full_like(state["fc.weight"], 3e38)
+    checkpoint = tmp_path / "overflow.pth"
     torch.save({"model": state}, checkpoint)
     out = tmp_path / "c.zarr"
     assert_user_error(replace_flag(tiny_world.precompute_args(out), "--teacher-checkpoint", str(checkpoint)),
                       capsys, "teacher/logits has NaN or inf values")
+    assert_no_complete_store(out)
+    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    torch.save({"model": state}, checkpoint)
+    assert_user_error(replace_flag(tiny_world.precompute_args(out), "--teacher-checkpoint", str(checkpoint)),
+                      capsys, f"checkpoint {checkpoint}: 1 weights hold NaN or infinite values: fc.weight")
     assert_no_complete_store(out)
 
 
