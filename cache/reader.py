@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
 from typing import Any
@@ -12,7 +13,15 @@ import numpy as np
 import torch
 import zarr
 
-from richkd.cache.schema import DONE, FORMAT, SCHEMA_VERSION, Layout, has_missing
+from richkd.cache.schema import (
+    DONE,
+    FORMAT,
+    SCHEMA_VERSION,
+    Layout,
+    describe_blocks,
+    has_missing,
+    read_done_flags,
+)
 from richkd.pipeline.errors import UserError
 
 
@@ -35,6 +44,9 @@ def open_existing_group(url: str, mode: str = "r") -> zarr.Group | None:
         if not location_exists(url):
             return None
         raise UserError(f"{url} exists but is not a richkd cache store") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"{url}: its zarr.json is damaged (not valid JSON: {error}); delete the store and run "
+                        "`richkd precompute` again") from error
 
 
 def is_cache(group: zarr.Group) -> bool:
@@ -74,12 +86,20 @@ class CacheReader:
         self.group = group
         self.attrs: dict = group.attrs.asdict()
         self.layout = Layout(**self.attrs["layout"])
+        for name, spec in self.layout.arrays().items():
+            if self.array(name).shape != spec.shape:
+                raise UserError(f"cache {self.url}: array {name} has shape {self.array(name).shape} where the "
+                                f"store's layout says {spec.shape}: the store was altered; delete it and run "
+                                "`richkd precompute` again")
 
     def array(self, name: str) -> zarr.Array:
         try:
             return self.group[name]
         except KeyError as error:
             raise UserError(f"cache {self.url} has no array '{name}'") from error
+        except json.JSONDecodeError as error:
+            raise UserError(f"cache {self.url}: the metadata of {name} ({name}/zarr.json) is damaged (not valid "
+                            f"JSON: {error}); delete the store and run `richkd precompute` again") from error
 
     def read(self, name: str, start: int, stop: int, view: int | None = None) -> np.ndarray:
         """Rows start:stop of an array (of one view for per-view arrays), refusing damaged or missing data.
@@ -100,8 +120,13 @@ class CacheReader:
         return values
 
     def done(self) -> np.ndarray:
-        """(V, number of shards) bool: which blocks are fully written."""
-        return self.array(DONE)[...]
+        """(V, number of shards) bool: which blocks are fully written; damaged progress flags are an error."""
+        done, damaged = read_done_flags(self.array(DONE))
+        if damaged:
+            raise UserError(f"cache {self.url}: the progress flags of {len(damaged)} blocks are damaged "
+                            f"({describe_blocks(damaged)}); the same `richkd precompute` command computes those "
+                            "blocks again")
+        return done
 
     @property
     def complete(self) -> bool:

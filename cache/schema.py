@@ -100,6 +100,27 @@ MISSING = {"float16": np.nan, "float32": np.nan, "int32": np.iinfo(np.int32).min
            "bool": False}
 
 
+def read_done_flags(array: zarr.Array) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """`progress/done`, and the (view, shard) flags whose chunk fails its checksum (read as not done)."""
+    try:
+        return array[...], []
+    except (ValueError, RuntimeError):  # a checksum or decompression failure: find the flags it hides
+        pass
+    done, damaged = np.zeros(array.shape, dtype=bool), []
+    for view, shard in np.ndindex(*array.shape):
+        try:
+            done[view, shard] = array[view, shard]
+        except (ValueError, RuntimeError):
+            damaged.append((view, shard))
+    return done, damaged
+
+
+def describe_blocks(blocks: list[tuple[int, int]], limit: int = 3) -> str:
+    """`view 0 shard 3, view 1 shard 0, ...`"""
+    named = ", ".join(f"view {view} shard {shard}" for view, shard in blocks[:limit])
+    return named + (", ..." if len(blocks) > limit else "")
+
+
 def has_missing(values: np.ndarray) -> bool:
     """Whether `values` holds the fill value of its dtype, i.e. came from a chunk that is not there."""
     if values.dtype.kind == "f":

@@ -8,8 +8,19 @@ import numpy as np
 import zarr
 
 from richkd.cache.reader import first_difference, is_cache, open_existing_group, store_location
-from richkd.cache.schema import DONE, FORMAT, IDENTITY_SECTIONS, PER_VIEW_ARRAYS, SCHEMA_VERSION, Layout, create_array
+from richkd.cache.schema import (
+    DONE,
+    FORMAT,
+    IDENTITY_SECTIONS,
+    PER_VIEW_ARRAYS,
+    SCHEMA_VERSION,
+    Layout,
+    create_array,
+    describe_blocks,
+    read_done_flags,
+)
 from richkd.pipeline.errors import UserError, out_of_space_is_a_user_error
+from richkd.pipeline.runtime import console
 
 # What a user is told when the disk fills up while a store is written.
 FULL_DISK_ADVICE = "the blocks already written are kept, and running the same command again finishes the rest"
@@ -61,7 +72,13 @@ class CacheWriter:
         return out_of_space_is_a_user_error(self.url, FULL_DISK_ADVICE)
 
     def done(self) -> np.ndarray:
-        return self.arrays[DONE][...]
+        """Which blocks are fully written; a block whose progress flag is damaged counts as not written, so it
+        is computed again and its flag rewritten."""
+        done, damaged = read_done_flags(self.arrays[DONE])
+        if damaged:
+            console.print(f"{self.url}: the progress flags of {len(damaged)} blocks are damaged "
+                          f"({describe_blocks(damaged)}): computing those blocks again", soft_wrap=True)
+        return done
 
     def pending_blocks(self) -> list[tuple[int, int]]:
         """The (view, shard) blocks not yet fully written, view-major."""

@@ -165,19 +165,20 @@ def same_setting(now, saved) -> bool:
     return now == saved
 
 
-class LearningRateFactor:
-    """Factor of the base learning rate at an epoch: warmup, then multistep decay or cosine."""
+def learning_rate_factor(options: TrainingOptions) -> Callable[[int], float]:
+    """Factor of the base learning rate at an epoch: warmup, then multistep decay or cosine. A function, not an
+    object, so that LambdaLR keeps it out of checkpoints: a run resumed with another --epochs follows the
+    schedule of its new length (the fractions of --milestones and the cosine both depend on it)."""
+    milestones, decay = options.milestone_list(), options.lr_decay
+    warmup, epochs = options.warmup_epochs, options.epochs
 
-    def __init__(self, options: TrainingOptions):
-        self.schedule, self.epochs = options.schedule, options.epochs
-        self.milestones, self.decay = options.milestone_list(), options.lr_decay
-        self.warmup = options.warmup_epochs
+    def factor(epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / warmup) if warmup else 1.0
+        if options.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        return warm * decay ** sum(epoch >= milestone for milestone in milestones)
 
-    def __call__(self, epoch: int) -> float:
-        warm = min(1.0, (epoch + 1) / self.warmup) if self.warmup else 1.0
-        if self.schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        return warm * self.decay ** sum(epoch >= milestone for milestone in self.milestones)
+    return factor
 
 
 def seeded_model(arch: str, num_classes: int, seed: int) -> nn.Module:
@@ -359,7 +360,7 @@ class Trainer:
         self.part = Part()
         parameters = [*self.model.parameters(), *self.objective.parameters()]
         self.optimizer = OPTIMIZERS[options.optimizer](parameters, options)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LearningRateFactor(options))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, learning_rate_factor(options))
 
     def checkpoint_payload(self, epoch: int, best: dict) -> dict:
         return {
@@ -383,6 +384,10 @@ class Trainer:
         self.model.load_state_dict(state)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        # The learning rate of the next epoch under this run's schedule, which changes with --epochs.
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.objective.load_state_dict(saved["objective"])
         restore_rng_states(saved["rng"])
         return saved["epoch"], saved["best"]
@@ -483,14 +488,14 @@ class Trainer:
     def run_epochs(self, step: nn.Module, first_epoch: int, best: dict) -> dict:
         from dvclive import Live
 
-        if self.announce:
-            console.print(self.announce, soft_wrap=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.options), sort_keys=False))
         (self.run_dir / "run.json").write_text(json.dumps(self.checkpoint_info, indent=2))
         keys = getattr(self.dataset, "keys", None)
         (self.run_dir / "validation.json").write_text(json.dumps({
             "fraction": self.options.val_fraction, "seed": self.options.seed, "count": len(self.validation),
             "keys": [keys[i] for i in self.validation] if keys is not None else self.validation.tolist()}))
+        if self.announce:
+            console.print(self.announce, soft_wrap=True)
         epoch_seconds = []
         with Live(str(self.run_dir / "dvclive"), resume=first_epoch > 0, save_dvc_exp=False, dvcyaml=None,
                   report=None) as live, progress_bar("img") as progress:

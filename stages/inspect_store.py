@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from richkd.cache.reader import CacheReader
-from richkd.cache.schema import DONE, PER_VIEW_ARRAYS
+from richkd.cache.schema import DONE, PER_VIEW_ARRAYS, read_done_flags
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES, clip_scale_value, fuse_logits
 from richkd.pipeline.metrics import ClassificationMeter
@@ -79,9 +79,10 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
 
 
 def verify(reader: CacheReader) -> tuple[int, list[str]]:
-    """Read every chunk that should hold data; (blocks read, one line per damaged or missing block)."""
+    """Read every chunk that should hold data; (blocks read, one line per damaged or missing block). A block
+    whose progress flag is damaged is listed, and its data is not read: precompute computes it again."""
     layout = reader.layout
-    done = reader.done()
+    done, damaged_flags = read_done_flags(reader.array(DONE))
     reads = []
     for name, spec in layout.arrays().items():
         if name == DONE:
@@ -93,7 +94,8 @@ def verify(reader: CacheReader) -> tuple[int, list[str]]:
             reads += [(name, *layout.shard_range(s), None) for s in range(layout.num_shards)]
         else:
             reads.append((name, 0, spec.shape[0], None))
-    damaged = []
+    damaged = [f"{DONE} view {view} shard {shard} is damaged (its block is computed again by precompute)"
+               for view, shard in damaged_flags]
     with progress_bar("block") as progress:
         for name, start, stop, view in progress.track(reads, description="verifying"):
             try:

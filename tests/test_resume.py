@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,3 +243,50 @@ def test_ctrl_c_says_what_was_kept_and_the_command_that_continues(tiny_world, tm
         f"interrupted: the finished blocks of {store} are kept; the same command computes the rest: "
         f"{shlex.join(['richkd', *precompute[1:]])}")
     assert run_cli(precompute[1:]) == 0
+
+
+def test_a_damaged_progress_flag_is_named_and_its_block_computed_again(tiny_world, tmp_path, capsys):
+    data_root = tmp_path / "data"
+    write_cifar100(data_root, train=64, test=8, seed=1)
+    store, reference = tmp_path / "damaged.zarr", tmp_path / "reference.zarr"
+    assert run_cli(bundle_args(tiny_world, data_root, reference)) == 0
+    shutil.copytree(reference, store)
+    flag = store / "progress" / "done" / "c" / "1" / "2"  # view 1, shard 2
+    damaged = bytearray(flag.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    flag.write_bytes(bytes(damaged))
+    capsys.readouterr()
+
+    assert run_cli(["inspect", str(store), "--verify"]) == 1
+    assert "progress/done view 1 shard 2 is damaged (its block is computed again by precompute)" in \
+        " ".join(capsys.readouterr().out.split())
+    assert run_cli(["inspect", str(store)]) == 2
+    assert (f"error: cache {store}: the progress flags of 1 blocks are damaged (view 1 shard 2); the same `richkd "
+            "precompute` command computes those blocks again") in " ".join(capsys.readouterr().err.split())
+    assert run_cli(bundle_args(tiny_world, data_root, store)) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{store}: the progress flags of 1 blocks are damaged (view 1 shard 2): computing those blocks again" in err
+    assert f"continuing {store}: " in err
+    assert_identical_stores(store, reference)
+    assert run_cli(["inspect", str(store), "--verify"]) == 0
+
+    # Damaged metadata, and attributes that disagree with the arrays: one line each, never a traceback.
+    delete = "; delete the store and run `richkd precompute` again"
+    for damage, prefix, message in (
+            ("zarr.json", "", ": its zarr.json is damaged (not valid JSON: "),
+            ("teacher/logits/zarr.json", "cache ",
+             ": the metadata of teacher/logits (teacher/logits/zarr.json) is damaged (not valid JSON: "),
+            ("layout", "cache ", ": array labels has shape (64,) where the store's layout says (65,): "
+                                 "the store was altered; delete it and run `richkd precompute` again")):
+        altered = tmp_path / f"altered-{damage.replace('/', '-')}.zarr"
+        shutil.copytree(reference, altered)
+        if damage == "layout":
+            group = zarr.open_group(altered, mode="r+")
+            group.attrs["layout"] = {**group.attrs["layout"], "samples": 65}
+        else:
+            (altered / damage).write_text((altered / damage).read_text()[:100])
+        capsys.readouterr()
+        assert run_cli(["inspect", str(altered), "--verify"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"error: {prefix}{altered}{message}" in err
+        assert damage == "layout" or err.endswith(delete)

@@ -251,12 +251,12 @@ def test_evaluate_a_teacher_checkpoint_needs_its_architecture(tiny_world, capsys
 
 
 def test_milestones_are_fractions_of_the_epochs_and_a_late_one_is_a_warning(capsys):
-    from richkd.pipeline.training import LearningRateFactor, TrainingOptions
+    from richkd.pipeline.training import TrainingOptions, learning_rate_factor
 
     paper = TrainingOptions(epochs=240, schedule="multistep")
     paper.validate()
     assert paper.milestone_list() == [150, 180, 210]
-    factor = LearningRateFactor(paper)
+    factor = learning_rate_factor(paper)
     assert [factor(epoch) for epoch in (149, 150, 179, 180, 210)] == pytest.approx([1, 0.1, 0.1, 0.01, 0.001])
     assert TrainingOptions(epochs=10, schedule="multistep").milestone_list() == [6, 8, 9]
     assert TrainingOptions(epochs=1, schedule="multistep").milestone_list() == []  # no epoch to decay at
