@@ -74,8 +74,8 @@ class TrainingOptions(DataOptions, ExecutionOptions):
         None, "Train one run per seed, such as 0,1,2, each in <out>/seed-<seed> (instead of --seed).", "Run")
     jobs: int = option(
         1, "Seeds of --seeds trained at once, each in its own process with an equal share of torch's CPU threads "
-        "(small models train faster so than on every thread at once; a run's numbers depend on its thread count, "
-        "so keep --jobs to reproduce it).", "Run")
+        "(a small model trains faster on one thread a run than on every thread at once; a run's numbers depend on "
+        "its thread count, so keep --jobs to reproduce it).", "Run")
     out: str = option("runs/model", "Run directory: checkpoints, metrics, resolved config.", "Run")
     resume: bool = option(False, "Continue the run in --out from its last checkpoint.", "Run")
     overwrite: bool = option(False, "Start over, replacing the run in --out.", "Run")
