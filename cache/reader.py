@@ -87,8 +87,8 @@ class CacheReader:
         self.attrs: dict = group.attrs.asdict()
         self.layout = Layout(**self.attrs["layout"])
         for name, spec in self.layout.arrays().items():
-            if self.array(name).shape != spec.shape:
-                raise UserError(f"cache {self.url}: array {name} has shape {self.array(name).shape} where the "
+            if (shape := self.array(name).shape) != spec.shape:
+                raise UserError(f"cache {self.url}: array {name} has shape {shape} where the "
                                 f"store's layout says {spec.shape}: the store was altered; delete it and run "
                                 "`richkd precompute` again")
 

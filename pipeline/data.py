@@ -170,8 +170,8 @@ DECODED_IMAGES_BYTES = 256 * 2**20
 
 @dataclass
 class FolderImages:
-    """Index -> CHW uint8 tensor, decoding the file with torchvision's ImageFolder loader; the first
-    DECODED_IMAGES_BYTES of decoded images are kept in memory."""
+    """Index -> CHW uint8 tensor, decoding the file with `loader`; the first DECODED_IMAGES_BYTES of decoded
+    images are kept in memory."""
 
     paths: list[str]
     loader: Callable
@@ -190,8 +190,8 @@ class FolderImages:
             raise UserError(f"cannot read image {path}: {error}") from error
         if self.native_size is not None and image.shape[1:] != (self.native_size, self.native_size):
             raise UserError(f"image {path} is {image.shape[2]} x {image.shape[1]} where the images sampled are "
-                            f"{self.native_size} x {self.native_size}: pass --view-policy resized_crop (and "
-                            "--image-size) for images of several sizes")
+                            f"{self.native_size} x {self.native_size}: give every image of the folder one size, "
+                            "or remove the odd ones")
         if self.decoded_bytes + image.numel() <= DECODED_IMAGES_BYTES:
             self.decoded[index] = image
             self.decoded_bytes += image.numel()

@@ -106,5 +106,5 @@ def test_an_image_folder_of_small_images_is_pad_cropped_at_its_own_size(tmp_path
     write_folder(tmp_path / "odd", [32] * 38 + [40, 32])  # dog/038.png, the last path: not in the sample
     assert run_cli([*train, "--data-root", str(tmp_path / "odd"), "--out", str(tmp_path / "odd_run")]) == 2
     odd = tmp_path / "odd" / "train" / "dog" / "038.png"
-    assert (f"error: image {odd} is 40 x 40 where the images sampled are 32 x 32: pass --view-policy resized_crop "
-            "(and --image-size) for images of several sizes") in " ".join(capsys.readouterr().err.split())
+    assert (f"error: image {odd} is 40 x 40 where the images sampled are 32 x 32: give every image of the folder "
+            "one size, or remove the odd ones") in " ".join(capsys.readouterr().err.split())
