@@ -93,6 +93,7 @@ def test_evaluate_matches_classes_by_name_whatever_folders_the_split_has(tmp_pat
     # Without the first class's folder every other class sorts one place earlier: labels must follow the names.
     shutil.copytree(tmp_path / "data" / "test", tmp_path / "fewer" / "test")
     first = sorted(whole)[0]
+    assert len({accuracy for name, accuracy in whole.items() if name != first}) > 1  # so a shift would show
     shutil.rmtree(tmp_path / "fewer" / "test" / first)
     assert run_cli([*evaluate, "--data-root", str(tmp_path / "fewer")]) == 0
     fewer = json.loads(capsys.readouterr().out)["per_class_accuracy"]
