@@ -53,7 +53,7 @@ def main() -> None:
         root = Path(tmp)
         write_synthetic_cifar100(root / "data", train=args.images, test=8)
         write_teacher(root / "teacher.pth")
-        teacher = precompute.load_teacher("resnet32x4", str(root / "teacher.pth"), 100, torch.device("cpu"))
+        teacher, _ = precompute.load_teacher("resnet32x4", str(root / "teacher.pth"), 100, torch.device("cpu"))
         clip = load_clip("ViT-B-32", "random")
 
         dataset = open_dataset("cifar100", root / "data", "train")

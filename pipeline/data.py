@@ -37,9 +37,11 @@ class ImageDataset:
     keys: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    # Side of the (square) images when every image has it, else None.
+    # Side of the (square) images when every image has it (for an image folder: every image of a sample), else None.
     native_size: int | None
     load: Callable[[int], torch.Tensor]
+    # Samples of each tar shard, in order, for data read from shards (whose readers check them).
+    shard_sizes: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,6 +65,7 @@ class ImageDataset:
             "fingerprint": self.fingerprint(),
             "mean": list(self.mean),
             "std": list(self.std),
+            **({"shard_sizes": list(self.shard_sizes)} if self.shard_sizes is not None else {}),
         }
 
 
@@ -175,8 +178,6 @@ class FolderImages:
 
     paths: list[str]
     loader: Callable
-    # The side every image was found to have (from a sample), which each decoded image must have too.
-    native_size: int | None = None
     decoded: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     decoded_bytes: int = 0
 
@@ -188,10 +189,6 @@ class FolderImages:
             image = TF.pil_to_tensor(self.loader(path))
         except Exception as error:
             raise UserError(f"cannot read image {path}: {error}") from error
-        if self.native_size is not None and image.shape[1:] != (self.native_size, self.native_size):
-            raise UserError(f"image {path} is {image.shape[2]} x {image.shape[1]} where the images sampled are "
-                            f"{self.native_size} x {self.native_size}: give every image of the folder one size, "
-                            "or remove the odd ones")
         if self.decoded_bytes + image.numel() <= DECODED_IMAGES_BYTES:
             self.decoded[index] = image
             self.decoded_bytes += image.numel()
@@ -228,7 +225,7 @@ def open_image_folder(root: Path, split: str) -> ImageDataset:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         native_size=native_size,
-        load=FolderImages(paths, load_rgb, native_size),
+        load=FolderImages(paths, load_rgb),
     )
 
 

@@ -12,6 +12,11 @@ class UserError(Exception):
     """Bad input a user can correct: the CLI prints the message as one line and exits with status 2."""
 
 
+def preview(items: list, limit: int = 3) -> str:
+    """The first `limit` items, for a message about all of them."""
+    return ", ".join(str(item) for item in items[:limit]) + (", ..." if len(items) > limit else "")
+
+
 def one_line(error: UserError) -> str:
     """The message of a user error as one line.
 

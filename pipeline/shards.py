@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
 from richkd.pipeline.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
 from richkd.pipeline.errors import UserError
@@ -48,7 +48,7 @@ from richkd.pipeline.errors import UserError
 SPLIT_PLACEHOLDER = "{split}"
 CLASSES_FILE = "classes.txt"
 NORMALIZATION_FILE = "normalization.json"
-# Members webdataset's tar reader skips (tar_file_iterator's `skip_meta`).
+# Members that are no sample's, as webdataset's tar reader skips them (tar_file_iterator's `skip_meta`).
 META_MEMBER = re.compile(r"__[^/]*__($|/)")
 # Bytes of an image read at first to learn its size; more only when its header is longer.
 IMAGE_HEADER_BYTES = 1024
@@ -143,6 +143,7 @@ def open_shards(root: Path | str, split: str, download: bool) -> ImageDataset:
         native_size=native_size,
         load=ShardImages(urls, keys, np.asarray(shards, np.int32), np.asarray(offsets, np.int64),
                          np.asarray(sizes, np.int64)),
+        shard_sizes=np.bincount(np.asarray(shards, np.int64), minlength=len(urls)).tolist(),
     )
 
 
@@ -193,7 +194,7 @@ def read_normalization(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> 
 def index_shard(file, url: str, class_names: list[str]):
     """(sample, class id, image (width, height)) of each sample of one shard, in tar order."""
     try:
-        samples = group_members(tarfile.open(fileobj=file, mode="r:"))
+        samples = group_members(tarfile.open(fileobj=file, mode="r:"), url)
     except tarfile.TarError as error:
         raise UserError(f"cannot read shard {url}: {error}") from error
     for sample in samples:
@@ -215,13 +216,12 @@ def class_id(cls: bytes, num_classes: int, sample: str) -> int:
 
 
 def stream_shard(url: str, num_classes: int) -> Iterator[tuple[str, int, bytes]]:
-    """(key, class id, encoded image) of each sample of one shard, reading it once front to back as
-    webdataset does; `url` may also be a `pipe:` command."""
+    """(key, class id, encoded image) of each sample of one shard, reading it once front to back; `url` may
+    also be a `pipe:` command, opened as webdataset opens it."""
     try:
         stream = webdataset.gopen(url) if pipe_command(url) else open_shard(url)
         with stream:
-            for fields in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                key = fields["__key__"]
+            for key, fields in streamed_samples(tarfile.open(fileobj=stream, mode="r|*"), url):
                 image = next((name for name in fields if name in IMAGE_EXTENSIONS), None)
                 for present, field in ((image, "image member (.png, .jpg, .webp, ...)"),
                                        ("cls" in fields, "cls member")):
@@ -230,7 +230,7 @@ def stream_shard(url: str, num_classes: int) -> Iterator[tuple[str, int, bytes]]
                 yield key, class_id(fields["cls"], num_classes, f"sample '{key}' in {url}"), fields[image]
     except UserError:
         raise
-    except Exception as error:  # webdataset raises whatever its tar reader or the stream raised
+    except Exception as error:  # whatever the tar reader or the stream (a file, a pipe, a remote store) raised
         raise UserError(f"cannot read shard {url}: {stream_failure(error)}") from error
 
 
@@ -241,17 +241,41 @@ def stream_failure(error: Exception) -> str:
     return f"the command exited with status {exit_status[1]}" if exit_status else text
 
 
-def group_members(tar: tarfile.TarFile) -> list[Sample]:
-    """Consecutive members sharing a key make a sample, as webdataset groups them; reads headers only."""
-    samples: list[Sample] = []
-    fields: dict[str, tarfile.TarInfo] = {}
+def sample_members(tar: tarfile.TarFile, url: str) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, lower-case extension, member) of each member that is part of a sample, in tar order.
+
+    A tar cut short where one member ends reads as a shorter tar that ends without its end-of-archive block
+    (512 zero bytes, which every tar writer adds); that is refused once the last member has been read."""
     for member in tar:
         if not member.isreg() or META_MEMBER.match(member.name):
             continue
         key, extension = base_plus_ext(member.name)
-        if key is None:
-            continue
-        extension = extension.lower()
+        if key is not None:
+            yield key, extension.lower(), member
+    # tarfile stops at the end-of-archive block having read it, and at the end of the data having read less.
+    if tar.fileobj.tell() != tar.offset + tarfile.BLOCKSIZE:
+        raise UserError(f"shard {url} ends after {tar.offset:,} bytes without tar's end-of-archive block: it was "
+                        "cut short (by a copy or download that did not finish?); write or copy it again")
+
+
+def streamed_samples(tar: tarfile.TarFile, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: data}) of each sample of a tar read front to back, grouped as `group_members` does."""
+    key, fields = None, {}
+    for member_key, extension, member in sample_members(tar, url):
+        if fields and (member_key != key or extension in fields):
+            yield key, fields
+            fields = {}
+        key = member_key
+        fields[extension] = tar.extractfile(member).read()
+    if fields:
+        yield key, fields
+
+
+def group_members(tar: tarfile.TarFile, url: str) -> list[Sample]:
+    """Consecutive members sharing a key make a sample, as webdataset groups them; reads headers only."""
+    samples: list[Sample] = []
+    fields: dict[str, tarfile.TarInfo] = {}
+    for key, extension, member in sample_members(tar, url):
         if not samples or samples[-1].key != key or extension in fields:
             samples.append(Sample(key, None, None))
             fields = {}

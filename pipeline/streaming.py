@@ -65,6 +65,14 @@ class StoreRows:
         return {name: np.array(values[offset]) for name, values in self.chunks[chunk].items()}
 
 
+def shard_sizes_by_start(shard_sizes: list[int] | None) -> dict[int, int] | None:
+    """{first store row: samples} of the shards a store was precomputed from (None: it does not record them)."""
+    if shard_sizes is None:
+        return None
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)[:-1]]).tolist()
+    return {int(start): size for start, size in zip(starts, shard_sizes) if size}
+
+
 class ShardStream(IterableDataset):
     """One epoch of one process's shards: (uint8 view, class id, store row, targets) per sample."""
 
@@ -92,9 +100,9 @@ class ShardStream(IterableDataset):
         if worker >= self.streams:
             return
         urls = self.urls[self.part.index::self.part.count][worker::self.streams]
-        rows = StoreRows(CacheReader(self.cache), self.view, self.names)
-        samples = (self._with_targets(url, key, label, encoded, rows) for url, key, label, encoded in
-                   self._read(urls))
+        reader = CacheReader(self.cache)
+        rows = StoreRows(reader, self.view, self.names)
+        samples = self._read(urls, rows, shard_sizes_by_start(reader.attrs["dataset"].get("shard_sizes")))
         if self.part.count > 1:
             share = len(self)
             samples = islice(samples, share // self.streams + (worker < share % self.streams))
@@ -105,19 +113,43 @@ class ShardStream(IterableDataset):
             yield view, label, row, {array: torch.from_numpy(values.astype(np.float32))
                                      for array, values in targets.items()}
 
-    def _read(self, urls: list[str]) -> Iterator[tuple[str, str, int, bytes]]:
-        """(shard, key, class id, encoded image) of every sample of `urls`, once, or round and round when
-        several processes each take a fixed share."""
+    def _read(self, urls: list[str], rows: StoreRows, sizes: dict[int, int] | None) -> Iterator[tuple]:
+        """Every sample of `urls` with its targets, once, or round and round when several processes each take a
+        fixed share."""
         while True:
             streamed = 0
             for url in urls:
-                for key, label, encoded in stream_shard(url, self.num_classes):
+                for sample in self._read_shard(url, rows, sizes):
                     streamed += 1
-                    yield url, key, label, encoded
+                    yield sample
             if self.part.count == 1:
                 return
             if streamed == 0:
                 raise UserError(f"the shards {', '.join(urls)} hold no samples")
+
+    def _read_shard(self, url: str, rows: StoreRows, sizes: dict[int, int] | None) -> Iterator[tuple]:
+        """The samples of one shard with their targets. A shard read to its end must hold the samples of one
+        shard the store was precomputed from (`sizes`: its shards' sizes by first row, when it records them),
+        so that every process checks its own shards and no sample goes missing unnoticed on any of them."""
+        first, count = None, 0
+        for key, label, encoded in stream_shard(url, self.num_classes):
+            sample = self._with_targets(url, key, label, encoded, rows)
+            if first is None:
+                first = (key, sample[2])
+            count += 1
+            yield sample
+        if sizes is None or (count == 0 and 0 in sizes.values()):
+            return
+        if first is None:
+            raise UserError(f"shard {url} holds no samples, where every shard the cache {self.cache} was "
+                            "precomputed from held some: it is not one of those shards")
+        if first[1] not in sizes:
+            raise UserError(f"shard {url} starts with sample '{first[0]}', row {first[1]} of the cache {self.cache}, "
+                            "where no shard it was precomputed from starts: it is not one of those shards")
+        if count != sizes[first[1]]:
+            raise UserError(f"shard {url} streamed {count} samples where the shard the cache {self.cache} was "
+                            f"precomputed from held {sizes[first[1]]}: it has changed since; restore it or "
+                            "precompute again")
 
     def _with_targets(self, url: str, key: str, label: int, encoded: bytes, rows: StoreRows) -> tuple:
         row = int(self.key_index.rows([key])[0])

@@ -29,12 +29,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.distributed import Part, is_main_process, main_process_first, process_group, torchrun_part
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, preview
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
+from richkd.pipeline.normalization import NormalizeOptions
 from richkd.pipeline.runtime import autocast, console, hide_progress_bars, progress_bar, resolve_device
 from richkd.pipeline.shards import CenterViewStream, ShardSet
-from richkd.pipeline.views import sample_view
+from richkd.pipeline.views import image_for_views, sample_view
 
 OPTIMIZERS = {
     "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
@@ -46,7 +47,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "
 
 
 @dataclass
-class TrainingOptions(DataOptions, ExecutionOptions):
+class TrainingOptions(DataOptions, NormalizeOptions, ExecutionOptions):
     """Options of every training run; `train` and `distill` add their own."""
 
     eval_split: str = option(
@@ -251,7 +252,7 @@ class LabelledViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image = self.dataset.image(index)
+        image = image_for_views(self.dataset, self.policy, index)
         if self.center:
             view = self.policy.center(image)
         else:
@@ -341,10 +342,10 @@ class Trainer:
 
     def __init__(self, options: TrainingOptions, model: nn.Module, objective: nn.Module,
                  dataset: ImageDataset | ShardSet, eval_dataset: ImageDataset | ShardSet, policy,
-                 checkpoint_info: dict, validation: np.ndarray | None = None, announce: str | None = None):
+                 checkpoint_info: dict, validation: np.ndarray | None = None, announce: tuple[str, ...] = ()):
         """`dataset` is read by index, unless the objective streams it (then only its normalisation is used);
         its `validation` samples choose best.pt. `eval_dataset` is read by index, or streamed when it is a set of
-        shards, once after the last epoch. `announce` is printed once the run directory is ready."""
+        shards, once after the last epoch. The lines of `announce` are printed once the run directory is ready."""
         self.options, self.objective, self.announce = options, objective, announce
         self.dataset, self.eval_dataset, self.policy = dataset, eval_dataset, policy
         self.validation = np.zeros(0, dtype=np.int64) if validation is None else validation
@@ -408,6 +409,12 @@ class Trainer:
             (self.checkpoints / stale).unlink(missing_ok=True)
         return 0, NO_BEST
 
+    def kept(self, epoch: int) -> str:
+        """What a run stopped during `epoch` (counted from 0) leaves behind."""
+        if epoch == 0:
+            return "no epoch had ended, so there is no checkpoint"
+        return f"{self.checkpoints / 'last.pt'} (epoch {epoch}) is kept"
+
     def epoch_loader(self, epoch: int) -> tuple[DataLoader, int, Callable[[int], None]]:
         """This process's batches of the epoch, how many samples they hold, and what checks the count."""
         data = self.objective.epoch_data(epoch, self.part)
@@ -428,13 +435,14 @@ class Trainer:
         totals: dict[str, float] = {}
         seen = 0
         try:
-            for views_batch, labels, indices, *targets in loader:
+            for batch_number, (views_batch, labels, indices, *targets) in enumerate(loader, 1):
                 x = normalize(views_batch.to(self.device, non_blocking=True), self.dataset.mean, self.dataset.std)
                 labels = labels.to(self.device, non_blocking=True)
                 losses = step(x.contiguous(memory_format=torch.channels_last), labels, indices, epoch, *targets)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
-                    raise UserError(f"training diverged in epoch {epoch + 1}: the loss is {loss.item()}; "
+                    raise UserError(f"training diverged in epoch {epoch + 1} at batch {batch_number} (samples "
+                                    f"{preview(indices.tolist())}): the loss is {loss.item()}; {self.kept(epoch)}; "
                                     "lower --lr or check the loss weights")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -494,8 +502,8 @@ class Trainer:
         (self.run_dir / "validation.json").write_text(json.dumps({
             "fraction": self.options.val_fraction, "seed": self.options.seed, "count": len(self.validation),
             "keys": [keys[i] for i in self.validation] if keys is not None else self.validation.tolist()}))
-        if self.announce:
-            console.print(self.announce, soft_wrap=True)
+        for line in self.announce:
+            console.print(line, soft_wrap=True)
         epoch_seconds = []
         with Live(str(self.run_dir / "dvclive"), resume=first_epoch > 0, save_dvc_exp=False, dvcyaml=None,
                   report=None) as live, progress_bar("img") as progress:

@@ -154,6 +154,24 @@ def policy_summary(policy: ViewPolicy, native_size: int | None) -> str:
     return f"views: the centre {policy.size} px ({images})"
 
 
+def keeps_scale(policy: ViewPolicy) -> bool:
+    """Whether views are cut at the image's own scale (pad-crops, centre crops without resizing), which is right
+    for images of the one small side the policy was chosen for."""
+    return isinstance(policy, PadCrop) or (isinstance(policy, CenterView) and not policy.resize)
+
+
+def image_for_views(dataset, policy: ViewPolicy, index: int) -> torch.Tensor:
+    """Image `index` of `dataset`, to cut views of `policy` from. An image folder's side is found from a sample
+    of its images: one of another side would be cut at another scale, unnoticed, so it is refused."""
+    image = dataset.image(index)
+    side = dataset.native_size
+    if side is not None and keeps_scale(policy) and image.shape[1:] != (side, side):
+        raise UserError(f"image {dataset.keys[index]} of the {dataset.split} split is {image.shape[2]} x "
+                        f"{image.shape[1]} where the images sampled are {side} x {side}, the side {policy.name} "
+                        "views are cut at: give every image one size, or pass --view-policy resized_crop")
+    return image
+
+
 def describe_policy(policy: ViewPolicy) -> dict:
     return {"policy": policy.name, "param_names": list(policy.param_names), **asdict(policy)}
 

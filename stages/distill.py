@@ -20,6 +20,7 @@ from richkd.pipeline.data import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import clip_scale_value, fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
+from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.runtime import console
 from richkd.pipeline.shards import ShardSet, open_shard_set
 from richkd.pipeline.streaming import ShardStream
@@ -334,6 +335,10 @@ def distill_one(config: DistillConfig) -> dict:
         dataset, shards = open_dataset(config.dataset, config.data_root, config.split, config.download), None
         rows = reader.rows_of(dataset)
         eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
+    # The student may be fed another normalisation than the teacher was; by default it is the teacher's.
+    normalization = choose_normalization(config.normalize, dataset, reader.attrs["teacher"]["input_transform"],
+                                         f"the store {config.cache}")
+    dataset, eval_dataset = normalized(dataset, normalization), normalized(eval_dataset, normalization)
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
     # Held out by store row: the same samples whatever order the dataset lists them in.
     training_rows, validation_rows = holdout_split(reader.layout.samples, config)
@@ -341,5 +346,7 @@ def distill_one(config: DistillConfig) -> dict:
     validation = validation_rows if rows is None else np.sort(objective.sample_of_row[validation_rows])
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "distill",
             "class_names": list(dataset.class_names), "view_policy": reader.attrs["views"],
+            "normalization": normalization.describe(),
             "cache": {key: reader.attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout")}}
-    return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation).run()
+    return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation,
+                   announce=(normalization.summary(),)).run()

@@ -33,6 +33,7 @@ from richkd.pipeline.data import ImageDataset, open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
+from richkd.pipeline.normalization import Normalization, NormalizeOptions, choose_normalization
 from richkd.pipeline.runtime import autocast, progress_bar, resolve_device
 from richkd.pipeline.training import LabelledViews, data_loader, evaluate_model
 from richkd.pipeline.views import ViewPolicy, make_view_policy, policy_from_description
@@ -42,7 +43,7 @@ CLEAN = ("clean", 0)
 
 
 @dataclass
-class EvaluateConfig(DataOptions, ExecutionOptions):
+class EvaluateConfig(DataOptions, NormalizeOptions, ExecutionOptions):
     checkpoint: str | None = option(
         None, "Checkpoint from train or distill, or a teacher checkpoint (required); or a glob pattern such as "
         "'runs/kd/seed-*/checkpoints/last.pt' to evaluate every seed of a run in one process.", "Model")
@@ -100,8 +101,10 @@ def run(config: EvaluateConfig) -> dict:
     dataset = in_checkpoint_class_order(dataset, checkpoints)
     views = LabelledViews(dataset, policy, center=True)
     loader = data_loader(views, config.batch_size, config.num_workers, device)
-    results, models = [], []
+    results, models, normalizations = [], [], []
     for path, saved in checkpoints:
+        normalization = choose_normalization(config.normalize, dataset, saved.get("normalization"),
+                                             f"checkpoint {path}", binding=True)
         arch = saved.get("arch") or config.arch
         if arch is None:
             raise UserError(f"checkpoint {path} does not record its architecture: pass --arch")
@@ -110,7 +113,7 @@ def run(config: EvaluateConfig) -> dict:
         model.to(device)
         meter = ClassificationMeter(confidence_threshold=config.confidence_threshold,
                                     num_classes=len(dataset.class_names))
-        evaluate_model(model, loader, device, dataset.mean, dataset.std, meter)
+        evaluate_model(model, loader, device, normalization.mean, normalization.std, meter)
         results.append({
             "checkpoint": path,
             "seed": checkpoint_seed(saved),
@@ -118,14 +121,16 @@ def run(config: EvaluateConfig) -> dict:
             "dataset": dataset.name,
             "split": dataset.split,
             "confidence_threshold": config.confidence_threshold,
+            "normalization": normalization.describe(),
             **meter.result(),
             "per_class_accuracy": dict(zip(dataset.class_names, meter.per_class_accuracy())),
             "reliability": meter.reliability(),
         })
         models.append(model)
+        normalizations.append(normalization)
     if names:
-        for result, robustness in zip(results, evaluate_robustness(config, models, views, device, policy.size,
-                                                                   names, published)):
+        for result, robustness in zip(results, evaluate_robustness(config, models, normalizations, views, device,
+                                                                   policy.size, names, published)):
             result["robustness"] = robustness
     # One checkpoint keeps the format of a single evaluation, which `richkd report` also reads as one seed.
     report = results[0] if len(results) == 1 else {"seeds": results}
@@ -209,10 +214,12 @@ def open_published(root: str | None, names: list[str], labels, side: int) -> Pub
 
 
 @torch.inference_mode()
-def evaluate_robustness(config: EvaluateConfig, models: list, views: LabelledViews, device, side: int,
-                        names: list[str], published: PublishedCorruptions | None) -> list[dict]:
-    """Per model: top-1, NLL and ECE under every (corruption, severity), their means, and the drop from clean
-    accuracy, the clean accuracy measured on the same images. Each corrupted batch is made once for all models."""
+def evaluate_robustness(config: EvaluateConfig, models: list, normalizations: list[Normalization],
+                        views: LabelledViews, device, side: int, names: list[str],
+                        published: PublishedCorruptions | None) -> list[dict]:
+    """Per model (fed with its normalisation): top-1, NLL and ECE under every (corruption, severity), their means,
+    and the drop from clean accuracy, the clean accuracy measured on the same images. Each corrupted batch is made
+    once for all models."""
     dataset = views.dataset
     severities = parse_severities(config.severities)
     count = min(config.corruption_samples or len(dataset), len(dataset))
@@ -234,8 +241,9 @@ def evaluate_robustness(config: EvaluateConfig, models: list, views: LabelledVie
                     images = published.images(name, severity, indices.tolist())
                 else:
                     images = corrupt(clean, name, severity, config.corruption_seed, indices.tolist())
-                x = TF.normalize(images.to(device, non_blocking=True), list(dataset.mean), list(dataset.std))
-                for model, model_meters in zip(models, meters):
+                images = images.to(device, non_blocking=True)
+                for model, normalization, model_meters in zip(models, normalizations, meters):
+                    x = TF.normalize(images, list(normalization.mean), list(normalization.std))
                     with autocast(device):
                         logits, _ = model(x)
                     model_meters[(name, severity)].update(logits.float().cpu(), labels)

@@ -43,12 +43,13 @@ from richkd.pipeline.distributed import (
 )
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
+from richkd.pipeline.normalization import NormalizeOptions, choose_normalization, normalized
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
-from richkd.pipeline.views import describe_policy, make_view_policy, policy_summary, sample_view
+from richkd.pipeline.views import describe_policy, image_for_views, make_view_policy, policy_summary, sample_view
 
 
 @dataclass
-class PrecomputeConfig(DataOptions, ViewOptions, ExecutionOptions):
+class PrecomputeConfig(DataOptions, NormalizeOptions, ViewOptions, ExecutionOptions):
     teacher: str = option(
         "resnet32x4", "Teacher architecture: a zoo name, tv:<torchvision model> or timm:<model>.", "Teachers")
     teacher_checkpoint: str | None = option(
@@ -120,7 +121,7 @@ class ViewImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         view, index = item
-        image = self.dataset.image(index)
+        image = image_for_views(self.dataset, self.policy, index)
         params = sample_view(self.policy, self.seed, view, index, image)
         return self.policy.replay(image, params), torch.from_numpy(params)
 
@@ -181,10 +182,11 @@ class Models:
         }
 
 
-def load_teacher(arch: str, checkpoint: str, num_classes: int, device: torch.device) -> torch.nn.Module:
+def load_teacher(arch: str, checkpoint: str, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The teacher in eval mode, and what its checkpoint records besides the weights."""
     teacher = create_model(arch, num_classes)
-    load_checkpoint(teacher, checkpoint)
-    return teacher.to(device).eval()
+    saved = load_checkpoint(teacher, checkpoint)
+    return teacher.to(device).eval(), saved
 
 
 def run(config: PrecomputeConfig) -> PrecomputeResult:
@@ -194,7 +196,10 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size)
     if not Path(config.teacher_checkpoint).is_file():
         raise UserError(f"teacher checkpoint {config.teacher_checkpoint} does not exist")
-    teacher = load_teacher(config.teacher, config.teacher_checkpoint, len(dataset.class_names), device)
+    teacher, saved = load_teacher(config.teacher, config.teacher_checkpoint, len(dataset.class_names), device)
+    normalization = choose_normalization(config.normalize, dataset, saved.get("normalization"),
+                                         f"teacher checkpoint {config.teacher_checkpoint}", binding=True)
+    dataset = normalized(dataset, normalization)
     clip = load_clip(config.clip, config.clip_pretrained, device)
     if config.clip_pretrained == RANDOM_WEIGHTS and not config.clip.startswith(SCHEMAS):
         console.print(f"warning: CLIP {config.clip} has random weights, so its zero-shot targets carry no knowledge")
@@ -226,7 +231,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
             "arch": config.teacher,
             "checkpoint_sha256": file_sha256(config.teacher_checkpoint),
             "feature_dim": teacher.feature_dim,
-            "input_transform": {"mean": list(dataset.mean), "std": list(dataset.std)},
+            "input_transform": normalization.describe(),
         },
         "clip": {**clip.describe(), "templates": templates, "class_names": prompt_names},
         "software": software_versions(),
@@ -238,7 +243,8 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         writer = main_process_first(
             lambda: open_writer(config, layout, provenance, dataset, class_embeds, prompt_embeds),
             lambda: CacheWriter.open(config.out, layout, provenance))
-        console.print(policy_summary(policy, dataset.native_size), soft_wrap=True)
+        for line in (policy_summary(policy, dataset.native_size), normalization.summary()):
+            console.print(line, soft_wrap=True)
         done = writer.done()
         owned = [block for position, block in enumerate(layout.blocks()) if part.owns(position)]
         pending = [(view, shard) for view, shard in owned if not done[view, shard]]

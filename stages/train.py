@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from richkd.pipeline.config import ViewOptions
 from richkd.pipeline.data import open_dataset
+from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.training import (
     SupervisedObjective,
     Trainer,
@@ -32,12 +33,16 @@ def run(config: TrainConfig) -> dict:
 
 def train_one(config: TrainConfig) -> dict:
     dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
-    eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
+    normalization = choose_normalization(config.normalize, dataset)
+    dataset = normalized(dataset, normalization)
+    eval_dataset = normalized(open_dataset(config.dataset, config.data_root, config.eval_split, config.download),
+                              normalization)
     policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size)
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "train",
-            "class_names": list(dataset.class_names), "view_policy": describe_policy(policy)}
+            "class_names": list(dataset.class_names), "view_policy": describe_policy(policy),
+            "normalization": normalization.describe()}
     training, validation = holdout_split(len(dataset), config)
     objective = SupervisedObjective(training, len(dataset), config.seed)
     return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation,
-                   announce=policy_summary(policy, dataset.native_size)).run()
+                   announce=(policy_summary(policy, dataset.native_size), normalization.summary())).run()

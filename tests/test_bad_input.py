@@ -31,10 +31,12 @@ def replace_flag(args: list[str], flag: str, value: str) -> list[str]:
 
 
 def assert_user_error(args: list[str], capsys, *fragments: str) -> str:
-    """One error line, after at most the line announcing the views of work that had begun."""
+    """One error line, after at most the lines announcing the views and normalisation of work that had begun."""
     assert run_cli(args) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    err = "\n".join(lines[1:] if lines and lines[0].startswith("views: ") else lines)
+    while lines and lines[0].startswith(("views: ", "normalization: ")):
+        lines.pop(0)
+    err = "\n".join(lines)
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ")
     for fragment in fragments:

@@ -14,7 +14,8 @@ import zarr
 from conftest import TINY_CLIP
 
 from richkd.pipeline.cli import run_cli
-from richkd.pipeline.models import create_model, load_checkpoint
+from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
+from richkd.pipeline.normalization import given_normalization
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -222,3 +223,68 @@ def test_cifar10_in_five_batch_files(tiny_world, tmp_path):
     assert len(train) == 23 and train.labels.tolist() == labels.tolist()
     assert torch.equal(train.image(7), torch.from_numpy(images[7]).permute(2, 0, 1))
     assert len(open_dataset("cifar10", tmp_path, "test")) == 4
+
+
+def test_normalization_travels_from_the_teacher_checkpoint_to_the_store_student_and_evaluate(tiny_world, tmp_path,
+                                                                                             capsys):
+    """A teacher trained with `--normalize dataset`: every later stage feeds it, and by default its students, the
+    statistics measured on its training images, and refuses to feed it others."""
+    images, _ = raw_cifar(tiny_world)
+    pixels = images.transpose(1, 0, 2, 3).reshape(3, -1) / 255
+    common = ["--dataset", "cifar100", "--data-root", str(tiny_world.data_root), "--num-workers", "0",
+              "--device", "cpu"]
+    training = [*common, "--arch", "resnet8", "--epochs", "1", "--batch-size", "20", "--val-fraction", "0"]
+    assert run_cli(["train", *training, "--normalize", "dataset", "--out", str(tmp_path / "teacher")]) == 0
+    assert "normalization: measured on 40 images of train, mean (" in capsys.readouterr().err
+    teacher_checkpoint = tmp_path / "teacher" / "checkpoints" / "last.pt"
+    measured = read_checkpoint(teacher_checkpoint)[1]["normalization"]
+    np.testing.assert_allclose(measured["mean"], pixels.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(measured["std"], pixels.std(axis=1), rtol=1e-12)
+
+    args = tiny_world.precompute_args(tmp_path / "cache.zarr", "--dtype", "float32")
+    args[args.index("--teacher-checkpoint") + 1] = str(teacher_checkpoint)
+    assert run_cli([*args, "--normalize", "imagenet"]) == 2
+    assert (f"error: teacher checkpoint {teacher_checkpoint} was trained on inputs normalised with mean "
+            in " ".join(capsys.readouterr().err.split()))
+    assert not (tmp_path / "cache.zarr").exists()
+    assert run_cli(args) == 0
+    group = zarr.open_group(tmp_path / "cache.zarr", mode="r")
+    assert group.attrs["teacher"]["input_transform"] == measured
+    teacher = create_model("resnet8", 100)
+    load_checkpoint(teacher, teacher_checkpoint)
+    mean, std = (torch.tensor(measured[name], dtype=torch.float32)[:, None, None] for name in ("mean", "std"))
+    params = group["views/params"][0]
+    x = torch.from_numpy(np.stack([replay_by_hand(images[i], *params[i]) for i in range(40)]).copy()).float() / 255
+    with torch.no_grad():
+        logits, _ = teacher.eval()((x - mean) / std)
+    np.testing.assert_allclose(group["teacher/logits"][0], logits.numpy(), rtol=1e-5, atol=1e-5)
+
+    distill = ["distill", *training, "--cache", str(tmp_path / "cache.zarr"), "--nce-k", "16"]
+    assert run_cli([*distill, "--out", str(tmp_path / "student")]) == 0
+    student_checkpoint = tmp_path / "student" / "checkpoints" / "last.pt"
+    assert read_checkpoint(student_checkpoint)[1]["normalization"] == measured
+    assert run_cli([*distill, "--normalize", "clip", "--out", str(tmp_path / "clip_student")]) == 0
+    assert read_checkpoint(tmp_path / "clip_student" / "checkpoints" / "last.pt")[1]["normalization"] == {
+        "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+
+    evaluate = ["evaluate", *common, "--checkpoint", str(student_checkpoint), "--json"]
+    capsys.readouterr()
+    assert run_cli([*evaluate, "--normalize", "0.5,0.25"]) == 2
+    assert "--normalize 0.5,0.25 gives mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25)" in capsys.readouterr().err
+    assert run_cli(evaluate) == 0
+    assert json.loads(capsys.readouterr().out)["normalization"] == measured
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0.5", "--normalize must be auto, dataset, imagenet, clip or MEAN,STD numbers (2 or 6 of them), got '0.5'"),
+    ("0.5,0", "--normalize 0.5,0: every std must be positive"),
+    ("imagenett", "--normalize must be auto, dataset, imagenet, clip or MEAN,STD numbers"),
+])
+def test_bad_normalization_is_refused(tiny_world, tmp_path, capsys, spec, message):
+    assert run_cli(tiny_world.precompute_args(tmp_path / "cache.zarr", "--normalize", spec)) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_six_numbers_are_a_mean_and_a_std_per_channel():
+    given = given_normalization("0.1,0.2,0.3,0.4,0.5,6e-1")
+    assert (given.mean, given.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))

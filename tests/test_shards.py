@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from webdataset import TarWriter
 from richkd.pipeline.cli import run_cli
 from richkd.pipeline.data import ImageDataset, open_dataset
 from richkd.pipeline.demo import write_demo
+from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.shards import stream_shard
 from richkd.stages.pack import shard_key
 
 # Per split, the shards `pack --samples-per-shard 16` writes (64 demo train images, 16 test; 40 CIFAR train, 20 test).
@@ -252,3 +255,25 @@ def test_pack_option_errors(tiny_world, tmp_path, capsys):
     assert_user_error(["pack", "--format", "jpeg"], capsys, "--format must be png or original, got 'jpeg'")
     assert_user_error(pack("cifar100", tiny_world.data_root, tmp_path, "--format", "original"), capsys,
                       "--format original copies image files, and dataset 'cifar100' is not made of image files")
+
+
+def test_a_shard_cut_short_where_a_sample_ends_is_refused(tiny_world, cifar_shards, tmp_path, capsys):
+    """A copy that stopped between two samples leaves a tar that reads as a shorter one: indexed or streamed, the
+    missing end-of-archive block gives it away, so no store is made from 39 of the 40 samples."""
+    shards = tmp_path / "shards"
+    shutil.copytree(cifar_shards, shards)
+    cut_shard = shards / "train-000001.tar"
+    with tarfile.open(cut_shard) as tar:
+        last_sample = tar.getmembers()[-2]  # the last sample's first member (its cls and image are the last two)
+    assert last_sample.name.endswith(".cls") or last_sample.name.endswith(".png")
+    cut_shard.write_bytes(cut_shard.read_bytes()[:last_sample.offset])
+    message = (f"shard {cut_shard} ends after {last_sample.offset:,} bytes without tar's end-of-archive block: it "
+               "was cut short (by a copy or download that did not finish?); write or copy it again")
+
+    args = replace_flag(tiny_world.precompute_args(tmp_path / "cache.zarr"), "--dataset", "webdataset")
+    assert_user_error(replace_flag(args, "--data-root", str(shards / CIFAR_SHARDS["train"])), capsys, message)
+    assert not (tmp_path / "cache.zarr").exists()
+    for url in (str(cut_shard), f"pipe:cat {cut_shard}"):
+        with pytest.raises(UserError, match="without tar's end-of-archive block"):
+            list(stream_shard(url, 100))
+    assert len(list(stream_shard(str(shards / "train-000000.tar"), 100))) == 16

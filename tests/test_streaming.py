@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from test_bad_input import assert_user_error, replace_flag
 from test_parallel import BIN, torchrun
 from test_shards import CIFAR_SHARDS, cifar_shards, png, write_shard  # noqa: F401 (a fixture)
@@ -100,6 +103,29 @@ def test_loader_workers_and_processes_split_the_shards(store, cifar_shards):  # 
         epoch_stream(store, [*urls, urls[0]], Part(0, 5))
 
 
+def test_every_process_checks_the_shards_it_streams(store, cifar_shards, tmp_path):  # noqa: F811
+    """A shard rewritten with fewer samples, as a valid tar: under two processes each streams 20 samples, the
+    changed shard's process by going round its shard again, so only the shard's own count can tell."""
+    urls = train_urls(cifar_shards)
+
+    def rewritten(name: str, members: slice) -> str:
+        path = tmp_path / name
+        with tarfile.open(urls[1]) as source, tarfile.open(path, "w") as target:
+            for member in source.getmembers()[members]:  # a cls and an image member per sample
+                target.addfile(member, source.extractfile(member))
+        return str(path)
+
+    short = rewritten("short.tar", slice(0, -4))
+    assert len(list(epoch_stream(store, [urls[0], short, urls[2]], Part(0, 2)))) == 20  # shards 0 and 2: intact
+    with pytest.raises(UserError, match=re.escape(f"shard {short} streamed 14 samples where the shard the cache "
+                                                  f"{store} was precomputed from held 16: it has changed since")):
+        list(epoch_stream(store, [urls[0], short, urls[2]], Part(1, 2)))
+    late = rewritten("late.tar", slice(4, None))
+    with pytest.raises(UserError, match=re.escape(f"shard {late} starts with sample '18', row 18 of the cache "
+                                                  f"{store}, where no shard it was precomputed from starts")):
+        list(epoch_stream(store, [urls[0], late, urls[2]], Part(1, 2)))
+
+
 def test_distill_streams_from_a_pipe_and_resumes_bit_identical(store, cifar_shards, tmp_path, capsys):  # noqa: F811
     piped = "::".join(f"pipe:cat {url}" for url in train_urls(cifar_shards))  # no file is ever indexed
     distill = ["distill", "--dataset", "webdataset", "--data-root", piped, "--stream", "--val-fraction", "0",
@@ -127,6 +153,8 @@ def test_streaming_refuses_other_samples(store, cifar_shards, tmp_path, capsys):
     assert_user_error(replace_flag(distill, "--dataset", "cifar100"), capsys,
                       "--stream reads tar shards: it needs --dataset webdataset, not 'cifar100'")
     assert_user_error([*distill, "--split", "test"], capsys, "was built for another dataset (dataset.split: 'train'")
+    assert_user_error([*distill, "--normalize", "dataset"], capsys,
+                      "--normalize dataset measures images read by index, which streamed shards are not")
     assert_user_error(replace_flag(distill, "--data-root", "::".join(urls[:2])), capsys,
                       "the shards streamed 32 samples and the cache", "holds 40: it was precomputed from other shards")
 
@@ -146,8 +174,17 @@ def test_streaming_refuses_other_samples(store, cifar_shards, tmp_path, capsys):
             list(epoch_stream(store, [shard]))
     empty = tmp_path / "empty.tar"
     write_shard(empty)
-    with pytest.raises(UserError, match=re.escape(f"the shards {empty} hold no samples")):
+    with pytest.raises(UserError, match=re.escape(f"shard {empty} holds no samples, where every shard the cache "
+                                                  f"{store} was precomputed from held some")):
         list(epoch_stream(store, [str(empty), urls[0]], Part(0, 2)))
+    # A store that does not record its shards' sizes (one precomputed from CIFAR's files, say) finds the shard
+    # empty only when a process went round its shards without a sample.
+    unrecorded = tmp_path / "unrecorded.zarr"
+    shutil.copytree(store, unrecorded)
+    group = zarr.open_group(unrecorded, mode="r+")
+    group.attrs["dataset"] = {key: value for key, value in group.attrs["dataset"].items() if key != "shard_sizes"}
+    with pytest.raises(UserError, match=re.escape(f"the shards {empty} hold no samples")):
+        list(epoch_stream(unrecorded, [str(empty), urls[0]], Part(0, 2)))
 
 
 def test_torchrun_processes_stream_shards_of_unequal_size(store, cifar_shards, tmp_path):  # noqa: F811

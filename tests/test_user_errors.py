@@ -256,11 +256,39 @@ def test_diverging_training_stops(tiny_world, tmp_path, capsys):
     assert run_cli(["train", "--data-root", str(tiny_world.data_root), "--arch", "resnet8", "--lr", "1e30",
                     "--batch-size", "4", "--epochs", "1", "--num-workers", "0", "--device", "cpu",
                     "--out", str(tmp_path / "run")]) == 2
-    # Training had begun (its views announced) when the loss stopped being a number.
-    started, error = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert started.startswith("views: pad-crop to 32 px")
-    assert error.startswith("error: training diverged in epoch 1: the loss is")
-    assert error.endswith("lower --lr or check the loss weights")
+    # Training had begun (its views and normalisation announced) when the loss stopped being a number.
+    views, normalization, error = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert views.startswith("views: pad-crop to 32 px") and normalization.startswith("normalization: cifar100's")
+    # The first step with that learning rate sends the weights to infinity; the second batch's loss is nan.
+    assert error.startswith("error: training diverged in epoch 1 at batch 2 (samples ")
+    assert error.endswith("the loss is nan; no epoch had ended, so there is no checkpoint; lower --lr or check the "
+                          "loss weights")
+
+
+def test_constant_images_have_no_std_to_normalise_by(tmp_path, capsys):
+    grey = np.full((8, 32, 32, 3), 128, dtype=np.uint8)
+    write_cifar(tmp_path, "cifar10", {"train": (grey, np.arange(8) % 2), "test": (grey, np.arange(8) % 2)},
+                ["cat", "dog"])
+    assert_user_error(["train", "--dataset", "cifar10", "--data-root", str(tmp_path), "--normalize", "dataset",
+                       "--out", str(tmp_path / "run")], capsys,
+                      "--normalize dataset: a channel of the 8 images measured in train is constant, so it has no "
+                      "std to divide by")
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tiny_world, tmp_path, capsys):
+    train = ["train", "--data-root", str(tiny_world.data_root), "--arch", "resnet8", "--batch-size", "8",
+             "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert run_cli([*train, "--epochs", "1"]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=False)
+    payload["model"]["fc.bias"][0] = float("inf")  # a model whose next loss is not a number
+    torch.save(payload, last)
+    kept = last.read_bytes()
+    capsys.readouterr()
+    assert_user_error([*train, "--epochs", "2", "--resume"], capsys,
+                      "training diverged in epoch 2 at batch 1 (samples ",
+                      f"the loss is nan; {last} (epoch 1) is kept; lower --lr")
+    assert last.read_bytes() == kept
 
 
 def test_stores_that_cannot_be_read(tiny_world, tmp_path, capsys):

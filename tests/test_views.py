@@ -102,9 +102,12 @@ def test_an_image_folder_of_small_images_is_pad_cropped_at_its_own_size(tmp_path
 
     write_folder(tmp_path / "mixed", [32, 40, 48] * 4)
     assert open_dataset("imagefolder", tmp_path / "mixed", "train").native_size is None
-    # One odd image that the sample of sizes misses is refused when it is read, with what to do.
+    # One odd image that the sample of sizes misses would be pad-cropped at another scale: it is refused when it
+    # is read, with what to do; resized crops take it as it is.
     write_folder(tmp_path / "odd", [32] * 38 + [40, 32])  # dog/038.png, the last path: not in the sample
-    assert run_cli([*train, "--data-root", str(tmp_path / "odd"), "--out", str(tmp_path / "odd_run")]) == 2
-    odd = tmp_path / "odd" / "train" / "dog" / "038.png"
-    assert (f"error: image {odd} is 40 x 40 where the images sampled are 32 x 32: give every image of the folder "
-            "one size, or remove the odd ones") in " ".join(capsys.readouterr().err.split())
+    odd = [*train, "--data-root", str(tmp_path / "odd")]
+    assert run_cli([*odd, "--out", str(tmp_path / "odd_run")]) == 2
+    assert ("error: image dog/038.png of the train split is 40 x 40 where the images sampled are 32 x 32, the side "
+            "pad_crop views are cut at: give every image one size, or pass --view-policy resized_crop"
+            ) in " ".join(capsys.readouterr().err.split())
+    assert run_cli([*odd, "--view-policy", "resized_crop", "--image-size", "32", "--out", str(tmp_path / "resized")]) == 0

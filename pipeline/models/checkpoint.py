@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from richkd.pipeline.errors import UserError, out_of_space_is_a_user_error
+from richkd.pipeline.errors import UserError, out_of_space_is_a_user_error, preview
 
 STATE_DICT_ENTRIES = ("model", "state_dict")
 DDP_PREFIX = "module."
@@ -114,10 +114,6 @@ def _split_payload(payload: object) -> tuple[Mapping[str, torch.Tensor], dict[st
     return None
 
 
-def _preview(items: list[str], limit: int = 3) -> str:
-    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
-
-
 def _describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> str:
     """Why `state` does not fit `model`, most telling reason first; empty if it fits."""
     arch = metadata.get("arch")
@@ -131,9 +127,9 @@ def _describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], meta
     unexpected = [key for key in state if key not in expected]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} keys ({_preview(missing)})")
+        problems.append(f"missing {len(missing)} keys ({preview(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({preview(unexpected)})")
     if problems:
         return "; ".join(problems)
     wrong_shapes = [
@@ -142,14 +138,14 @@ def _describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], meta
         if state[key].shape != value.shape
     ]
     if wrong_shapes:
-        return f"{len(wrong_shapes)} shape mismatches: {_preview(wrong_shapes)}"
+        return f"{len(wrong_shapes)} shape mismatches: {preview(wrong_shapes)}"
     # load_state_dict would cast integer weights to float and keep NaN: a model that computes nonsense.
     wrong_types = [f"{key} is {state[key].dtype}" for key, value in expected.items()
                    if value.is_floating_point() and not state[key].is_floating_point()]
     if wrong_types:
-        return f"{len(wrong_types)} weights are not floating point: {_preview(wrong_types)}"
+        return f"{len(wrong_types)} weights are not floating point: {preview(wrong_types)}"
     not_finite = [key for key, value in expected.items() if value.is_floating_point()
                   and not torch.isfinite(state[key]).all()]
     if not_finite:
-        return f"{len(not_finite)} weights hold NaN or infinite values: {_preview(not_finite)}"
+        return f"{len(not_finite)} weights hold NaN or infinite values: {preview(not_finite)}"
     return ""
