@@ -68,19 +68,25 @@ T = TypeVar("T")
 
 def main_process_first(first: Callable[[], T], then: Callable[[], T]) -> T:
     """`first()` on rank 0, then, once it succeeded, `then()` on the other ranks (e.g. make a store, then open
-    it). A user error on rank 0 is raised on every rank, so that none waits for the others for ever."""
+    it). Whatever `first()` raises reaches every rank, so that none waits for the others for ever: a user error
+    as itself, anything else as a RuntimeError naming it (rank 0 keeps its own traceback)."""
     if not dist.is_initialized():
         return first()
-    result, outcome = None, [None]
     if dist.get_rank() == 0:
         try:
             result = first()
-        except UserError as error:
-            outcome = [str(error)]
+        except Exception as error:  # re-raised here, after the other ranks are told
+            dist.broadcast_object_list([(isinstance(error, UserError), f"{type(error).__name__}: {error}",
+                                         str(error))], src=0)
+            raise
+        dist.broadcast_object_list([None], src=0)
+        return result
+    outcome = [None]
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
-        raise UserError(outcome[0])
-    return result if dist.get_rank() == 0 else then()
+        user_error, described, message = outcome[0]
+        raise UserError(message) if user_error else RuntimeError(f"the first process failed: {described}")
+    return then()
 
 
 def barrier() -> None:

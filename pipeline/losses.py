@@ -147,8 +147,9 @@ class FusedCRD(nn.Module):
         super().__init__()
         self.lam = lam
         self.embed_student = Embed(student_dim, embed_dim)
-        self.embed_teacher = Embed(teacher_dim, embed_dim)
-        self.embed_clip = Embed(clip_dim, embed_dim)
+        # Only the embeddings of sources with weight: a parameter without a gradient stops DistributedDataParallel.
+        self.embed_teacher = Embed(teacher_dim, embed_dim) if lam > 0 else None
+        self.embed_clip = Embed(clip_dim, embed_dim) if lam < 1 else None
         self.memory = ContrastMemory(embed_dim, num_data, nce_temperature, momentum, generator)
 
     def fused_embedding(self, teacher_features: torch.Tensor | None,

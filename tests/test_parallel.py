@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import zarr
 from conftest import write_cifar100
 from test_bad_input import assert_user_error
@@ -21,7 +22,7 @@ from test_resume import assert_identical_stores, bundle_args
 from richkd.cache.reader import shard_share
 from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
 from richkd.pipeline.cli import run_cli
-from richkd.pipeline.distributed import Part
+from richkd.pipeline.distributed import Part, main_process_first
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import read_checkpoint
 from richkd.pipeline.training import seeded_model
@@ -144,6 +145,16 @@ def test_a_torchrun_distill_step_has_the_gradients_of_one_process(tiny_world, tm
     logged = (tmp_path / "two" / "dvclive" / "metrics.json").read_text()
     assert "top1" in logged  # the first process evaluated and logged
 
+    # The feature loss under DDP, with one source's embedding left out of the fused one (its weight is 0): every
+    # parameter gets a gradient, or DDP stops at the second step.
+    for variant, lam in (("LF", "1"), ("F", "0")):
+        fused = [*command[:-1], str(tmp_path / f"{variant}-{lam}"), "--variant", variant, "--lam", lam, "--nce-k", "16",
+                 "--batch-size", "16"]
+        assert torchrun(fused).returncode == 0
+        objective = read_checkpoint(tmp_path / f"{variant}-{lam}" / "checkpoints" / "last.pt")[1]["objective"]
+        unused = "crd.embed_clip" if lam == "1" else "crd.embed_teacher"
+        assert not any(name.startswith(unused) for name in objective), variant
+
     # Resuming under torchrun ends where an uninterrupted torchrun run ends.
     assert torchrun([*command[:-1], str(tmp_path / "two"), "--epochs", "2", "--resume"]).returncode == 0
     assert torchrun([*command[:-1], str(tmp_path / "straight"), "--epochs", "2"]).returncode == 0
@@ -151,6 +162,29 @@ def test_a_torchrun_distill_step_has_the_gradients_of_one_process(tiny_world, tm
     straight, _ = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
+
+
+def fail_on_the_first_process(rank: int, folder: str) -> None:
+    """Rank 0 makes a programming error where it should make a store for both ranks; each notes what it got."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        main_process_first(lambda: {}["store"], lambda: "opened")
+    except Exception as error:
+        Path(folder, f"rank-{rank}").write_text(f"{type(error).__name__}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_any_failure_of_the_first_process_reaches_the_others(tmp_path):
+    processes = torch.multiprocessing.spawn(fail_on_the_first_process, args=(str(tmp_path),), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not processes.join(timeout=1):
+        if time.monotonic() > deadline:  # a rank waiting for ever is the failure under test
+            for process in processes.processes:
+                process.kill()
+            pytest.fail("a process still waits for the first one")
+    assert (tmp_path / "rank-0").read_text() == "KeyError: 'store'"
+    assert (tmp_path / "rank-1").read_text() == "RuntimeError: the first process failed: KeyError: 'store'"
 
 
 def torchrun(command: list[str]) -> subprocess.CompletedProcess:
