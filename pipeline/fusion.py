@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from richkd.pipeline.errors import UserError
@@ -44,3 +46,31 @@ def fuse_logits(teacher_logits: torch.Tensor | None, clip_cosines: torch.Tensor 
         clip_logits = scale * clip_cosines
         parts.append(clip_weight * (standardize(clip_logits) if standardized else clip_logits))
     return sum(parts)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a run adds to cross-entropy: a logit loss on z_F = teacher_weight z_T + clip_weight z_C (weights from
+    alpha), a feature loss, or both."""
+
+    description: str
+    logits: bool = False
+    features: bool = False
+    teacher_in_logits: bool = True
+    clip_in_logits: bool = True
+
+    def logit_weights(self, alpha: float) -> tuple[float, float]:
+        """(weight of z_T, weight of z_C) in z_F."""
+        teacher = alpha if self.teacher_in_logits else 0.0
+        return teacher, (1 - teacher) * self.clip_in_logits
+
+
+VARIANTS = {
+    "none": Variant("cross-entropy only"),
+    "L": Variant("logit loss on z_F = alpha z_T + (1 - alpha) z_C", logits=True),
+    "F": Variant("CRD on the fused features", features=True),
+    "LF": Variant("both", logits=True, features=True),
+    # Controls from the same cache: what the teacher alone gives, softened as fusing softens it, and CLIP alone.
+    "shrink": Variant("teacher-shrink control: z_F = alpha z_T, no CLIP", logits=True, clip_in_logits=False),
+    "clip": Variant("CLIP-only control: z_F = z_C (alpha unused)", logits=True, teacher_in_logits=False),
+}

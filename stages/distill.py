@@ -18,7 +18,7 @@ from richkd.cache.reader import CacheReader, block_shuffled_order, shard_share
 from richkd.pipeline.config import option, parse_size, require
 from richkd.pipeline.data import open_dataset
 from richkd.pipeline.distributed import Part
-from richkd.pipeline.fusion import clip_scale_value, fuse_logits
+from richkd.pipeline.fusion import VARIANTS, clip_scale_value, fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.runtime import console
@@ -38,33 +38,6 @@ from richkd.pipeline.training import (
 )
 from richkd.pipeline.views import policy_from_description
 
-
-@dataclass(frozen=True)
-class Variant:
-    """What a run adds to cross-entropy: a logit loss on z_F = teacher_weight z_T + clip_weight z_C (weights from
-    alpha), a feature loss, or both."""
-
-    description: str
-    logits: bool = False
-    features: bool = False
-    teacher_in_logits: bool = True
-    clip_in_logits: bool = True
-
-    def logit_weights(self, alpha: float) -> tuple[float, float]:
-        """(weight of z_T, weight of z_C) in z_F."""
-        teacher = alpha if self.teacher_in_logits else 0.0
-        return teacher, (1 - teacher) * self.clip_in_logits
-
-
-VARIANTS = {
-    "none": Variant("cross-entropy only"),
-    "L": Variant("logit loss on z_F = alpha z_T + (1 - alpha) z_C", logits=True),
-    "F": Variant("CRD on the fused features", features=True),
-    "LF": Variant("both", logits=True, features=True),
-    # Controls from the same cache: what the teacher alone gives, softened as fusing softens it, and CLIP alone.
-    "shrink": Variant("teacher-shrink control: z_F = alpha z_T, no CLIP", logits=True, clip_in_logits=False),
-    "clip": Variant("CLIP-only control: z_F = z_C (alpha unused)", logits=True, teacher_in_logits=False),
-}
 DEFAULT_LOGIT_WEIGHTS = {"kd": 3.0, "dkd": 1.0}
 LOGIT_LOSSES = tuple(DEFAULT_LOGIT_WEIGHTS)
 

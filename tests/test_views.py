@@ -110,4 +110,5 @@ def test_an_image_folder_of_small_images_is_pad_cropped_at_its_own_size(tmp_path
     assert ("error: image dog/038.png of the train split is 40 x 40 where the images sampled are 32 x 32, the side "
             "pad_crop views are cut at: give every image one size, or pass --view-policy resized_crop"
             ) in " ".join(capsys.readouterr().err.split())
-    assert run_cli([*odd, "--view-policy", "resized_crop", "--image-size", "32", "--out", str(tmp_path / "resized")]) == 0
+    resized = ["--view-policy", "resized_crop", "--image-size", "32", "--out", str(tmp_path / "resized")]
+    assert run_cli([*odd, *resized]) == 0
