@@ -128,10 +128,6 @@ class CacheReader:
                             "blocks again")
         return done
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.done().all())
-
     def require_complete(self) -> None:
         done = self.done()
         if not done.all():

@@ -80,11 +80,6 @@ class CacheWriter:
                           f"({describe_blocks(damaged)}): computing those blocks again", soft_wrap=True)
         return done
 
-    def pending_blocks(self) -> list[tuple[int, int]]:
-        """The (view, shard) blocks not yet fully written, view-major."""
-        done = self.done()
-        return [(view, shard) for view, shard in self.layout.blocks() if not done[view, shard]]
-
     def write_static(self, arrays: dict[str, np.ndarray]) -> None:
         """The arrays that do not depend on the view (labels, keys, class and prompt embeddings)."""
         with self.full_disk_is_a_user_error():

@@ -6,7 +6,7 @@ brightness) and digital (contrast, elastic, pixelate, JPEG), each at severities 
 
 `corrupt(images, name, severity, seed, indices)` takes float images in [0, 1], shape (N, 3, H, W), and uses
 the benchmark's own severity parameters: those of `make_cifar_c.py` (CIFAR-10-C / CIFAR-100-C, made at
-32 x 32) when the larger image side is at most `CIFAR_MAX_SIDE` = 64 pixels, those of `make_imagenet_c.py`
+32 x 32) when the larger image side is at most `SMALL_IMAGE_SIDE` = 64 pixels, those of `make_imagenet_c.py`
 (ImageNet-C, made at 224 x 224) above that (the bound at which views switch from pad-crops to resized
 crops). Parameters that are lengths are used in pixels as published, whatever the image size.
 
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.views import SMALL_IMAGE_SIDE
 
 CORRUPTIONS = (
     "gaussian_noise",
@@ -71,8 +72,6 @@ CATEGORIES = {
     "digital": CORRUPTIONS[11:15],
 }
 SEVERITIES = (1, 2, 3, 4, 5)
-# Images whose larger side is at most this get CIFAR-10-C's parameters, larger ones ImageNet-C's.
-CIFAR_MAX_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,8 @@ def corruption(name: str, cifar: Sequence, imagenet: Sequence):
 
 
 def parameter_set(height: int, width: int) -> str:
-    """`cifar` or `imagenet`: whose severity parameters images of this size get."""
-    return "cifar" if max(height, width) <= CIFAR_MAX_SIDE else "imagenet"
+    """`cifar` or `imagenet`: whose severity parameters images of this size get (small images CIFAR-10-C's)."""
+    return "cifar" if max(height, width) <= SMALL_IMAGE_SIDE else "imagenet"
 
 
 def parameter(name: str, severity: int, height: int, width: int):

@@ -8,6 +8,8 @@ import torch
 
 from richkd.pipeline.errors import UserError
 
+# The paper's fusion weight of the teacher.
+DEFAULT_ALPHA = 0.7
 # Named CLIP scales: `raw` keeps cosines as they are (the reference code), `clip` uses the model's exp(logit_scale).
 CLIP_SCALES = ("raw", "clip")
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 ECE_BINS = 15
+# Confidence at or above which a prediction counts as confident.
+CONFIDENCE_THRESHOLD = 0.9
 
 
 class ClassificationMeter:
@@ -15,7 +17,8 @@ class ClassificationMeter:
     least `confidence_threshold` and right / wrong; per-class accuracy needs `num_classes`.
     """
 
-    def __init__(self, bins: int = ECE_BINS, confidence_threshold: float = 0.9, num_classes: int | None = None):
+    def __init__(self, bins: int = ECE_BINS, confidence_threshold: float = CONFIDENCE_THRESHOLD,
+                 num_classes: int | None = None):
         self.bins = bins
         self.confidence_threshold = confidence_threshold
         self.confident_correct = 0

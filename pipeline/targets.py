@@ -1,4 +1,5 @@
-"""The Python API to a store: its fused targets as a torch Dataset, for training loops other than `richkd distill`.
+"""A store's targets: as a torch Dataset for training loops other than `richkd distill` (the Python API), and their
+quality against the labels.
 
     from richkd import CachedTargets, kd_loss
     targets = CachedTargets("cache/cifar100.zarr", "cifar100", "data", variant="L", alpha=0.7)
@@ -19,11 +20,15 @@ from torch.utils.data import Dataset
 from richkd.cache.reader import CacheReader
 from richkd.pipeline.config import require
 from richkd.pipeline.data import normalize, open_dataset
-from richkd.pipeline.fusion import VARIANTS, clip_scale_value, fuse_logits
+from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, clip_scale_value, fuse_logits
+from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
 from richkd.pipeline.normalization import choose_normalization
+from richkd.pipeline.runtime import progress_bar
 from richkd.pipeline.views import image_for_views, policy_from_description
 
 FEATURE_ARRAYS = ("teacher/features", "clip/image_embeds")
+# The fusion weights `richkd inspect` and `report` evaluate the fused targets at.
+ALPHAS = tuple(round(0.1 * step, 1) for step in range(11))
 
 
 class CachedTargets(Dataset):
@@ -40,8 +45,8 @@ class CachedTargets(Dataset):
     """
 
     def __init__(self, store: str, dataset: str, data_root: str, split: str = "train", *, variant: str = "L",
-                 alpha: float = 0.7, clip_scale: str = "raw", standardize: bool = False, features: bool = False,
-                 normalize: str = "auto"):
+                 alpha: float = DEFAULT_ALPHA, clip_scale: str = "raw", standardize: bool = False,
+                 features: bool = False, normalize: str = "auto"):
         require(variant in VARIANTS and VARIANTS[variant].logits,
                 f"variant must be one with fused logits ({', '.join(n for n, v in VARIANTS.items() if v.logits)}), "
                 f"got '{variant}'")
@@ -87,3 +92,43 @@ class CachedTargets(Dataset):
         item = {"image": image, "label": int(self.dataset.labels[index]), "row": row, "fused_logits": fused}
         item.update({name: cached[name][0] for name in FEATURE_ARRAYS if name in cached})
         return item
+
+
+def target_quality(reader: CacheReader, max_views: int | None = None, alpha: float = DEFAULT_ALPHA,
+                   clip_scale: str = "raw", confidence_threshold: float = CONFIDENCE_THRESHOLD) -> dict:
+    """Metrics of the cached targets against `labels`, over every written block: the teacher, CLIP (at its own
+    scale, so that NLL and ECE mean something), the fused targets at (alpha, clip_scale), and the alpha sweep."""
+    layout = reader.layout
+    logit_scale = reader.attrs["clip"]["logit_scale"]
+    scales = {name: clip_scale_value(name, logit_scale) for name in CLIP_SCALES}
+    fused_scale = clip_scale_value(clip_scale, logit_scale)
+    num_classes = layout.classes
+    meters = {name: ClassificationMeter(confidence_threshold=confidence_threshold, num_classes=num_classes)
+              for name in ("teacher", "clip", "fused")}
+    sweep = {(name, a): ClassificationMeter(confidence_threshold=confidence_threshold)
+             for name in scales for a in ALPHAS}
+    labels_all = reader.read("labels", 0, layout.samples)
+    done = reader.done()
+    views = range(min(layout.views, max_views or layout.views))
+    blocks = [(view, shard) for view in views for shard in range(layout.num_shards) if done[view, shard]]
+    with progress_bar("block") as progress:
+        for view, shard in progress.track(blocks, description="reading blocks"):
+            start, stop = layout.shard_range(shard)
+            labels = torch.from_numpy(labels_all[start:stop])
+            z_teacher = torch.from_numpy(reader.read("teacher/logits", start, stop, view).astype(np.float32))
+            s_clip = torch.from_numpy(reader.read("clip/logits", start, stop, view).astype(np.float32))
+            meters["teacher"].update(z_teacher, labels)
+            meters["clip"].update(scales["clip"] * s_clip, labels)
+            meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale), labels)
+            for (name, a), meter in sweep.items():
+                meter.update(fuse_logits(z_teacher, s_clip, a, scales[name]), labels)
+    if not blocks:
+        return {"samples_evaluated": 0, "views_evaluated": len(views), "alpha_sweep": []}
+    return {
+        "samples_evaluated": meters["teacher"].count,
+        "views_evaluated": len(views),
+        **{name: {**meter.result(), "reliability": meter.reliability()} for name, meter in meters.items()},
+        "fused_alpha": alpha,
+        "fused_clip_scale": clip_scale,
+        "alpha_sweep": [{"clip_scale": name, "alpha": a, **meter.result()} for (name, a), meter in sweep.items()],
+    }

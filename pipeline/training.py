@@ -263,7 +263,8 @@ class LabelledViews(Dataset):
 
 
 class Objective(Protocol):
-    """What a training run optimises, beyond the model: its losses, extra modules and per-epoch data."""
+    """What a training run optimises, beyond the model (an nn.Module with these methods): its losses, extra
+    modules and per-epoch data."""
 
     def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray | None, np.ndarray] | IterableDataset:
         """(stored view params per sample or None for fresh random views, this process's part of the epoch's
@@ -340,7 +341,7 @@ def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.devi
 class Trainer:
     """Runs epochs of `objective` on `model`, evaluating, checkpointing and logging after each."""
 
-    def __init__(self, options: TrainingOptions, model: nn.Module, objective: nn.Module,
+    def __init__(self, options: TrainingOptions, model: nn.Module, objective: Objective,
                  dataset: ImageDataset | ShardSet, eval_dataset: ImageDataset | ShardSet, policy,
                  checkpoint_info: dict, validation: np.ndarray | None = None, announce: tuple[str, ...] = ()):
         """`dataset` is read by index, unless the objective streams it (then only its normalisation is used);

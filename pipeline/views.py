@@ -122,7 +122,8 @@ VIEW_POLICIES = {policy.name: policy for policy in (PadCrop, ResizedCrop, Center
 DEFAULT_RESIZED_SIZE = 224
 
 
-# The largest side that `auto` treats as a small-image dataset (CIFAR's 32, STL's 64... are pad-cropped).
+# The largest side of a small-image dataset (CIFAR's 32, STL's 64...): `auto` pad-crops it, and its corruptions
+# take CIFAR-10-C's parameters.
 SMALL_IMAGE_SIDE = 64
 
 

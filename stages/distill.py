@@ -18,7 +18,7 @@ from richkd.cache.reader import CacheReader, block_shuffled_order, shard_share
 from richkd.pipeline.config import option, parse_size, require
 from richkd.pipeline.data import open_dataset
 from richkd.pipeline.distributed import Part
-from richkd.pipeline.fusion import VARIANTS, clip_scale_value, fuse_logits
+from richkd.pipeline.fusion import DEFAULT_ALPHA, VARIANTS, clip_scale_value, fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.runtime import console
@@ -51,7 +51,7 @@ class DistillConfig(TrainingOptions):
         "LF", "; ".join(f"{name}: {variant.description}" for name, variant in VARIANTS.items()) + ".",
         "Distillation")
     logit_loss: str = option("kd", "Loss on fused logits: kd or dkd.", "Distillation")
-    alpha: float = option(0.7, "Logit fusion weight: z_F = alpha z_T + (1 - alpha) z_C; 1 is plain KD.",
+    alpha: float = option(DEFAULT_ALPHA, "Logit fusion weight: z_F = alpha z_T + (1 - alpha) z_C; 1 is plain KD.",
                           "Distillation")
     lam: float | None = option(None, "Feature fusion weight of the teacher (default: alpha).", "Distillation")
     temperature: float = option(3.0, "Distillation temperature T.", "Distillation")

@@ -31,7 +31,7 @@ from richkd.pipeline.corruptions import (
 )
 from richkd.pipeline.data import ImageDataset, open_dataset
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.metrics import ClassificationMeter
+from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
 from richkd.pipeline.normalization import Normalization, NormalizeOptions, choose_normalization
 from richkd.pipeline.runtime import autocast, progress_bar, resolve_device
@@ -52,7 +52,7 @@ class EvaluateConfig(DataOptions, NormalizeOptions, ExecutionOptions):
     split: str = option("test", "Split to evaluate.", "Data")
     image_size: int | None = option(None, "Evaluation image side, for checkpoints that do not record it.", "Data")
     confidence_threshold: float = option(
-        0.9, "Confidence at or above which a prediction counts as confident.", "Metrics")
+        CONFIDENCE_THRESHOLD, "Confidence at or above which a prediction counts as confident.", "Metrics")
     output: str | None = option(
         None, "Write the metrics to this JSON file (several checkpoints: {\"seeds\": [one result each]}).", "Output")
     json: bool = option(False, "Print the metrics as JSON instead of a table.", "Output")

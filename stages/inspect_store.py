@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -14,12 +12,9 @@ from rich.table import Table
 from richkd.cache.reader import CacheReader
 from richkd.cache.schema import DONE, PER_VIEW_ARRAYS, read_done_flags
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.fusion import CLIP_SCALES, clip_scale_value, fuse_logits
-from richkd.pipeline.metrics import ClassificationMeter
+from richkd.pipeline.fusion import CLIP_SCALES
 from richkd.pipeline.runtime import progress_bar
-
-ALPHAS = tuple(round(0.1 * step, 1) for step in range(11))
-DEFAULT_ALPHA = 0.7
+from richkd.pipeline.targets import ALPHAS, target_quality
 
 
 def array_summary(reader: CacheReader) -> list[dict]:
@@ -36,46 +31,6 @@ def array_summary(reader: CacheReader) -> list[dict]:
             "bytes_stored": int(array.nbytes_stored()),
         })
     return summary
-
-
-def target_quality(reader: CacheReader, max_views: int | None = None, alpha: float = DEFAULT_ALPHA,
-                   clip_scale: str = "raw", confidence_threshold: float = 0.9) -> dict:
-    """Metrics of the cached targets against `labels`, over every written block: the teacher, CLIP (at its own
-    scale, so that NLL and ECE mean something), the fused targets at (alpha, clip_scale), and the alpha sweep."""
-    layout = reader.layout
-    logit_scale = reader.attrs["clip"]["logit_scale"]
-    scales = {name: clip_scale_value(name, logit_scale) for name in CLIP_SCALES}
-    fused_scale = clip_scale_value(clip_scale, logit_scale)
-    num_classes = layout.classes
-    meters = {name: ClassificationMeter(confidence_threshold=confidence_threshold, num_classes=num_classes)
-              for name in ("teacher", "clip", "fused")}
-    sweep = {(name, a): ClassificationMeter(confidence_threshold=confidence_threshold)
-             for name in scales for a in ALPHAS}
-    labels_all = reader.read("labels", 0, layout.samples)
-    done = reader.done()
-    views = range(min(layout.views, max_views or layout.views))
-    blocks = [(view, shard) for view in views for shard in range(layout.num_shards) if done[view, shard]]
-    with progress_bar("block") as progress:
-        for view, shard in progress.track(blocks, description="reading blocks"):
-            start, stop = layout.shard_range(shard)
-            labels = torch.from_numpy(labels_all[start:stop])
-            z_teacher = torch.from_numpy(reader.read("teacher/logits", start, stop, view).astype(np.float32))
-            s_clip = torch.from_numpy(reader.read("clip/logits", start, stop, view).astype(np.float32))
-            meters["teacher"].update(z_teacher, labels)
-            meters["clip"].update(scales["clip"] * s_clip, labels)
-            meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale), labels)
-            for (name, a), meter in sweep.items():
-                meter.update(fuse_logits(z_teacher, s_clip, a, scales[name]), labels)
-    if not blocks:
-        return {"samples_evaluated": 0, "views_evaluated": len(views), "alpha_sweep": []}
-    return {
-        "samples_evaluated": meters["teacher"].count,
-        "views_evaluated": len(views),
-        **{name: {**meter.result(), "reliability": meter.reliability()} for name, meter in meters.items()},
-        "fused_alpha": alpha,
-        "fused_clip_scale": clip_scale,
-        "alpha_sweep": [{"clip_scale": name, "alpha": a, **meter.result()} for (name, a), meter in sweep.items()],
-    }
 
 
 def verify(reader: CacheReader) -> tuple[int, list[str]]:

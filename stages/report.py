@@ -24,9 +24,10 @@ from richkd.cache.reader import CacheReader
 from richkd.pipeline.config import option, require
 from richkd.pipeline.corruptions import CATEGORIES, CORRUPTIONS
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.fusion import CLIP_SCALES
+from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA
+from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD
 from richkd.pipeline.runtime import console
-from richkd.stages.inspect_store import target_quality
+from richkd.pipeline.targets import target_quality
 
 COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
            ("confident_correct", "confident-correct"), ("confidently_wrong", "confidently-wrong"))
@@ -45,10 +46,10 @@ class ReportConfig:
     runs: list[str] = option([], "Runs to show, in order (file names without .json; default: all).", "Inputs")
     test_cache: str | None = option(
         None, "Cache of the held-out split, for the CLIP, fused-target and alpha-sweep rows.", "Inputs")
-    alpha: float = option(0.7, "alpha of the fused-target row.", "Targets")
+    alpha: float = option(DEFAULT_ALPHA, "alpha of the fused-target row.", "Targets")
     clip_scale: str = option("raw", "CLIP scale of the fused-target row: raw, clip or a number.", "Targets")
-    confidence_threshold: float = option(0.9, "Confidence of a confident prediction, for the target rows.",
-                                         "Targets")
+    confidence_threshold: float = option(
+        CONFIDENCE_THRESHOLD, "Confidence of a confident prediction, for the target rows.", "Targets")
     baselines: list[str] = option(
         ["kd", "teacher_shrink"], "Runs every student is compared with, seed by seed (those not in the report are "
         "skipped).", "Comparisons")

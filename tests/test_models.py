@@ -13,7 +13,8 @@ import torchvision
 from torch import nn
 
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.models import create_model, file_sha256, list_models, load_checkpoint, save_checkpoint
+from richkd.pipeline.models import create_model, file_sha256, load_checkpoint, save_checkpoint
+from richkd.pipeline.models.zoo import CIFAR_ZOO
 
 ZOO_FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "mdistiller_cifar_zoo.json").read_text())
 ARCHS = ZOO_FIXTURE["archs"]
@@ -58,7 +59,7 @@ def reference_input() -> torch.Tensor:
 
 
 def test_zoo_names_are_the_fixture_architectures():
-    assert sorted(list_models()) == sorted(ARCHS)
+    assert sorted(CIFAR_ZOO) == sorted(ARCHS)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -143,7 +144,7 @@ def test_unknown_model_name(name, start):
     message = str(raised.value)
     assert message.startswith(start) and "\n" not in message
     if ":" not in name or name.startswith("xx:"):
-        assert all(zoo_name in message for zoo_name in list_models())
+        assert all(zoo_name in message for zoo_name in CIFAR_ZOO)
         assert "tv:" in message and "timm:" in message
 
 

@@ -4,7 +4,7 @@ Every model's forward(x) returns (logits, pooled_features), with logits = final 
 """
 
 from .checkpoint import file_sha256, load_checkpoint, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
-from .zoo import create_model, list_models
+from .zoo import create_model
 
-__all__ = ["create_model", "file_sha256", "list_models", "load_checkpoint", "read_checkpoint",
+__all__ = ["create_model", "file_sha256", "load_checkpoint", "read_checkpoint",
            "remove_unfinished_checkpoints", "save_checkpoint"]

@@ -52,11 +52,6 @@ LIBRARY_PREFIXES: dict[str, Callable[[str, int], nn.Module]] = {
 }
 
 
-def list_models() -> list[str]:
-    """Names of the built-in CIFAR architectures."""
-    return list(CIFAR_ZOO)
-
-
 def create_model(name: str, num_classes: int) -> nn.Module:
     """Build `name` with a `num_classes`-way classifier.
 
