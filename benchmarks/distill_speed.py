@@ -28,7 +28,8 @@ from synthetic import write_synthetic_cifar100, write_teacher
 from richkd.cache.reader import CacheReader
 from richkd.pipeline.clip import load_clip, zero_shot_classifier
 from richkd.pipeline.config import build_config
-from richkd.pipeline.data import normalize, open_dataset
+from richkd.pipeline.data import normalize
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.fusion import fuse_logits
 from richkd.pipeline.losses import FusedCRD, kd_loss
 from richkd.pipeline.models import create_model

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.pipeline.config import read_params_section
 from richkd.stages.report import estimate
 

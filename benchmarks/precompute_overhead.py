@@ -24,7 +24,8 @@ import torch
 from synthetic import write_synthetic_cifar100, write_teacher
 
 from richkd.pipeline.clip import load_clip
-from richkd.pipeline.data import normalize, open_dataset
+from richkd.pipeline.data import normalize
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.views import PadCrop, sample_view
 from richkd.stages import precompute
 

@@ -1,4 +1,7 @@
-"""Datasets by name: each split gives its labels, sample keys and class names up front, and original images by index.
+"""Datasets: each split gives its labels, sample keys and class names up front, and original images by index.
+
+The registry of dataset names is filled here (CIFAR, image folders), by `demo` and by `shards`;
+`datasets.open_dataset` opens one by name.
 
 Row `i` of every per-sample array in the cache is dataset index `i`; `keys[i]` is the sample's own key
 (a file path relative to the split's root, or the index for array-backed datasets).
@@ -78,17 +81,6 @@ def register_dataset(name: str):
         return build
 
     return register
-
-
-def open_dataset(name: str, root: str | Path, split: str = "train", download: bool = False) -> ImageDataset:
-    """The `split` of dataset `name` stored under `root` (fetched first when `download`)."""
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset '{name}'; known datasets: {', '.join(sorted(DATASETS))}")
-    # A URL stays text (a Path would fold its '//'); datasets that read URLs take either.
-    dataset = DATASETS[name](root if "://" in str(root) else Path(root), split, download)
-    if len(dataset) == 0:
-        raise UserError(f"dataset '{name}' split '{split}' under {root} has no samples")
-    return dataset
 
 
 def _check_split(split: str, splits: tuple[str, ...], name: str) -> None:
@@ -293,7 +285,3 @@ def read_captions(path: str | Path, keys: list[str]) -> list[str]:
         raise UserError(f"captions file {path}: {len(not_text)} captions are not text (e.g. {not_text[0]}: "
                         f"{captions[not_text[0]]!r})")
     return [captions[key] for key in keys]
-
-
-# Registers the built-in demo dataset and webdataset shards (their modules need the registry above).
-from richkd.pipeline import demo, shards  # noqa: E402,F401

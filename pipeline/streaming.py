@@ -30,8 +30,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from richkd.cache.reader import CacheReader, KeyIndex
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.seeding import SHUFFLE, seeded_generator
 from richkd.pipeline.shards import decode_image, stream_shard
-from richkd.pipeline.training import SHUFFLE, seeded_generator
 
 PER_SAMPLE_ARRAYS = ("labels", "keys")
 VIEW_PARAMS = "views/params"

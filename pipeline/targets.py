@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from richkd.cache.reader import CacheReader
 from richkd.pipeline.config import require
-from richkd.pipeline.data import normalize, open_dataset
+from richkd.pipeline.data import normalize
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, clip_scale_value, fuse_logits
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
 from richkd.pipeline.normalization import choose_normalization

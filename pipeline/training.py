@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import multiprocessing
-import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
 from richkd.pipeline.normalization import NormalizeOptions
 from richkd.pipeline.runtime import autocast, console, hide_progress_bars, progress_bar, resolve_device
+from richkd.pipeline.seeding import ORDER, VALIDATION, restore_rng_states, rng_states, seeded_generator
 from richkd.pipeline.shards import CenterViewStream, ShardSet
 from richkd.pipeline.views import image_for_views, sample_view
 
@@ -188,18 +188,8 @@ def seeded_model(arch: str, num_classes: int, seed: int) -> nn.Module:
     return create_model(arch, num_classes)
 
 
-def seeded_generator(seed: int, epoch: int, purpose: int, *stream: int) -> torch.Generator:
-    """An independent stream per (seed, epoch, purpose, *stream): nothing depends on what ran before it."""
-    state = np.random.SeedSequence([seed, epoch, purpose, *stream]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 # The best checkpoint before any epoch, or of a run that keeps no validation samples.
 NO_BEST = {"epoch": None, "top1": None, "selected_on": None}
-
-# Purposes of the per-epoch generators.
-ORDER, NEGATIVES, CRD_MEMORY, SHUFFLE, VALIDATION = 0, 1, 2, 3, 4
-
 
 def run_per_seed(options: TrainingOptions, train_one: Callable[[TrainingOptions], dict]) -> dict:
     """`train_one(options)`, or with --seeds one run per seed in <out>/seed-<seed>: {"seed-<seed>": summary},
@@ -277,26 +267,6 @@ class Objective(Protocol):
         is minimised."""
 
     def end_epoch(self) -> None: ...
-
-
-def rng_states() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
-                      "has_gauss": has_gauss, "cached": cached}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_states(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
-                         numpy_state["has_gauss"], numpy_state["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.inference_mode()

@@ -16,26 +16,16 @@ from torch import nn
 
 from richkd.cache.reader import CacheReader, block_shuffled_order, shard_share
 from richkd.pipeline.config import option, parse_size, require
-from richkd.pipeline.data import open_dataset
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import DEFAULT_ALPHA, VARIANTS, clip_scale_value, fuse_logits
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.runtime import console
+from richkd.pipeline.seeding import CRD_MEMORY, NEGATIVES, ORDER, seeded_generator
 from richkd.pipeline.shards import ShardSet, open_shard_set
 from richkd.pipeline.streaming import ShardStream
-from richkd.pipeline.training import (
-    CRD_MEMORY,
-    NEGATIVES,
-    ORDER,
-    Trainer,
-    TrainingOptions,
-    holdout_split,
-    run_per_seed,
-    seeded_generator,
-    seeded_model,
-    training_mask,
-)
+from richkd.pipeline.training import Trainer, TrainingOptions, holdout_split, run_per_seed, seeded_model, training_mask
 from richkd.pipeline.views import policy_from_description
 
 DEFAULT_LOGIT_WEIGHTS = {"kd": 3.0, "dkd": 1.0}

@@ -29,7 +29,8 @@ from richkd.pipeline.corruptions import (
     parse_corruptions,
     parse_severities,
 )
-from richkd.pipeline.data import ImageDataset, open_dataset
+from richkd.pipeline.data import ImageDataset
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint

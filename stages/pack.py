@@ -30,7 +30,8 @@ from PIL import Image
 from webdataset import TarWriter
 
 from richkd.pipeline.config import DataOptions, option, require
-from richkd.pipeline.data import FolderImages, ImageDataset, open_dataset
+from richkd.pipeline.data import FolderImages, ImageDataset
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.runtime import console, progress_bar
 from richkd.pipeline.shards import CLASSES_FILE, NORMALIZATION_FILE

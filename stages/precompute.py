@@ -31,7 +31,8 @@ from richkd.pipeline.clip import (
     zero_shot_classifier,
 )
 from richkd.pipeline.config import DataOptions, ExecutionOptions, ViewOptions, option, require, to_dict
-from richkd.pipeline.data import ImageDataset, normalize, open_dataset
+from richkd.pipeline.data import ImageDataset, normalize
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import (
     Part,
     barrier,

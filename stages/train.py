@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from richkd.pipeline.config import ViewOptions
-from richkd.pipeline.data import open_dataset
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.training import (
     SupervisedObjective,

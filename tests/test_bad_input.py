@@ -14,8 +14,8 @@ import torch
 import zarr
 from PIL import Image
 
-from richkd.pipeline.cli import run_cli
-from richkd.pipeline.data import open_dataset
+from richkd.cli import run_cli
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.models import create_model
 
 RICHKD = str(Path(sys.executable).parent / "richkd")

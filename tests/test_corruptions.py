@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.pipeline.corruptions import (
     CORRUPTIONS,
     PublishedCorruptions,
@@ -23,7 +23,7 @@ from richkd.pipeline.corruptions import (
     parse_corruptions,
     parse_severities,
 )
-from richkd.pipeline.data import open_dataset
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import read_checkpoint
 

@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+import zarr
 
-from richkd.pipeline.cli import run_cli
-from richkd.pipeline.data import open_dataset, read_captions
+from richkd.cli import run_cli
+from richkd.pipeline.data import read_captions
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.demo import CLASS_NAMES, demo_sample
 from richkd.pipeline.errors import UserError
 
@@ -88,7 +90,6 @@ def test_train_clip_writes_a_bundle_that_precompute_loads(tmp_path):
                     "--num-workers", "0", "--device", "cpu", "--out", str(bundle)]) == 0
     metrics = json.loads((bundle / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and metrics["history"][1]["loss"] < metrics["history"][0]["loss"]
-    assert 0 <= metrics["zero_shot_top1"] <= 1
     clip = load_clip(f"local-dir:{bundle}", None)
     assert clip.image_size == (16, 16) and len(clip.checkpoint_sha256) == 64
 
@@ -98,3 +99,11 @@ def test_train_clip_writes_a_bundle_that_precompute_loads(tmp_path):
     assert run_cli(["precompute", "--dataset", "demo", "--data-root", str(tmp_path / "demo"), "--teacher", "resnet8",
                     "--teacher-checkpoint", str(teacher / "checkpoints" / "last.pt"), "--clip", f"local-dir:{bundle}",
                     "--views", "1", "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "c.zarr")]) == 0
+    # train-clip's zero-shot accuracy, against the stored CLIP logits of the test split's centre views.
+    assert run_cli(["precompute", "--dataset", "demo", "--data-root", str(tmp_path / "demo"), "--split", "test",
+                    "--view-policy", "center", "--dtype", "float32", "--teacher", "resnet8",
+                    "--teacher-checkpoint", str(teacher / "checkpoints" / "last.pt"), "--clip", f"local-dir:{bundle}",
+                    "--views", "1", "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "test.zarr")]) == 0
+    test_store = zarr.open_group(tmp_path / "test.zarr", mode="r")
+    stored = (test_store["clip/logits"][0].argmax(axis=1) == test_store["labels"][:]).mean()
+    assert metrics["zero_shot_top1"] == pytest.approx(stored, abs=1e-12)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TINY_CLIP
 
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.pipeline.demo import write_demo
 from richkd.pipeline.models import read_checkpoint
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 
 
 @pytest.fixture(scope="module")

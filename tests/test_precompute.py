@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import zarr
 from conftest import TINY_CLIP
 
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
 from richkd.pipeline.normalization import given_normalization
 
@@ -212,7 +212,8 @@ def test_image_folder_with_resized_crops(tiny_world, tmp_path):
 
 
 def test_cifar10_in_five_batch_files(tiny_world, tmp_path):
-    from richkd.pipeline.data import open_dataset, write_cifar
+    from richkd.pipeline.data import write_cifar
+    from richkd.pipeline.datasets import open_dataset
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 23)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_bad_input import assert_user_error
 
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.stages.report import estimate, paired_estimates
 
 # Student-t quantiles t(0.975, n - 1), from a table: the tests do not compute what they check.

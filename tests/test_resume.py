@@ -17,7 +17,7 @@ import zarr
 from conftest import write_cifar100
 
 from richkd.cache.schema import PER_VIEW_ARRAYS, STATIC_ARRAYS
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.pipeline.models import read_checkpoint
 
 RICHKD = str(Path(sys.executable).parent / "richkd")

@@ -18,7 +18,7 @@ from test_bad_input import replace_flag
 from test_shards import CIFAR_SHARDS, cifar_shards  # noqa: F401 (a fixture)
 from test_streaming import store  # noqa: F401 (a fixture)
 
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.pipeline.models import read_checkpoint
 
 BUCKET = "s3://richkd"

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from richkd.pipeline.cli import run_cli
-from richkd.pipeline.data import open_dataset
+from richkd.cli import run_cli
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.demo import write_demo
 from richkd.pipeline.models import read_checkpoint
 

@@ -20,8 +20,9 @@ from test_bad_input import assert_user_error, replace_flag
 from torch.utils.data import DataLoader
 from webdataset import TarWriter
 
-from richkd.pipeline.cli import run_cli
-from richkd.pipeline.data import ImageDataset, open_dataset
+from richkd.cli import run_cli
+from richkd.pipeline.data import ImageDataset
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.demo import write_demo
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import read_checkpoint

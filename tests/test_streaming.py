@@ -19,8 +19,8 @@ from test_shards import CIFAR_SHARDS, cifar_shards, png, write_shard  # noqa: F4
 from torch.utils.data import DataLoader
 
 from richkd.cache.reader import CacheReader
-from richkd.pipeline.cli import run_cli
-from richkd.pipeline.data import open_dataset
+from richkd.cli import run_cli
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import read_checkpoint

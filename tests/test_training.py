@@ -19,7 +19,7 @@ import zarr
 from conftest import write_cifar100
 
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.pipeline.models import read_checkpoint
 
 RICHKD = str(Path(sys.executable).parent / "richkd")
@@ -76,7 +76,7 @@ def test_killed_distill_resumes_bit_identical(world, tmp_path):
 # Runs richkd, but SIGKILLs itself half-way through writing the last.pt of epoch 2.
 DIE_WHILE_SAVING = """
 import io, os, signal, sys, torch
-from richkd.pipeline.cli import main
+from richkd.cli import main
 save = torch.save
 def save_half_then_die(payload, file, *args, **kwargs):
     if payload.get("epoch") == 2 and ".last.pt." in getattr(file, "name", ""):

@@ -18,7 +18,7 @@ from conftest import write_cifar100
 from PIL import Image
 from test_bad_input import assert_user_error, replace_flag
 
-from richkd.pipeline.cli import run_cli
+from richkd.cli import run_cli
 from richkd.pipeline.data import write_cifar
 from richkd.pipeline.models import create_model
 
@@ -30,7 +30,8 @@ PLACEHOLDER = re.compile(r"<[^<>]*>")
 def source_messages() -> list[tuple[str, list[str]]]:
     """(where, literal pieces) of every message given to UserError(...) or require(..., message)."""
     messages = []
-    for path in sorted(path for folder in ("pipeline", "stages", "cache") for path in (PROJECT / folder).rglob("*.py")):
+    folders = ("richkd", "pipeline", "stages", "cache")
+    for path in sorted(path for folder in folders for path in (PROJECT / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from richkd.pipeline.cli import run_cli
-from richkd.pipeline.data import open_dataset
+from richkd.cli import run_cli
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.models import read_checkpoint
 from richkd.pipeline.views import (
     PadCrop,
