@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 from importlib import metadata
 
@@ -22,7 +23,14 @@ from rich.text import Text
 from richkd.pipeline.distributed import local_rank
 from richkd.pipeline.errors import UserError
 
+# The two channels of every command: messages and progress on stderr, results (tables, JSON) on stdout.
 console = Console(stderr=True)
+results = Console()
+
+
+def print_json(data) -> None:
+    """A machine-readable result on stdout, as it is: no wrapping, no markup."""
+    results.out(json.dumps(data, indent=2), highlight=False)
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 from torchvision.transforms.v2 import functional as TF
 
@@ -35,7 +34,7 @@ from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
 from richkd.pipeline.normalization import Normalization, NormalizeOptions, choose_normalization
-from richkd.pipeline.runtime import autocast, progress_bar, resolve_device
+from richkd.pipeline.runtime import autocast, print_json, progress_bar, resolve_device, results
 from richkd.pipeline.training import LabelledViews, data_loader, evaluate_model
 from richkd.pipeline.views import ViewPolicy, make_view_policy, policy_from_description
 
@@ -139,7 +138,7 @@ def run(config: EvaluateConfig) -> dict:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps(report, indent=2))
     if config.json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
     else:
         for result in results:
             print_report(result)
@@ -290,11 +289,11 @@ def print_report(report: dict) -> None:
     table.add_row(*(f"{100 * report[key]:.2f}%" for key in ("top1", "top5")), f"{report['nll']:.4f}",
                   f"{100 * report['ece']:.2f}%",
                   *(f"{100 * report[key]:.2f}%" for key in ("confident_correct", "confidently_wrong")))
-    Console().print(table)
+    results.print(table)
     per_class = [(name, accuracy) for name, accuracy in report["per_class_accuracy"].items() if accuracy is not None]
     if per_class:
         worst = sorted(per_class, key=lambda item: item[1])[:5]
-        Console().print("lowest per-class accuracy: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in worst))
+        results.print("lowest per-class accuracy: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in worst))
 
 
 def print_robustness(robustness: dict) -> None:
@@ -314,4 +313,4 @@ def print_robustness(robustness: dict) -> None:
                       f"{100 * robustness['corruption_mean_top1'][name]:.1f}%")
     table.add_row("mean", *(f"{100 * robustness['severity_mean_top1'][str(s)]:.1f}%" for s in severities),
                   f"{100 * robustness['mean_corruption_accuracy']:.1f}%", style="bold")
-    Console().print(table)
+    results.print(table)

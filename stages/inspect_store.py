@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -13,7 +12,7 @@ from richkd.cache.reader import CacheReader
 from richkd.cache.schema import DONE, PER_VIEW_ARRAYS, read_done_flags
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES
-from richkd.pipeline.runtime import progress_bar
+from richkd.pipeline.runtime import print_json, progress_bar, results
 from richkd.pipeline.targets import ALPHAS, target_quality
 
 
@@ -157,18 +156,17 @@ def command(
     if verify_chunks:
         checked, damaged = verify(CacheReader(store))
         if json_output:
-            typer.echo(json.dumps({"store": store, "blocks_checked": checked, "damaged": damaged}, indent=2))
+            print_json({"store": store, "blocks_checked": checked, "damaged": damaged})
         else:
-            console = Console()
-            console.print(f"{store}: {checked} blocks read, {len(damaged) or 'none'} damaged or missing")
+            results.print(f"{store}: {checked} blocks read, {len(damaged) or 'none'} damaged or missing")
             for line in damaged:
-                console.print(f"  {line}", highlight=False)
+                results.print(f"  {line}", highlight=False)
         if damaged:
             raise typer.Exit(1)
         return
     report = inspect_store(store, views)
     if json_output:
-        typer.echo(json.dumps(report, indent=2))
+        print_json(report)
     else:
-        print_report(report, Console())
+        print_report(report, results)
 

@@ -26,7 +26,7 @@ from richkd.pipeline.corruptions import CATEGORIES, CORRUPTIONS
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD
-from richkd.pipeline.runtime import console
+from richkd.pipeline.runtime import console, print_json
 from richkd.pipeline.targets import target_quality
 
 COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
@@ -477,7 +477,7 @@ def run(config: ReportConfig) -> dict:
     summary = {"runs": estimates, "paired": paired}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     if config.json:
-        print(json.dumps(summary, indent=2))
+        print_json(summary)
     else:
         console.print(f"report written to {out / 'report.md'}")
     return summary
