@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,10 @@ _cifar("cifar10", torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.247
 _cifar("cifar100", torchvision.datasets.CIFAR100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
 
 
+# What decoding a damaged or foreign image raises: PIL's errors (UnidentifiedImageError is an OSError; truncated
+# or malformed files also raise SyntaxError, ValueError or struct.error) and its guard against decompression bombs.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError)
+
 # PIL modes of 16-bit single-channel images (16-bit PNGs open as I;16), which converting to RGB would clip at 255.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -179,7 +184,7 @@ class FolderImages:
         path = self.paths[index]
         try:
             image = TF.pil_to_tensor(self.loader(path))
-        except Exception as error:
+        except IMAGE_DECODE_ERRORS as error:
             raise UserError(f"cannot read image {path}: {error}") from error
         if self.decoded_bytes + image.numel() <= DECODED_IMAGES_BYTES:
             self.decoded[index] = image

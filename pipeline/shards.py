@@ -42,7 +42,7 @@ from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from richkd.pipeline.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
+from richkd.pipeline.data import IMAGE_DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
 from richkd.pipeline.errors import UserError
 
 SPLIT_PLACEHOLDER = "{split}"
@@ -230,7 +230,7 @@ def stream_shard(url: str, num_classes: int) -> Iterator[tuple[str, int, bytes]]
                 yield key, class_id(fields["cls"], num_classes, f"sample '{key}' in {url}"), fields[image]
     except UserError:
         raise
-    except Exception as error:  # whatever the tar reader or the stream (a file, a pipe, a remote store) raised
+    except (tarfile.TarError, OSError, EOFError) as error:  # the tar reader's, or the stream's (a pipe's exit too)
         raise UserError(f"cannot read shard {url}: {stream_failure(error)}") from error
 
 
@@ -295,7 +295,7 @@ def image_size(file, member: tarfile.TarInfo, name: str) -> tuple[int, int]:
         try:
             with Image.open(io.BytesIO(file.read(length))) as image:
                 return image.size
-        except Exception as error:  # a header cut short fails in format-specific ways
+        except IMAGE_DECODE_ERRORS as error:  # a header cut short fails in format-specific ways
             if length == member.size:
                 raise UserError(f"cannot read image {name}: {error}") from error
             length = min(member.size, length * 16)
@@ -357,5 +357,5 @@ def decode_image(encoded: bytes, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(encoded)) as image:
             return TF.pil_to_tensor(image.convert("RGB"))
-    except Exception as error:
+    except IMAGE_DECODE_ERRORS as error:
         raise UserError(f"cannot read image {name}: {error}") from error

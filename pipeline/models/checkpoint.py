@@ -6,6 +6,7 @@ Accepted formats: mdistiller's {"model": state_dict, "epoch": ..., ...}, a plain
 
 import hashlib
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,7 +64,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise UserError(f"checkpoint {path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # whatever the unpickler trips on, the file is unusable
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:  # not a usable checkpoint
         raise UserError(f"checkpoint {path}: {_unreadable_reason(error)}") from error
     split = _split_payload(payload)
     if split is None:
