@@ -31,9 +31,9 @@ from richkd.pipeline.config import build_config
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.fusion import fuse_logits
+from richkd.pipeline.loading import LabelledViews, data_loader
 from richkd.pipeline.losses import FusedCRD, kd_loss
 from richkd.pipeline.models import create_model
-from richkd.pipeline.training import LabelledViews, data_loader
 from richkd.pipeline.views import policy_from_description
 from richkd.stages import distill, precompute, train
 from richkd.stages.distill import sample_negatives

@@ -50,6 +50,11 @@ def fuse_logits(teacher_logits: torch.Tensor | None, clip_cosines: torch.Tensor 
     return sum(parts)
 
 
+def weighted_logit_arrays(teacher_weight: float, clip_weight: float) -> tuple[str, ...]:
+    """The cached logits a fusion with these weights reads: none whose weight is zero."""
+    return ("teacher/logits",) * (teacher_weight > 0) + ("clip/logits",) * (clip_weight > 0)
+
+
 @dataclass(frozen=True)
 class Variant:
     """What a run adds to cross-entropy: a logit loss on z_F = teacher_weight z_T + clip_weight z_C (weights from
@@ -66,6 +71,10 @@ class Variant:
         teacher = alpha if self.teacher_in_logits else 0.0
         return teacher, (1 - teacher) * self.clip_in_logits
 
+    def logit_arrays(self, alpha: float) -> tuple[str, ...]:
+        """The cached logits z_F is made of at `alpha`."""
+        return weighted_logit_arrays(*self.logit_weights(alpha))
+
 
 VARIANTS = {
     "none": Variant("cross-entropy only"),
@@ -76,3 +85,29 @@ VARIANTS = {
     "shrink": Variant("teacher-shrink control: z_F = alpha z_T, no CLIP", logits=True, clip_in_logits=False),
     "clip": Variant("CLIP-only control: z_F = z_C (alpha unused)", logits=True, teacher_in_logits=False),
 }
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How a run fuses the cached logits: z_F = teacher_weight z_T + clip_weight * scale * s_C."""
+
+    teacher_weight: float
+    clip_weight: float
+    scale: float
+    standardize: bool = False
+
+    @classmethod
+    def of(cls, variant: str, alpha: float, clip_scale: str, logit_scale: float, standardize: bool = False) -> Fusion:
+        """The fusion of `variant` at `alpha`, CLIP's cosines scaled by `clip_scale` of a store whose CLIP has
+        `logit_scale`."""
+        return cls(*VARIANTS[variant].logit_weights(alpha), clip_scale_value(clip_scale, logit_scale), standardize)
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """The cached logits it reads."""
+        return weighted_logit_arrays(self.teacher_weight, self.clip_weight)
+
+    def fuse(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """z_F of a batch of cached targets (those of `arrays`)."""
+        return fuse_logits(targets.get("teacher/logits"), targets.get("clip/logits"), self.teacher_weight,
+                           self.scale, self.standardize, self.clip_weight)

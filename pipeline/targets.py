@@ -21,7 +21,7 @@ from richkd.cache.reader import CacheReader
 from richkd.pipeline.config import require
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
-from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, clip_scale_value, fuse_logits
+from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, Fusion, clip_scale_value, fuse_logits
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
 from richkd.pipeline.normalization import choose_normalization
 from richkd.pipeline.runtime import progress_bar
@@ -60,11 +60,8 @@ class CachedTargets(Dataset):
         self.policy = policy_from_description(self.reader.attrs["views"])
         self.normalization = choose_normalization(normalize, self.dataset,
                                                   self.reader.attrs["teacher"]["input_transform"], f"the store {store}")
-        self.teacher_weight, self.clip_weight = VARIANTS[variant].logit_weights(alpha)
-        self.scale = clip_scale_value(clip_scale, self.reader.attrs["clip"]["logit_scale"])
-        self.standardize = standardize
-        self.names = (("teacher/logits",) * (self.teacher_weight > 0) + ("clip/logits",) * (self.clip_weight > 0)
-                      + FEATURE_ARRAYS * features)
+        self.fusion = Fusion.of(variant, alpha, clip_scale, self.reader.attrs["clip"]["logit_scale"], standardize)
+        self.names = self.fusion.arrays + FEATURE_ARRAYS * features
         self.view, self.arrays = None, {}
         self.set_epoch(0)
 
@@ -88,8 +85,7 @@ class CachedTargets(Dataset):
         view = self.policy.replay(image_for_views(self.dataset, self.policy, index), self.arrays["views/params"][row])
         image = normalize(view[None], self.normalization.mean, self.normalization.std)[0]
         cached = {name: torch.from_numpy(self.arrays[name][row:row + 1].astype(np.float32)) for name in self.names}
-        fused = fuse_logits(cached.get("teacher/logits"), cached.get("clip/logits"), self.teacher_weight, self.scale,
-                            self.standardize, self.clip_weight)[0]
+        fused = self.fusion.fuse(cached)[0]
         item = {"image": image, "label": int(self.dataset.labels[index]), "row": row, "fused_logits": fused}
         item.update({name: cached[name][0] for name in FEATURE_ARRAYS if name in cached})
         return item

@@ -23,19 +23,19 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.distributed import Part, is_main_process, main_process_first, process_group, torchrun_part
 from richkd.pipeline.errors import UserError, preview
+from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.models import create_model, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
 from richkd.pipeline.normalization import NormalizeOptions
 from richkd.pipeline.runtime import autocast, console, hide_progress_bars, progress_bar, resolve_device
 from richkd.pipeline.seeding import ORDER, VALIDATION, restore_rng_states, rng_states, seeded_generator
 from richkd.pipeline.shards import CenterViewStream, ShardSet
-from richkd.pipeline.views import image_for_views, sample_view
 
 OPTIMIZERS = {
     "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
@@ -230,28 +230,6 @@ def training_mask(num_samples: int, training: np.ndarray) -> np.ndarray:
     return mask
 
 
-class LabelledViews(Dataset):
-    """index -> (uint8 view, label, index): the stored view `params[index]`, a fresh random view, or the centre."""
-
-    def __init__(self, dataset: ImageDataset, policy, params: np.ndarray | None = None, seed: int = 0,
-                 stream: int = 0, center: bool = False):
-        self.dataset, self.policy, self.params = dataset, policy, params
-        self.seed, self.stream, self.center = seed, stream, center
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image = image_for_views(self.dataset, self.policy, index)
-        if self.center:
-            view = self.policy.center(image)
-        else:
-            params = self.params[index] if self.params is not None else sample_view(
-                self.policy, self.seed, self.stream, index, image)
-            view = self.policy.replay(image, params)
-        return view, int(self.dataset.labels[index]), index
-
-
 class Objective(Protocol):
     """What a training run optimises, beyond the model (an nn.Module with these methods): its losses, extra
     modules and per-epoch data."""
@@ -270,17 +248,6 @@ class Objective(Protocol):
 
 
 @torch.inference_mode()
-def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, mean, std,
-                   meter: ClassificationMeter) -> ClassificationMeter:
-    model.eval()
-    for views, labels, _ in loader:
-        x = normalize(views.to(device, non_blocking=True), mean, std)
-        with autocast(device):
-            logits, _ = model(x)
-        meter.update(logits.float().cpu(), labels)
-    return meter
-
-
 def rank_share(order: np.ndarray, part: Part) -> np.ndarray:
     """Every `part.count`-th sample of `order`, from `part.index`; wrapped around so all parts are as long."""
     if part.count == 1:
@@ -301,11 +268,6 @@ class StudentStep(nn.Module):
         with autocast(self.device):
             logits, features = self.model(x)
         return self.objective.losses(logits.float(), features.float(), labels, indices, epoch, targets)
-
-
-def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
 
 class Trainer:

@@ -6,6 +6,7 @@ written, and its targets are those models' outputs on exactly those pixels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from richkd.cache.reader import CacheReader, block_shuffled_order, shard_share
 from richkd.pipeline.config import option, parse_size, require
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import Part
-from richkd.pipeline.fusion import DEFAULT_ALPHA, VARIANTS, clip_scale_value, fuse_logits
+from richkd.pipeline.fusion import DEFAULT_ALPHA, VARIANTS, Fusion, clip_scale_value
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.runtime import console
@@ -27,9 +28,6 @@ from richkd.pipeline.shards import ShardSet, open_shard_set
 from richkd.pipeline.streaming import ShardStream
 from richkd.pipeline.training import Trainer, TrainingOptions, holdout_split, run_per_seed, seeded_model, training_mask
 from richkd.pipeline.views import policy_from_description
-
-DEFAULT_LOGIT_WEIGHTS = {"kd": 3.0, "dkd": 1.0}
-LOGIT_LOSSES = tuple(DEFAULT_LOGIT_WEIGHTS)
 
 
 @dataclass
@@ -76,7 +74,8 @@ class DistillConfig(TrainingOptions):
     def validate(self) -> None:
         super().validate()
         require(self.variant in VARIANTS, f"--variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
-        require(self.logit_loss in LOGIT_LOSSES, f"--logit-loss must be kd or dkd, got '{self.logit_loss}'")
+        require(self.logit_loss in LOGIT_LOSSES,
+                f"--logit-loss must be {' or '.join(LOGIT_LOSSES)}, got '{self.logit_loss}'")
         require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
         require(self.lam is None or 0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
         require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
@@ -111,10 +110,9 @@ class DistillConfig(TrainingOptions):
 
     @property
     def logit_loss_weight(self) -> float:
-        """DKD carries its own alpha and beta, so it is weighted 1 unless told otherwise (as in DKD's paper)."""
         if self.logit_weight is not None:
             return self.logit_weight
-        return DEFAULT_LOGIT_WEIGHTS[self.logit_loss]
+        return LOGIT_LOSSES[self.logit_loss].default_weight
 
     @property
     def uses_logits(self) -> bool:
@@ -123,10 +121,6 @@ class DistillConfig(TrainingOptions):
     @property
     def uses_features(self) -> bool:
         return VARIANTS[self.variant].features and self.feature_weight > 0
-
-    @property
-    def logit_weights(self) -> tuple[float, float]:
-        return VARIANTS[self.variant].logit_weights(self.alpha)
 
     def feature_schedule(self, epoch: int) -> float:
         """Factor of the feature loss's weight in `epoch`: 0 before the start, then a linear ramp to 1."""
@@ -138,13 +132,33 @@ class DistillConfig(TrainingOptions):
 
     def cached_arrays(self) -> tuple[str, ...]:
         """The per-view arrays this run reads: nothing a zero weight makes irrelevant."""
-        names = []
-        if self.uses_logits:
-            teacher_weight, clip_weight = self.logit_weights
-            names += ["teacher/logits"] * (teacher_weight > 0) + ["clip/logits"] * (clip_weight > 0)
+        names = VARIANTS[self.variant].logit_arrays(self.alpha) if self.uses_logits else ()
         if self.uses_features:
-            names += ["teacher/features"] * (self.feature_lam > 0) + ["clip/image_embeds"] * (self.feature_lam < 1)
-        return tuple(names)
+            names += ("teacher/features",) * (self.feature_lam > 0) + ("clip/image_embeds",) * (self.feature_lam < 1)
+        return names
+
+
+@dataclass(frozen=True)
+class LogitLoss:
+    """A loss between the student's logits and the fused target: `compute(logits, fused, labels, config, epoch)`,
+    weighted by --logit-weight, `default_weight` unless given. A new one is a function and a registry entry."""
+
+    compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DistillConfig, int], torch.Tensor]
+    default_weight: float
+
+
+def kd_term(logits, fused, labels, config: DistillConfig, epoch: int) -> torch.Tensor:
+    return kd_loss(logits, fused, config.temperature)
+
+
+def dkd_term(logits, fused, labels, config: DistillConfig, epoch: int) -> torch.Tensor:
+    """DKD, its weight ramped in over --dkd-warmup epochs as in DKD's paper."""
+    warmup = min((epoch + 1) / config.dkd_warmup, 1.0) if config.dkd_warmup else 1.0
+    return warmup * dkd_loss(logits, fused, labels, config.dkd_alpha, config.dkd_beta, config.temperature)
+
+
+# DKD carries its own alpha and beta, so it is weighted 1 unless told otherwise (as in DKD's paper).
+LOGIT_LOSSES = {"kd": LogitLoss(kd_term, 3.0), "dkd": LogitLoss(dkd_term, 1.0)}
 
 
 def sample_negatives(labels: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, k: int,
@@ -176,7 +190,8 @@ class DistillObjective(nn.Module):
         self.training_labels = self.labels[self.training_rows]
         self.trains_on = training_mask(reader.layout.samples, self.training_rows)
         self.names = config.cached_arrays()
-        self.scale = clip_scale_value(config.clip_scale, reader.attrs["clip"]["logit_scale"])
+        self.fusion = Fusion.of(config.variant, config.alpha, config.clip_scale, reader.attrs["clip"]["logit_scale"],
+                                config.standardize)
         layout = reader.layout
         views_held = min(2, layout.views)  # the current view and the next one, loaded ahead
         self.in_memory = reader.fits_in_memory(self.names, parse_size(config.cache_memory) // views_held)
@@ -255,15 +270,9 @@ class DistillObjective(nn.Module):
             targets = self.targets.gather(indices.numpy())
         targets = {name: values.to(device, non_blocking=True) for name, values in targets.items()}
         if config.uses_logits:
-            teacher_weight, clip_weight = config.logit_weights
-            fused = fuse_logits(targets.get("teacher/logits"), targets.get("clip/logits"), teacher_weight, self.scale,
-                                config.standardize, clip_weight)
-            if config.logit_loss == "kd":
-                terms["logit"] = config.logit_loss_weight * kd_loss(logits, fused, config.temperature)
-            else:
-                warmup = min((epoch + 1) / config.dkd_warmup, 1.0) if config.dkd_warmup else 1.0
-                terms["logit"] = config.logit_loss_weight * warmup * dkd_loss(
-                    logits, fused, labels, config.dkd_alpha, config.dkd_beta, config.temperature)
+            fused = self.fusion.fuse(targets)
+            terms["logit"] = config.logit_loss_weight * LOGIT_LOSSES[config.logit_loss].compute(
+                logits, fused, labels, config, epoch)
         if self.crd is not None:
             negatives = sample_negatives(self.labels[indices.numpy()], self.training_rows, self.training_labels,
                                          self.nce_k, self.negatives)

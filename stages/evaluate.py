@@ -31,11 +31,11 @@ from richkd.pipeline.corruptions import (
 from richkd.pipeline.data import ImageDataset
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
 from richkd.pipeline.normalization import Normalization, NormalizeOptions, choose_normalization
 from richkd.pipeline.runtime import autocast, print_json, progress_bar, resolve_device, results
-from richkd.pipeline.training import LabelledViews, data_loader, evaluate_model
 from richkd.pipeline.views import ViewPolicy, make_view_policy, policy_from_description
 
 # The uncorrupted images, evaluated with the corrupted ones.

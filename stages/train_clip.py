@@ -26,10 +26,10 @@ from richkd.pipeline.clip import (
 from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import read_captions
 from richkd.pipeline.datasets import open_dataset
+from richkd.pipeline.loading import LabelledViews, data_loader
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.runtime import console, progress_bar, resolve_device
 from richkd.pipeline.seeding import ORDER, seeded_generator
-from richkd.pipeline.training import LabelledViews, data_loader
 from richkd.pipeline.views import make_view_policy
 
 BUNDLE_WEIGHTS = "open_clip_model.safetensors"

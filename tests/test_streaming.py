@@ -23,10 +23,10 @@ from richkd.cli import run_cli
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.loading import LabelledViews
 from richkd.pipeline.models import read_checkpoint
 from richkd.pipeline.shards import open_shard_set
 from richkd.pipeline.streaming import ShardStream
-from richkd.pipeline.training import LabelledViews
 from richkd.pipeline.views import policy_from_description
 
 TARGETS = ("teacher/logits", "teacher/features", "clip/logits", "clip/image_embeds")

@@ -1,0 +1,51 @@
+"""A dataset's labelled views in batches, and a model evaluated over them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from richkd.pipeline.data import ImageDataset, normalize
+from richkd.pipeline.metrics import ClassificationMeter
+from richkd.pipeline.runtime import autocast
+from richkd.pipeline.views import image_for_views, sample_view
+
+
+class LabelledViews(Dataset):
+    """index -> (uint8 view, label, index): the stored view `params[index]`, a fresh random view, or the centre."""
+
+    def __init__(self, dataset: ImageDataset, policy, params: np.ndarray | None = None, seed: int = 0,
+                 stream: int = 0, center: bool = False):
+        self.dataset, self.policy, self.params = dataset, policy, params
+        self.seed, self.stream, self.center = seed, stream, center
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image = image_for_views(self.dataset, self.policy, index)
+        if self.center:
+            view = self.policy.center(image)
+        else:
+            params = self.params[index] if self.params is not None else sample_view(
+                self.policy, self.seed, self.stream, index, image)
+            view = self.policy.replay(image, params)
+        return view, int(self.dataset.labels[index]), index
+
+
+def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+
+
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, mean, std,
+                   meter: ClassificationMeter) -> ClassificationMeter:
+    model.eval()
+    for views, labels, _ in loader:
+        x = normalize(views.to(device, non_blocking=True), mean, std)
+        with autocast(device):
+            logits, _ = model(x)
+        meter.update(logits.float().cpu(), labels)
+    return meter
