@@ -40,6 +40,7 @@ def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.devi
                       pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
 
+@torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, mean, std,
                    meter: ClassificationMeter) -> ClassificationMeter:
     model.eval()

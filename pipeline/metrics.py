@@ -79,3 +79,8 @@ class ClassificationMeter:
         """Accuracy of each class (None for a class with no samples)."""
         return [correct / total if total else None
                 for correct, total in zip(self.class_correct.tolist(), self.class_total.tolist())]
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    """A share as a percentage for tables and messages; '-' where there is none."""
+    return "-" if value is None else f"{100 * value:.{digits}f}%"

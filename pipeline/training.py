@@ -30,7 +30,7 @@ from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.distributed import Part, is_main_process, main_process_first, process_group, torchrun_part
 from richkd.pipeline.errors import UserError, preview
 from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model
-from richkd.pipeline.metrics import ClassificationMeter
+from richkd.pipeline.metrics import ClassificationMeter, percent
 from richkd.pipeline.models import create_model, read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
 from richkd.pipeline.normalization import NormalizeOptions
 from richkd.pipeline.runtime import autocast, console, hide_progress_bars, progress_bar, resolve_device
@@ -247,7 +247,6 @@ class Objective(Protocol):
     def end_epoch(self) -> None: ...
 
 
-@torch.inference_mode()
 def rank_share(order: np.ndarray, part: Part) -> np.ndarray:
     """Every `part.count`-th sample of `order`, from `part.index`; wrapped around so all parts are as long."""
     if part.count == 1:
@@ -467,7 +466,7 @@ class Trainer:
                 if val_metrics is not None:
                     for name in ("top1", "top5", "nll", "ece"):
                         live.log_metric(f"validation/{name}", val_metrics[name])
-                    line += f", validation top-1 {100 * val_metrics['top1']:.2f}%"
+                    line += f", validation top-1 {percent(val_metrics['top1'], 2)}"
                 live.log_metric("lr", lr)
                 live.log_metric("epoch_seconds", epoch_seconds[-1])
                 live.next_step()
@@ -478,7 +477,7 @@ class Trainer:
                 live.summary[f"{self.options.eval_split}/{name}"] = held_out[name]
             live.make_summary()
         console.print(f"seed {self.options.seed}, {self.options.eval_split} top-1 of the last epoch's model: "
-                      f"{100 * held_out['top1']:.2f}%")
+                      f"{percent(held_out['top1'], 2)}")
         summary = {
             "epochs": self.options.epochs,
             "best": best,

@@ -32,7 +32,7 @@ from richkd.pipeline.data import ImageDataset
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model
-from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
+from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter, percent
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
 from richkd.pipeline.normalization import Normalization, NormalizeOptions, choose_normalization
 from richkd.pipeline.runtime import autocast, print_json, progress_bar, resolve_device, results
@@ -286,31 +286,31 @@ def print_report(report: dict) -> None:
     for column in ("top-1", "top-5", "NLL", "ECE", f"confident-correct (>= {report['confidence_threshold']})",
                    "confidently-wrong"):
         table.add_column(column, justify="right")
-    table.add_row(*(f"{100 * report[key]:.2f}%" for key in ("top1", "top5")), f"{report['nll']:.4f}",
-                  f"{100 * report['ece']:.2f}%",
-                  *(f"{100 * report[key]:.2f}%" for key in ("confident_correct", "confidently_wrong")))
+    table.add_row(*(percent(report[key], 2) for key in ("top1", "top5")), f"{report['nll']:.4f}",
+                  percent(report['ece'], 2),
+                  *(percent(report[key], 2) for key in ("confident_correct", "confidently_wrong")))
     results.print(table)
     per_class = [(name, accuracy) for name, accuracy in report["per_class_accuracy"].items() if accuracy is not None]
     if per_class:
         worst = sorted(per_class, key=lambda item: item[1])[:5]
-        results.print("lowest per-class accuracy: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in worst))
+        results.print("lowest per-class accuracy: " + ", ".join(f"{name} {percent(acc)}" for name, acc in worst))
 
 
 def print_robustness(robustness: dict) -> None:
     severities = robustness["severities"]
     drop = robustness["relative_drop"]
     title = (f"top-1 under corruptions ({robustness['source']}, {robustness['samples']} images): "
-             f"clean {100 * robustness['clean_top1']:.2f}%, "
-             f"mean corruption accuracy {100 * robustness['mean_corruption_accuracy']:.2f}%, "
-             f"relative drop {'n/a' if drop is None else f'{100 * drop:.1f}%'}")
+             f"clean {percent(robustness['clean_top1'], 2)}, "
+             f"mean corruption accuracy {percent(robustness['mean_corruption_accuracy'], 2)}, "
+             f"relative drop {'n/a' if drop is None else percent(drop)}")
     table = Table(title=title, title_justify="left")
     table.add_column("corruption \\ severity")
     for severity in severities:
         table.add_column(str(severity), justify="right")
     table.add_column("mean", justify="right", style="bold")
     for name, cells in robustness["cells"].items():
-        table.add_row(name, *(f"{100 * cells[str(s)]['top1']:.1f}%" for s in severities),
-                      f"{100 * robustness['corruption_mean_top1'][name]:.1f}%")
-    table.add_row("mean", *(f"{100 * robustness['severity_mean_top1'][str(s)]:.1f}%" for s in severities),
-                  f"{100 * robustness['mean_corruption_accuracy']:.1f}%", style="bold")
+        table.add_row(name, *(percent(cells[str(s)]['top1']) for s in severities),
+                      percent(robustness['corruption_mean_top1'][name]))
+    table.add_row("mean", *(percent(robustness['severity_mean_top1'][str(s)]) for s in severities),
+                  percent(robustness['mean_corruption_accuracy']), style="bold")
     results.print(table)

@@ -12,6 +12,7 @@ from richkd.cache.reader import CacheReader
 from richkd.cache.schema import DONE, PER_VIEW_ARRAYS, read_done_flags
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES
+from richkd.pipeline.metrics import percent
 from richkd.pipeline.runtime import print_json, progress_bar, results
 from richkd.pipeline.targets import ALPHAS, target_quality
 
@@ -84,8 +85,6 @@ def size(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def print_report(report: dict, console: Console) -> None:
@@ -127,9 +126,10 @@ def print_report(report: dict, console: Console) -> None:
         console.print("no block is written yet: nothing to evaluate")
         return
     console.print(f"top-1 over {quality['samples_evaluated']} (view, sample) pairs of {quality['views_evaluated']} "
-                  f"views: teacher {percent(quality['teacher']['top1'])}, CLIP {percent(quality['clip']['top1'])}, "
+                  f"views: teacher {percent(quality['teacher']['top1'], 2)}, "
+                  f"CLIP {percent(quality['clip']['top1'], 2)}, "
                   f"fused (alpha {quality['fused_alpha']}, {quality['fused_clip_scale']}) "
-                  f"{percent(quality['fused']['top1'])}")
+                  f"{percent(quality['fused']['top1'], 2)}")
     sweep = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C)", title_justify="left")
     sweep.add_column("alpha", justify="right")
     for name in CLIP_SCALES:
@@ -139,7 +139,7 @@ def print_report(report: dict, console: Console) -> None:
         row = [f"{alpha:.1f}"]
         for name in CLIP_SCALES:
             r = next(x for x in quality["alpha_sweep"] if x["clip_scale"] == name and x["alpha"] == alpha)
-            row += [percent(r["top1"]), f"{r['nll']:.3f}", percent(r["ece"])]
+            row += [percent(r["top1"], 2), f"{r['nll']:.3f}", percent(r["ece"], 2)]
         sweep.add_row(*row)
     console.print(sweep)
 

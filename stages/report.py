@@ -25,7 +25,7 @@ from richkd.pipeline.config import option, require
 from richkd.pipeline.corruptions import CATEGORIES, CORRUPTIONS
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA
-from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD
+from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, percent
 from richkd.pipeline.runtime import console, print_json
 from richkd.pipeline.targets import target_quality
 
@@ -336,8 +336,6 @@ def plot_alpha_sweep(sweep: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def percent(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def describe_robustness(robustness: dict) -> str:

@@ -27,7 +27,7 @@ from richkd.pipeline.config import DataOptions, ExecutionOptions, option, requir
 from richkd.pipeline.data import read_captions
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.loading import LabelledViews, data_loader
-from richkd.pipeline.metrics import ClassificationMeter
+from richkd.pipeline.metrics import ClassificationMeter, percent
 from richkd.pipeline.runtime import console, progress_bar, resolve_device
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.views import make_view_policy
@@ -158,7 +158,7 @@ def run(config: TrainClipConfig) -> dict:
             live.log_metric(f"{config.eval_split}/zero_shot_top1", top1)
             live.next_step()
             console.print(f"clip epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']:.4f}, "
-                          f"{config.eval_split} zero-shot top-1 {100 * top1:.2f}%")
+                          f"{config.eval_split} zero-shot top-1 {percent(top1, 2)}")
     metrics = {"zero_shot_top1": history[-1]["zero_shot_top1"], "split": config.eval_split, "history": history,
                "config": to_dict(config)}
     save_bundle(clip, model_config, out, metrics)
