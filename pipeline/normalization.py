@@ -85,19 +85,19 @@ def measured_normalization(dataset) -> Normalization:
     if not hasattr(dataset, "image"):
         raise UserError("--normalize dataset measures images read by index, which streamed shards are not: "
                         "measure it in precompute (the store records it) and distill with --normalize auto")
-    picked = np.linspace(0, len(dataset) - 1, min(len(dataset), MEASURED_IMAGES)).round().astype(int)
+    picked = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), MEASURED_IMAGES)).round().astype(int))
     sums, squares, pixels = np.zeros(3), np.zeros(3), 0
-    for index in np.unique(picked):
+    for index in picked:
         image = dataset.image(int(index)).double().div_(255).flatten(1)
         sums += image.sum(dim=1).numpy()
         squares += image.square().sum(dim=1).numpy()
         pixels += image.shape[1]
     mean = sums / pixels
     std = np.sqrt(np.maximum(squares / pixels - mean**2, 0))
-    require(bool((std > 0).all()), f"--normalize dataset: a channel of the {len(np.unique(picked))} images "
+    require(bool((std > 0).all()), f"--normalize dataset: a channel of the {len(picked)} images "
                                    f"measured in {dataset.split} is constant, so it has no std to divide by")
     return Normalization(tuple(mean.tolist()), tuple(std.tolist()),
-                         f"measured on {len(np.unique(picked)):,} images of {dataset.split}")
+                         f"measured on {len(picked):,} images of {dataset.split}")
 
 
 def choose_normalization(spec: str, dataset, recorded: dict | None = None, recorded_by: str = "",

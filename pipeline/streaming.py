@@ -66,7 +66,8 @@ class StoreRows:
 
 
 def shard_sizes_by_start(shard_sizes: list[int] | None) -> dict[int, int] | None:
-    """{first store row: samples} of the shards a store was precomputed from (None: it does not record them)."""
+    """{first store row: samples} of the non-empty shards a store was precomputed from (None: it does not record
+    them)."""
     if shard_sizes is None:
         return None
     starts = np.concatenate([[0], np.cumsum(shard_sizes)[:-1]]).tolist()
@@ -102,7 +103,9 @@ class ShardStream(IterableDataset):
         urls = self.urls[self.part.index::self.part.count][worker::self.streams]
         reader = CacheReader(self.cache)
         rows = StoreRows(reader, self.view, self.names)
-        samples = self._read(urls, rows, shard_sizes_by_start(reader.attrs["dataset"].get("shard_sizes")))
+        recorded = reader.attrs["dataset"].get("shard_sizes")
+        self.empty_shard_recorded = recorded is not None and 0 in recorded
+        samples = self._read(urls, rows, shard_sizes_by_start(recorded))
         if self.part.count > 1:
             share = len(self)
             samples = islice(samples, share // self.streams + (worker < share % self.streams))
@@ -138,7 +141,7 @@ class ShardStream(IterableDataset):
                 first = (key, sample[2])
             count += 1
             yield sample
-        if sizes is None or (count == 0 and 0 in sizes.values()):
+        if sizes is None or (count == 0 and self.empty_shard_recorded):
             return
         if first is None:
             raise UserError(f"shard {url} holds no samples, where every shard the cache {self.cache} was "

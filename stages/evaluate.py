@@ -242,8 +242,10 @@ def evaluate_robustness(config: EvaluateConfig, models: list, normalizations: li
                 else:
                     images = corrupt(clean, name, severity, config.corruption_seed, indices.tolist())
                 images = images.to(device, non_blocking=True)
+                # Once per normalisation, not per model: the seeds of a run share theirs.
+                inputs = {(n.mean, n.std): TF.normalize(images, list(n.mean), list(n.std)) for n in normalizations}
                 for model, normalization, model_meters in zip(models, normalizations, meters):
-                    x = TF.normalize(images, list(normalization.mean), list(normalization.std))
+                    x = inputs[normalization.mean, normalization.std]
                     with autocast(device):
                         logits, _ = model(x)
                     model_meters[(name, severity)].update(logits.float().cpu(), labels)

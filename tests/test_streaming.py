@@ -185,6 +185,10 @@ def test_streaming_refuses_other_samples(store, cifar_shards, tmp_path, capsys):
     group.attrs["dataset"] = {key: value for key, value in group.attrs["dataset"].items() if key != "shard_sizes"}
     with pytest.raises(UserError, match=re.escape(f"the shards {empty} hold no samples")):
         list(epoch_stream(unrecorded, [str(empty), urls[0]], Part(0, 2)))
+    # Nor does one that was precomputed from an empty shard among the others: an empty shard then loses nothing.
+    group.attrs["dataset"] = {**group.attrs["dataset"], "shard_sizes": [16, 16, 0, 8]}
+    with pytest.raises(UserError, match=re.escape(f"the shards {empty} hold no samples")):
+        list(epoch_stream(unrecorded, [str(empty), urls[0]], Part(0, 2)))
 
 
 def test_torchrun_processes_stream_shards_of_unequal_size(store, cifar_shards, tmp_path):  # noqa: F811
