@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from synthetic import write_synthetic_cifar100, write_teacher
 
 from richkd.cache.reader import CacheReader
-from richkd.pipeline.clip import load_clip, zero_shot_classifier
+from richkd.pipeline.clip import load_clip
 from richkd.pipeline.config import build_config
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
@@ -34,6 +34,7 @@ from richkd.pipeline.fusion import fuse_logits
 from richkd.pipeline.loading import LabelledViews, data_loader
 from richkd.pipeline.losses import FusedCRD, kd_loss
 from richkd.pipeline.models import create_model
+from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.views import policy_from_description
 from richkd.stages import distill, precompute, train
 from richkd.stages.distill import sample_negatives

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import file_sha256
-from richkd.pipeline.runtime import progress_bar
 
 # The templates of the method's reference implementation.
 DEFAULT_TEMPLATES = (
@@ -225,29 +223,3 @@ def read_class_names(path: str | Path, expected: int) -> list[str]:
 def prompt_class_name(name: str) -> str:
     """A dataset's class name as it reads in a sentence: `aquarium_fish` -> `aquarium fish`."""
     return " ".join(name.replace("_", " ").split())
-
-
-# Classes whose prompts of one template are encoded together: large batches, whatever the number of templates.
-CLASSES_PER_BATCH = 512
-
-
-@torch.inference_mode()
-def zero_shot_classifier(clip: ClipTeacher, class_names: list[str], templates: list[str],
-                         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Class embeddings (C, D), the prompt-ensemble classifier, and each template's embeddings (C, P, D).
-
-    Each template's normalised text embedding of every class comes from open_clip's
-    `build_zero_shot_classifier` run on that template alone; the ensemble is their normalised mean, which
-    is what that function computes for several templates, so every prompt is encoded once.
-    """
-    per_template = []
-    with progress_bar("template") as progress:
-        task = progress.add_task(f"prompts of {len(class_names)} classes", total=len(templates))
-        for template in templates:
-            weights = open_clip_library().build_zero_shot_classifier(
-                clip.model, clip.tokenizer, class_names, [template], num_classes_per_batch=CLASSES_PER_BATCH,
-                device=device)
-            per_template.append(weights.T.float())
-            progress.advance(task)
-    prompt_embeds = torch.stack(per_template, dim=1)
-    return F.normalize(prompt_embeds.mean(dim=1), dim=-1), prompt_embeds

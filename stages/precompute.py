@@ -28,7 +28,6 @@ from richkd.pipeline.clip import (
     prompt_class_name,
     read_class_names,
     read_templates,
-    zero_shot_classifier,
 )
 from richkd.pipeline.config import DataOptions, ExecutionOptions, ViewOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize
@@ -45,6 +44,7 @@ from richkd.pipeline.distributed import (
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
 from richkd.pipeline.normalization import NormalizeOptions, choose_normalization, normalized
+from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
 from richkd.pipeline.views import describe_policy, image_for_views, make_view_policy, policy_summary, sample_view
 

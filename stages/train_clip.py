@@ -21,13 +21,13 @@ from richkd.pipeline.clip import (
     load_clip,
     open_clip_library,
     prompt_class_name,
-    zero_shot_classifier,
 )
 from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
 from richkd.pipeline.data import read_captions
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.loading import LabelledViews, data_loader
 from richkd.pipeline.metrics import ClassificationMeter, percent
+from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.runtime import console, progress_bar, resolve_device
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.views import make_view_policy

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_CLIP
 
-from richkd.pipeline.clip import DEFAULT_TEMPLATES, load_clip, prompt_class_name, zero_shot_classifier
+from richkd.pipeline.clip import DEFAULT_TEMPLATES, load_clip, prompt_class_name
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.prompts import composes_prompts, cuts_context, encode_prompts, prompt_tokens, zero_shot_classifier
 
 
 def test_prompt_class_names():
@@ -42,6 +43,33 @@ def test_zero_shot_classifier_averages_normalised_prompt_embeddings(tiny_world):
             torch.testing.assert_close(prompt_embeds[c], per_prompt, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(class_embeds[c], F.normalize(per_prompt.mean(0), dim=0), rtol=1e-4,
                                        atol=1e-5)
+
+
+# Names where putting a prompt together from its parts is, or would be, wrong: a word or punctuation run across
+# the slot, contractions, digits, a special token, html and mojibake (which ftfy mends) whole or across the slot,
+# and a name too long.
+TRICKY_NAMES = ["apple", "maple tree", "t-shirt", "3d printer", "o'clock", "rock 'n' roll", "dog'", "(x)", "x.",
+                "<|endoftext|>", "fish &amp; chips", "caf\u00e9", "na\u00efve", "\u201cquoted\u201d", "MiXeD Case",
+                "  spaced  out  ", "7", "route 66", "long " * 40, "endoftext", "&amp", "caf\u00c3"]
+TRICKY_TEMPLATES = ["a photo of a {}.", "{}s in a row", "{}'s picture", "a '{}' sign", "itap of a {}!", "{}",
+                    "a {}", "{}: a photo", "x{}y", "braces {{like}} these around {}", "a picture of 1{}1", "<|{}|>",
+                    "{}; and more", "{}\u00a9 mojibake"]
+
+
+def test_prompts_put_together_from_their_parts_equal_open_clip_tokenizing_them_whole():
+    tokenizer = open_clip.get_tokenizer("RN50")
+    assert composes_prompts(tokenizer)
+    whole = tokenizer([template.format(name) for template in TRICKY_TEMPLATES for name in TRICKY_NAMES])
+    assert torch.equal(prompt_tokens(tokenizer, TRICKY_NAMES, TRICKY_TEMPLATES), whole)
+
+
+def test_text_tower_cut_after_the_longest_prompt_equals_open_clips_encode_text(tiny_world):
+    clip = load_clip(TINY_CLIP, str(tiny_world.clip_checkpoint))
+    tokens = prompt_tokens(clip.tokenizer, TRICKY_NAMES[:6], ["a photo of a {}", "{}"])
+    assert cuts_context(clip.model) and tokens.argmax(dim=-1).max() < 12  # the cut leaves most of the 77 positions out
+    with torch.inference_mode():
+        torch.testing.assert_close(encode_prompts(clip.model, tokens), clip.model.encode_text(tokens, normalize=True),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_hub_weights_need_a_connection(monkeypatch, tmp_path):
