@@ -43,7 +43,7 @@ from richkd.pipeline.distributed import Part
 from richkd.pipeline.models import create_model
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.streaming import HELD_CHUNKS, ShardStream, StoreRows
-from richkd.pipeline.training import OPTIMIZERS, TrainingOptions
+from richkd.pipeline.training_options import OPTIMIZERS, TrainingOptions
 from richkd.stages.distill import DistillConfig
 
 CLASSES, TEACHER_DIM, CLIP_DIM, VIEW_PARAMS = 1000, 2048, 768, 5

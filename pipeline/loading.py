@@ -50,3 +50,10 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, m
             logits, _ = model(x)
         meter.update(logits.float().cpu(), labels)
     return meter
+
+
+def training_mask(num_samples: int, training: np.ndarray) -> np.ndarray:
+    """True for the samples an epoch trains on."""
+    mask = np.zeros(num_samples, dtype=bool)
+    mask[training] = True
+    return mask

@@ -1,4 +1,5 @@
-"""Every random draw of a run from its own seeded stream, and the global RNG states a checkpoint saves."""
+"""Every random draw of a run from its own seeded stream (the initial weights, the validation samples, each
+epoch's order), and the global RNG states a checkpoint saves."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import random
 
 import numpy as np
 import torch
+from torch import nn
+
+from richkd.pipeline.config import require
+from richkd.pipeline.models import create_model
 
 # Purposes of the per-epoch generators.
 ORDER, NEGATIVES, CRD_MEMORY, SHUFFLE, VALIDATION = 0, 1, 2, 3, 4
@@ -35,3 +40,17 @@ def restore_rng_states(state: dict) -> None:
                          numpy_state["has_gauss"], numpy_state["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seeded_model(arch: str, num_classes: int, seed: int) -> nn.Module:
+    """A fresh model whose initial weights depend on `seed` alone."""
+    torch.manual_seed(seed)
+    return create_model(arch, num_classes)
+
+
+def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training samples, validation samples), sorted: `fraction` (--val-fraction) of the split, drawn by `seed`."""
+    count = round(fraction * num_samples)
+    require(count < num_samples, f"--val-fraction {fraction} leaves no training sample of {num_samples}")
+    shuffled = np.random.default_rng((seed, VALIDATION)).permutation(num_samples)
+    return np.sort(shuffled[count:]), np.sort(shuffled[:count])

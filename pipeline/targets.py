@@ -1,5 +1,5 @@
-"""A store's targets: as a torch Dataset for training loops other than `richkd distill` (the Python API), and their
-quality against the labels.
+"""A store's targets: epoch by epoch for `richkd distill`, as a torch Dataset for other training loops (the Python
+API), and their quality against the labels.
 
     from richkd import CachedTargets, kd_loss
     targets = CachedTargets("cache/cifar100.zarr", "cifar100", "data", variant="L", alpha=0.7)
@@ -13,23 +13,111 @@ order (or format) than the store was precomputed from. `set_epoch(e)` selects st
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from richkd.cache.reader import CacheReader
+from richkd.cache.reader import CacheReader, block_shuffled_order, shard_share
 from richkd.pipeline.config import require
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
+from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, Fusion, clip_scale_value, fuse_logits
+from richkd.pipeline.loading import training_mask
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
 from richkd.pipeline.normalization import choose_normalization
 from richkd.pipeline.runtime import progress_bar
-from richkd.pipeline.views import image_for_views, policy_from_description
+from richkd.pipeline.seeding import ORDER, seeded_generator
+from richkd.pipeline.shards import ShardSet
+from richkd.pipeline.streaming import ShardStream
+from richkd.pipeline.views import ViewPolicy, image_for_views, policy_from_description
 
 FEATURE_ARRAYS = ("teacher/features", "clip/image_embeds")
 # The fusion weights `richkd inspect` and `report` evaluate the fused targets at.
 ALPHAS = tuple(round(0.1 * step, 1) for step in range(11))
+
+
+class EpochTargets:
+    """The cached arrays `names` of a run, epoch by epoch: epoch e reads stored view e mod V, its samples in an order
+    drawn by (seed, e). A view that fits `memory_bytes` is read whole (the next one loaded ahead while this one
+    trains), a larger one shard by shard; with `shards`, the targets come streamed beside the tar shards instead.
+
+    `rows[i]` is the store row of dataset sample i (None: the same order); the epochs train on `training_rows`.
+    """
+
+    def __init__(self, reader: CacheReader, names: tuple[str, ...], rows: np.ndarray | None,
+                 training_rows: np.ndarray, memory_bytes: int, seed: int, epochs: int, shards: ShardSet | None = None,
+                 policy: ViewPolicy | None = None, workers: int = 0, shuffle_buffer: int = 1):
+        self.reader, self.names, self.rows, self.training_rows = reader, names, rows, training_rows
+        self.seed, self.epochs = seed, epochs
+        self.shards, self.policy, self.workers, self.shuffle_buffer = shards, policy, workers, shuffle_buffer
+        self.key_index = reader.key_index() if shards is not None else None
+        self.sample_of_row = None if rows is None else np.argsort(rows)
+        self.labels = reader.read("labels", 0, reader.layout.samples)  # by store row, as everything here
+        self.trains_on = training_mask(reader.layout.samples, training_rows)
+        views_held = min(2, reader.layout.views)  # the current view and the next one, loaded ahead
+        self.in_memory = reader.fits_in_memory(names, memory_bytes // views_held)
+        self.view_targets = None
+        self.view: int | None = None
+        self.reading = ThreadPoolExecutor(max_workers=1)
+        self.next_view: tuple[int, Future] | None = None
+
+    def _read_view(self, view: int, order: np.ndarray):
+        return self.reader.open_view(view, self.names, order, self.in_memory)
+
+    def _open_view(self, view: int, order: np.ndarray) -> None:
+        """This epoch's targets: kept from the last epoch, loaded ahead during it, or read now."""
+        if self.view_targets is not None and self.view == view:
+            return
+        if self.view_targets is not None:
+            self.view_targets.close()
+        if self.next_view is not None and self.next_view[0] == view:
+            self.view_targets = self.next_view[1].result()
+        else:
+            self.view_targets = self._read_view(view, order)
+        self.view, self.next_view = view, None
+
+    def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray, np.ndarray] | ShardStream:
+        """(stored view params by dataset index, this process's dataset indices in the epoch's order), or the
+        epoch's stream of (view, label, store row, targets)."""
+        layout = self.reader.layout
+        view = epoch % layout.views
+        order_generator = seeded_generator(self.seed, epoch, ORDER)
+        if self.shards is not None:
+            urls = [self.shards.urls[i] for i in torch.randperm(len(self.shards.urls), generator=order_generator)]
+            return ShardStream(urls, len(self.shards.class_names), self.reader.url, view, self.names,
+                               self.key_index, self.policy, part, self.workers, self.shuffle_buffer, self.seed, epoch)
+        if self.in_memory and part.count == 1:
+            order = torch.randperm(layout.samples, generator=order_generator).numpy()
+            order = order[self.trains_on[order]]
+        else:  # shard by shard: read front to back, and each of several processes reads only its shards
+            order = block_shuffled_order(layout, order_generator)
+            order = shard_share(order[self.trains_on[order]], layout, part)
+        if self.names:
+            self._open_view(view, order)
+            next_view = (epoch + 1) % layout.views
+            if self.in_memory and next_view != view and epoch + 1 < self.epochs:
+                self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
+        params = self.reader.read("views/params", 0, layout.samples, view)
+        if self.rows is None:
+            return params, order
+        return params[self.rows], self.sample_of_row[order]  # the loader speaks dataset indices
+
+    def store_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The store rows of a batch's dataset indices."""
+        return indices if self.rows is None else torch.from_numpy(self.rows[indices.numpy()])
+
+    def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This epoch's targets of these store rows."""
+        return self.view_targets.gather(rows.numpy())
+
+    def end_epoch(self) -> None:
+        """A streamed view is read in one epoch's order only; a view in memory may serve the next epoch too."""
+        if self.view_targets is not None and not self.in_memory:
+            self.view_targets.close()
+            self.view_targets = None
 
 
 class CachedTargets(Dataset):

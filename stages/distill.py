@@ -7,7 +7,6 @@ written, and its targets are those models' outputs on exactly those pixels.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,38 +14,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from richkd.cache.reader import CacheReader, block_shuffled_order, shard_share
-from richkd.pipeline.config import option, parse_size, require
+from richkd.cache.reader import CacheReader
+from richkd.pipeline.config import Options, option, parse_size, require
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import DEFAULT_ALPHA, VARIANTS, Fusion, clip_scale_value
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.runtime import console
-from richkd.pipeline.seeding import CRD_MEMORY, NEGATIVES, ORDER, seeded_generator
+from richkd.pipeline.seeding import CRD_MEMORY, NEGATIVES, holdout_split, seeded_generator, seeded_model
 from richkd.pipeline.shards import ShardSet, open_shard_set
 from richkd.pipeline.streaming import ShardStream
-from richkd.pipeline.training import Trainer, TrainingOptions, holdout_split, run_per_seed, seeded_model, training_mask
+from richkd.pipeline.targets import EpochTargets
+from richkd.pipeline.training import Trainer, run_per_seed
+from richkd.pipeline.training_options import TrainingOptions
 from richkd.pipeline.views import policy_from_description
 
 
 @dataclass
-class DistillConfig(TrainingOptions):
-    cache: str = option("cache/teachers.zarr", "The cache store written by `richkd precompute`.", "Cache")
-    cache_memory: str = option(
-        "4GiB", "Memory for cached targets: views that fit are read whole, larger ones streamed.", "Cache")
-    variant: str = option(
-        "LF", "; ".join(f"{name}: {variant.description}" for name, variant in VARIANTS.items()) + ".",
-        "Distillation")
+class LossOptions(Options):
+    """The weights and settings of distill's losses: all that DistillObjective reads of a run's options."""
+
     logit_loss: str = option("kd", "Loss on fused logits: kd or dkd.", "Distillation")
-    alpha: float = option(DEFAULT_ALPHA, "Logit fusion weight: z_F = alpha z_T + (1 - alpha) z_C; 1 is plain KD.",
-                          "Distillation")
-    lam: float | None = option(None, "Feature fusion weight of the teacher (default: alpha).", "Distillation")
     temperature: float = option(3.0, "Distillation temperature T.", "Distillation")
-    clip_scale: str = option(
-        "raw", "CLIP logits z_C = scale * cosine: raw (1), clip (exp(logit_scale)) or a number.", "Distillation")
-    standardize: bool = option(False, "z-score each sample's teacher and CLIP logits before fusing.",
-                               "Distillation")
     ce_weight: float = option(1.0, "Weight of cross-entropy on labels.", "Loss weights")
     logit_weight: float | None = option(None, "Weight of the logit loss (default: 3 for kd, 1 for dkd).",
                                         "Loss weights")
@@ -58,6 +48,51 @@ class DistillConfig(TrainingOptions):
         0, "CRD: epochs before the feature loss counts (its memory bank fills meanwhile).", "CRD")
     feature_warmup_epochs: int = option(
         0, "CRD: epochs over which the feature loss's weight then ramps up linearly to --feature-weight.", "CRD")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.logit_loss in LOGIT_LOSSES,
+                f"--logit-loss must be {' or '.join(LOGIT_LOSSES)}, got '{self.logit_loss}'")
+        require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        for name in ("ce_weight", "logit_weight", "feature_weight", "dkd_alpha", "dkd_beta"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        require(self.dkd_warmup >= 0, f"--dkd-warmup must be 0 or more, got {self.dkd_warmup}")
+        require(self.feature_start_epoch >= 0,
+                f"--feature-start-epoch must be 0 or more, got {self.feature_start_epoch}")
+        require(self.feature_warmup_epochs >= 0,
+                f"--feature-warmup-epochs must be 0 or more, got {self.feature_warmup_epochs}")
+
+    @property
+    def logit_loss_weight(self) -> float:
+        if self.logit_weight is not None:
+            return self.logit_weight
+        return LOGIT_LOSSES[self.logit_loss].default_weight
+
+    def feature_schedule(self, epoch: int) -> float:
+        """Factor of the feature loss's weight in `epoch`: 0 before the start, then a linear ramp to 1."""
+        if epoch < self.feature_start_epoch:
+            return 0.0
+        if not self.feature_warmup_epochs:
+            return 1.0
+        return min((epoch - self.feature_start_epoch + 1) / self.feature_warmup_epochs, 1.0)
+
+
+@dataclass
+class DistillConfig(LossOptions, TrainingOptions):
+    cache: str = option("cache/teachers.zarr", "The cache store written by `richkd precompute`.", "Cache")
+    cache_memory: str = option(
+        "4GiB", "Memory for cached targets: views that fit are read whole, larger ones streamed.", "Cache")
+    variant: str = option(
+        "LF", "; ".join(f"{name}: {variant.description}" for name, variant in VARIANTS.items()) + ".",
+        "Distillation")
+    alpha: float = option(DEFAULT_ALPHA, "Logit fusion weight: z_F = alpha z_T + (1 - alpha) z_C; 1 is plain KD.",
+                          "Distillation")
+    lam: float | None = option(None, "Feature fusion weight of the teacher (default: alpha).", "Distillation")
+    clip_scale: str = option(
+        "raw", "CLIP logits z_C = scale * cosine: raw (1), clip (exp(logit_scale)) or a number.", "Distillation")
+    standardize: bool = option(False, "z-score each sample's teacher and CLIP logits before fusing.",
+                               "Distillation")
     nce_k: int = option(16384, "CRD: negatives per sample (clamped below the number of training samples).", "CRD")
     nce_temperature: float = option(0.07, "CRD: NCE temperature.", "CRD")
     nce_momentum: float = option(0.5, "CRD: memory bank momentum.", "CRD")
@@ -74,20 +109,9 @@ class DistillConfig(TrainingOptions):
     def validate(self) -> None:
         super().validate()
         require(self.variant in VARIANTS, f"--variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
-        require(self.logit_loss in LOGIT_LOSSES,
-                f"--logit-loss must be {' or '.join(LOGIT_LOSSES)}, got '{self.logit_loss}'")
         require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
         require(self.lam is None or 0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
-        require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
-        for name in ("ce_weight", "logit_weight", "feature_weight", "dkd_alpha", "dkd_beta"):
-            value = getattr(self, name)
-            require(value is None or value >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {value}")
-        require(self.dkd_warmup >= 0, f"--dkd-warmup must be 0 or more, got {self.dkd_warmup}")
         require(self.nce_k >= 1, f"--nce-k must be at least 1, got {self.nce_k}")
-        require(self.feature_start_epoch >= 0,
-                f"--feature-start-epoch must be 0 or more, got {self.feature_start_epoch}")
-        require(self.feature_warmup_epochs >= 0,
-                f"--feature-warmup-epochs must be 0 or more, got {self.feature_warmup_epochs}")
         require(self.nce_temperature > 0, f"--nce-temperature must be positive, got {self.nce_temperature}")
         require(0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), got {self.nce_momentum}")
         require(self.embed_dim >= 1, f"--embed-dim must be at least 1, got {self.embed_dim}")
@@ -109,26 +133,12 @@ class DistillConfig(TrainingOptions):
         return self.alpha if self.lam is None else self.lam
 
     @property
-    def logit_loss_weight(self) -> float:
-        if self.logit_weight is not None:
-            return self.logit_weight
-        return LOGIT_LOSSES[self.logit_loss].default_weight
-
-    @property
     def uses_logits(self) -> bool:
         return VARIANTS[self.variant].logits and self.logit_loss_weight > 0
 
     @property
     def uses_features(self) -> bool:
         return VARIANTS[self.variant].features and self.feature_weight > 0
-
-    def feature_schedule(self, epoch: int) -> float:
-        """Factor of the feature loss's weight in `epoch`: 0 before the start, then a linear ramp to 1."""
-        if epoch < self.feature_start_epoch:
-            return 0.0
-        if not self.feature_warmup_epochs:
-            return 1.0
-        return min((epoch - self.feature_start_epoch + 1) / self.feature_warmup_epochs, 1.0)
 
     def cached_arrays(self) -> tuple[str, ...]:
         """The per-view arrays this run reads: nothing a zero weight makes irrelevant."""
@@ -140,21 +150,21 @@ class DistillConfig(TrainingOptions):
 
 @dataclass(frozen=True)
 class LogitLoss:
-    """A loss between the student's logits and the fused target: `compute(logits, fused, labels, config, epoch)`,
+    """A loss between the student's logits and the fused target: `compute(logits, fused, labels, options, epoch)`,
     weighted by --logit-weight, `default_weight` unless given. A new one is a function and a registry entry."""
 
-    compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DistillConfig, int], torch.Tensor]
+    compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossOptions, int], torch.Tensor]
     default_weight: float
 
 
-def kd_term(logits, fused, labels, config: DistillConfig, epoch: int) -> torch.Tensor:
-    return kd_loss(logits, fused, config.temperature)
+def kd_term(logits, fused, labels, options: LossOptions, epoch: int) -> torch.Tensor:
+    return kd_loss(logits, fused, options.temperature)
 
 
-def dkd_term(logits, fused, labels, config: DistillConfig, epoch: int) -> torch.Tensor:
+def dkd_term(logits, fused, labels, options: LossOptions, epoch: int) -> torch.Tensor:
     """DKD, its weight ramped in over --dkd-warmup epochs as in DKD's paper."""
-    warmup = min((epoch + 1) / config.dkd_warmup, 1.0) if config.dkd_warmup else 1.0
-    return warmup * dkd_loss(logits, fused, labels, config.dkd_alpha, config.dkd_beta, config.temperature)
+    warmup = min((epoch + 1) / options.dkd_warmup, 1.0) if options.dkd_warmup else 1.0
+    return warmup * dkd_loss(logits, fused, labels, options.dkd_alpha, options.dkd_beta, options.temperature)
 
 
 # DKD carries its own alpha and beta, so it is weighted 1 unless told otherwise (as in DKD's paper).
@@ -173,120 +183,70 @@ def sample_negatives(labels: np.ndarray, pool: np.ndarray, pool_labels: np.ndarr
 
 
 class DistillObjective(nn.Module):
-    """Cross-entropy, KD/DKD on fused logits and CRD on fused features, with targets read from the cache."""
+    """Cross-entropy, a logit loss on the fused logits and CRD on the fused features, of targets read by `targets`:
+    the losses only, with the weights of `losses`; `fusion` makes z_F of the cached logits (None: no logit loss)
+    and `crd` contrasts the features with `nce_k` negatives of other classes per sample (None: no feature loss)."""
 
-    def __init__(self, config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int,
-                 training_rows: np.ndarray, shards: ShardSet | None = None, policy=None):
-        """`rows[i]` is the store row of dataset sample i (None: the same order), and the epochs train on the
-        samples of `training_rows`; `shards` are streamed with views made by `policy`, when given, instead of the
-        dataset being read by index."""
+    def __init__(self, losses: LossOptions, targets: EpochTargets, fusion: Fusion | None, crd: FusedCRD | None,
+                 nce_k: int, seed: int):
         super().__init__()
-        self.config, self.reader, self.rows = config, reader, rows
-        self.shards, self.policy = shards, policy
-        self.key_index = reader.key_index() if shards is not None else None
-        self.sample_of_row = None if rows is None else np.argsort(rows)
-        self.labels = reader.read("labels", 0, reader.layout.samples)  # by store row, as everything below
-        self.training_rows = training_rows
-        self.training_labels = self.labels[self.training_rows]
-        self.trains_on = training_mask(reader.layout.samples, self.training_rows)
-        self.names = config.cached_arrays()
-        self.fusion = Fusion.of(config.variant, config.alpha, config.clip_scale, reader.attrs["clip"]["logit_scale"],
-                                config.standardize)
-        layout = reader.layout
-        views_held = min(2, layout.views)  # the current view and the next one, loaded ahead
-        self.in_memory = reader.fits_in_memory(self.names, parse_size(config.cache_memory) // views_held)
-        self.crd = None
-        self.nce_k = config.nce_k
-        if config.uses_features:
-            require(len(np.unique(self.training_labels)) > 1,
-                    "CRD needs at least two classes to draw negatives from")
-            # Negatives are the other training samples: more of them than there are only repeats the same rows.
-            if self.nce_k >= len(self.training_rows):
-                self.nce_k = len(self.training_rows) - 1
-                console.print(f"--nce-k {config.nce_k} is not below the {len(self.training_rows)} training samples: "
-                              f"CRD draws {self.nce_k} negatives per sample")
-            memory_init = seeded_generator(config.seed, 0, CRD_MEMORY)
-            self.crd = FusedCRD(student_dim, layout.teacher_dim, layout.clip_dim, num_data=layout.samples,
-                                lam=config.feature_lam, embed_dim=config.embed_dim,
-                                nce_temperature=config.nce_temperature, momentum=config.nce_momentum,
-                                generator=memory_init)
-        self.targets = None
-        self.targets_view: int | None = None
+        self.options, self.targets, self.fusion, self.crd = losses, targets, fusion, crd
+        self.nce_k, self.seed = nce_k, seed
+        self.training_labels = targets.labels[targets.training_rows]
         self.negatives: np.random.Generator | None = None
-        # Loads the next epoch's view while this one trains (in-memory mode).
-        self.reading = ThreadPoolExecutor(max_workers=1)
-        self.next_view: tuple[int, Future] | None = None
-
-    def _read_view(self, view: int, order: np.ndarray):
-        return self.reader.open_view(view, self.names, order, self.in_memory)
-
-    def _open_targets(self, view: int, order: np.ndarray) -> None:
-        """This epoch's targets: kept from the last epoch, loaded ahead during it, or read now."""
-        if self.targets is not None and self.targets_view == view:
-            return
-        if self.targets is not None:
-            self.targets.close()
-        if self.next_view is not None and self.next_view[0] == view:
-            self.targets = self.next_view[1].result()
-        else:
-            self.targets = self._read_view(view, order)
-        self.targets_view, self.next_view = view, None
 
     def epoch_data(self, epoch: int, part: Part) -> tuple[np.ndarray, np.ndarray] | ShardStream:
-        layout = self.reader.layout
-        view = epoch % layout.views
-        order_generator = seeded_generator(self.config.seed, epoch, ORDER)
-        self.negatives = np.random.default_rng((self.config.seed, epoch, NEGATIVES, *([part.index] * (part.count > 1))))
-        if self.shards is not None:
-            urls = [self.shards.urls[i] for i in torch.randperm(len(self.shards.urls), generator=order_generator)]
-            return ShardStream(urls, len(self.shards.class_names), self.reader.url, view, self.names,
-                               self.key_index, self.policy, part, self.config.num_workers,
-                               self.config.shuffle_buffer, self.config.seed, epoch)
-        if self.in_memory and part.count == 1:
-            order = torch.randperm(layout.samples, generator=order_generator).numpy()
-            order = order[self.trains_on[order]]
-        else:  # shard by shard: read front to back, and each of several processes reads only its shards
-            order = block_shuffled_order(layout, order_generator)
-            order = shard_share(order[self.trains_on[order]], layout, part)
-        if self.names:
-            self._open_targets(view, order)
-            next_view = (epoch + 1) % layout.views
-            if self.in_memory and next_view != view and epoch + 1 < self.config.epochs:
-                self.next_view = (next_view, self.reading.submit(self._read_view, next_view, order))
-        params = self.reader.read("views/params", 0, layout.samples, view)
-        if self.rows is None:
-            return params, order
-        return params[self.rows], self.sample_of_row[order]  # the loader speaks dataset indices
+        self.negatives = np.random.default_rng((self.seed, epoch, NEGATIVES, *([part.index] * (part.count > 1))))
+        return self.targets.epoch_data(epoch, part)
 
     def losses(self, logits, features, labels, indices, epoch, targets=None) -> dict[str, torch.Tensor]:
-        config = self.config
-        if self.rows is not None:
-            indices = torch.from_numpy(self.rows[indices.numpy()])
-        terms = {"ce": config.ce_weight * F.cross_entropy(logits, labels)}
-        if not self.names:
+        options = self.options
+        rows = self.targets.store_rows(indices)
+        terms = {"ce": options.ce_weight * F.cross_entropy(logits, labels)}
+        if self.fusion is None and self.crd is None:
             return terms
         device = logits.device
         if targets is None:
-            targets = self.targets.gather(indices.numpy())
+            targets = self.targets.gather(rows)
         targets = {name: values.to(device, non_blocking=True) for name, values in targets.items()}
-        if config.uses_logits:
-            fused = self.fusion.fuse(targets)
-            terms["logit"] = config.logit_loss_weight * LOGIT_LOSSES[config.logit_loss].compute(
-                logits, fused, labels, config, epoch)
+        if self.fusion is not None:
+            terms["logit"] = options.logit_loss_weight * LOGIT_LOSSES[options.logit_loss].compute(
+                logits, self.fusion.fuse(targets), labels, options, epoch)
         if self.crd is not None:
-            negatives = sample_negatives(self.labels[indices.numpy()], self.training_rows, self.training_labels,
-                                         self.nce_k, self.negatives)
-            contrast_index = torch.cat([indices[:, None], negatives], dim=1).to(device)
-            terms["feature"] = config.feature_weight * config.feature_schedule(epoch) * self.crd(
-                features, targets.get("teacher/features"), targets.get("clip/image_embeds"),
-                indices.to(device), contrast_index)
+            negatives = sample_negatives(self.targets.labels[rows.numpy()], self.targets.training_rows,
+                                         self.training_labels, self.nce_k, self.negatives)
+            contrast_index = torch.cat([rows[:, None], negatives], dim=1).to(device)
+            terms["feature"] = options.feature_weight * options.feature_schedule(epoch) * self.crd(
+                features, targets.get("teacher/features"), targets.get("clip/image_embeds"), rows.to(device),
+                contrast_index)
         return terms
 
     def end_epoch(self) -> None:
-        """A streamed view is read in one epoch's order only; a view in memory may serve the next epoch too."""
-        if self.targets is not None and not self.in_memory:
-            self.targets.close()
-            self.targets = None
+        self.targets.end_epoch()
+
+
+def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int,
+                      training_rows: np.ndarray, shards: ShardSet | None = None, policy=None) -> DistillObjective:
+    """The objective of `config`'s run on `reader`'s targets; `rows`, `training_rows`, `shards` and `policy` as
+    EpochTargets takes them."""
+    targets = EpochTargets(reader, config.cached_arrays(), rows, training_rows, parse_size(config.cache_memory),
+                           config.seed, config.epochs, shards, policy, config.num_workers, config.shuffle_buffer)
+    fusion = (Fusion.of(config.variant, config.alpha, config.clip_scale, reader.attrs["clip"]["logit_scale"],
+                        config.standardize) if config.uses_logits else None)
+    crd, nce_k = None, config.nce_k
+    if config.uses_features:
+        training_labels = targets.labels[training_rows]
+        require(len(np.unique(training_labels)) > 1, "CRD needs at least two classes to draw negatives from")
+        # Negatives are the other training samples: more of them than there are only repeats the same rows.
+        if nce_k >= len(training_rows):
+            nce_k = len(training_rows) - 1
+            console.print(f"--nce-k {config.nce_k} is not below the {len(training_rows)} training samples: "
+                          f"CRD draws {nce_k} negatives per sample")
+        layout = reader.layout
+        crd = FusedCRD(student_dim, layout.teacher_dim, layout.clip_dim, num_data=layout.samples,
+                       lam=config.feature_lam, embed_dim=config.embed_dim, nce_temperature=config.nce_temperature,
+                       momentum=config.nce_momentum, generator=seeded_generator(config.seed, 0, CRD_MEMORY))
+    return DistillObjective(config, targets, fusion, crd, nce_k, config.seed)
 
 
 def run(config: DistillConfig) -> dict:
@@ -313,9 +273,9 @@ def distill_one(config: DistillConfig) -> dict:
     dataset, eval_dataset = normalized(dataset, normalization), normalized(eval_dataset, normalization)
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
     # Held out by store row: the same samples whatever order the dataset lists them in.
-    training_rows, validation_rows = holdout_split(reader.layout.samples, config)
-    objective = DistillObjective(config, reader, rows, model.feature_dim, training_rows, shards, policy)
-    validation = validation_rows if rows is None else np.sort(objective.sample_of_row[validation_rows])
+    training_rows, validation_rows = holdout_split(reader.layout.samples, config.val_fraction, config.seed)
+    objective = distill_objective(config, reader, rows, model.feature_dim, training_rows, shards, policy)
+    validation = validation_rows if rows is None else np.sort(objective.targets.sample_of_row[validation_rows])
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "distill",
             "class_names": list(dataset.class_names), "view_policy": reader.attrs["views"],
             "normalization": normalization.describe(),

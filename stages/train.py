@@ -11,14 +11,9 @@ from dataclasses import dataclass
 from richkd.pipeline.config import ViewOptions
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.normalization import choose_normalization, normalized
-from richkd.pipeline.training import (
-    SupervisedObjective,
-    Trainer,
-    TrainingOptions,
-    holdout_split,
-    run_per_seed,
-    seeded_model,
-)
+from richkd.pipeline.seeding import holdout_split, seeded_model
+from richkd.pipeline.training import SupervisedObjective, Trainer, run_per_seed
+from richkd.pipeline.training_options import TrainingOptions
 from richkd.pipeline.views import describe_policy, make_view_policy, policy_summary
 
 
@@ -42,7 +37,7 @@ def train_one(config: TrainConfig) -> dict:
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "train",
             "class_names": list(dataset.class_names), "view_policy": describe_policy(policy),
             "normalization": normalization.describe()}
-    training, validation = holdout_split(len(dataset), config)
+    training, validation = holdout_split(len(dataset), config.val_fraction, config.seed)
     objective = SupervisedObjective(training, len(dataset), config.seed)
     return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation,
                    announce=(policy_summary(policy, dataset.native_size), normalization.summary())).run()

@@ -18,8 +18,7 @@ from richkd import CachedTargets, kd_loss
 from richkd.cli import run_cli
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import read_checkpoint
-from richkd.pipeline.seeding import ORDER, seeded_generator
-from richkd.pipeline.training import seeded_model
+from richkd.pipeline.seeding import ORDER, seeded_generator, seeded_model
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "train_timm.py"
 

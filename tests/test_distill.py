@@ -114,17 +114,17 @@ def test_teacher_shrink_is_kd_on_the_shrunk_teacher_logits_exactly(demo_cache):
     from richkd.pipeline.config import build_config
     from richkd.pipeline.distributed import Part
     from richkd.pipeline.losses import kd_loss
-    from richkd.stages.distill import DistillConfig, DistillObjective
+    from richkd.stages.distill import DistillConfig, distill_objective
 
     root, _ = demo_cache
     reader = CacheReader(str(root / "cache.zarr"))
     config = build_config(DistillConfig, "distill", overrides={
         "variant": "shrink", "alpha": 0.7, "temperature": 3.0, "cache": str(root / "cache.zarr")})
     assert config.cached_arrays() == ("teacher/logits",)  # CLIP is never read
-    objective = DistillObjective(config, reader, None, 64, training_rows=np.arange(reader.layout.samples))
+    objective = distill_objective(config, reader, None, 64, training_rows=np.arange(reader.layout.samples))
     _, order = objective.epoch_data(0, Part())
     indices = torch.from_numpy(order[:32])
-    labels = torch.from_numpy(objective.labels[order[:32]])
+    labels = torch.from_numpy(objective.targets.labels[order[:32]])
     student = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
     terms = objective.losses(student, torch.zeros(32, 64), labels, indices, epoch=0)
     teacher_logits = torch.from_numpy(reader.read("teacher/logits", 0, reader.layout.samples, 0)[order[:32]]).float()

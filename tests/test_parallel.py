@@ -25,7 +25,7 @@ from richkd.cli import run_cli
 from richkd.pipeline.distributed import Part, main_process_first
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import read_checkpoint
-from richkd.pipeline.training import seeded_model
+from richkd.pipeline.seeding import seeded_model
 
 BIN = Path(sys.executable).parent
 

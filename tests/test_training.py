@@ -251,7 +251,7 @@ def test_evaluate_a_teacher_checkpoint_needs_its_architecture(tiny_world, capsys
 
 
 def test_milestones_are_fractions_of_the_epochs_and_a_late_one_is_a_warning(capsys):
-    from richkd.pipeline.training import TrainingOptions, learning_rate_factor
+    from richkd.pipeline.training_options import TrainingOptions, learning_rate_factor
 
     paper = TrainingOptions(epochs=240, schedule="multistep")
     paper.validate()
