@@ -55,29 +55,36 @@ def prompt_tokens(tokenizer, class_names: list[str], templates: list[str]) -> to
     """Token ids (templates x classes, context) of every prompt `template.format(name)`, template by template,
     equal to `tokenizer(prompts)`. Where `composes_prompts` and the parts are `composable` and join cleanly,
     each class name and each side of each template is tokenized once and the prompt's ids are theirs in turn."""
-    prompts = [template.format(name) for template in templates for name in class_names]
     if not composes_prompts(tokenizer):
+        prompts = [template.format(name) for template in templates for name in class_names]
         return torch.cat([tokenizer(prompts[i:i + PROMPTS_PER_BATCH])
                           for i in range(0, len(prompts), PROMPTS_PER_BATCH)])
     context = tokenizer.context_length
-    tokens = np.zeros((len(prompts), context), dtype=np.int64)
-    name_ids = [tokenizer.encode(name) if composable(name) else None for name in class_names]
-    row = 0
-    for template in templates:
+    tokens = np.zeros((len(templates), len(class_names), context), dtype=np.int64)
+    names_composable = np.array([composable(name) for name in class_names], dtype=bool)
+    name_ids = [tokenizer.encode(name) if ok else [] for name, ok in zip(class_names, names_composable)]
+    name_lengths = np.array([len(ids) for ids in name_ids])
+    names = np.zeros((len(class_names), max(name_lengths.max(), 1)), dtype=np.int64)
+    for row, ids in enumerate(name_ids):
+        names[row, :len(ids)] = ids
+    classes = np.arange(len(class_names))
+    for rows, template in zip(tokens, templates):
         prefix, _, suffix = template.format(SLOT).partition(SLOT)
-        prefix_ids, suffix_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
-        whole_template = composable(prefix) and composable(suffix)
-        for name, ids in zip(class_names, name_ids):
-            if whole_template and ids is not None and joins_cleanly(prefix, name) and joins_cleanly(name, suffix):
-                ids = [tokenizer.sot_token_id, *prefix_ids, *ids, *suffix_ids, tokenizer.eot_token_id]
-                if len(ids) > context:  # open_clip's truncation: cut, and end on the end-of-text token
-                    ids = ids[:context]
-                    ids[-1] = tokenizer.eot_token_id
-                tokens[row, :len(ids)] = ids
-            else:
-                tokens[row] = tokenizer([prompts[row]])[0].numpy()
-            row += 1
-    return torch.from_numpy(tokens)
+        head = [tokenizer.sot_token_id, *tokenizer.encode(prefix)]
+        tail = [*tokenizer.encode(suffix), tokenizer.eot_token_id]
+        fits = len(head) + name_lengths + len(tail) <= context
+        exact = names_composable & fits & np.array(
+            [composable(prefix) and composable(suffix) and joins_cleanly(prefix, name) and joins_cleanly(name, suffix)
+             for name in class_names], dtype=bool)
+        if fits.any():
+            rows[:, :len(head)] = head
+            width = min(names.shape[1], context - len(head))
+            rows[:, len(head):len(head) + width] = names[:, :width]
+            fitting = classes[fits]
+            rows[fitting[:, None], len(head) + name_lengths[fitting, None] + np.arange(len(tail))] = tail
+        for row in np.flatnonzero(~exact):  # tokenized whole, truncated by open_clip if too long
+            rows[row] = tokenizer([template.format(class_names[row])])[0].numpy()
+    return torch.from_numpy(tokens.reshape(len(templates) * len(class_names), context))
 
 
 def cuts_context(model) -> bool:

@@ -47,13 +47,13 @@ def test_zero_shot_classifier_averages_normalised_prompt_embeddings(tiny_world):
 
 # Names where putting a prompt together from its parts is, or would be, wrong: a word or punctuation run across
 # the slot, contractions, digits, a special token, html and mojibake (which ftfy mends) whole or across the slot,
-# and a name too long.
+# and names and templates too long for the context.
 TRICKY_NAMES = ["apple", "maple tree", "t-shirt", "3d printer", "o'clock", "rock 'n' roll", "dog'", "(x)", "x.",
                 "<|endoftext|>", "fish &amp; chips", "caf\u00e9", "na\u00efve", "\u201cquoted\u201d", "MiXeD Case",
                 "  spaced  out  ", "7", "route 66", "long " * 40, "endoftext", "&amp", "caf\u00c3"]
 TRICKY_TEMPLATES = ["a photo of a {}.", "{}s in a row", "{}'s picture", "a '{}' sign", "itap of a {}!", "{}",
                     "a {}", "{}: a photo", "x{}y", "braces {{like}} these around {}", "a picture of 1{}1", "<|{}|>",
-                    "{}; and more", "{}\u00a9 mojibake"]
+                    "{}; and more", "{}\u00a9 mojibake", "a very " * 40 + "{}", "{}" + " and so on" * 30]
 
 
 def test_prompts_put_together_from_their_parts_equal_open_clip_tokenizing_them_whole():
