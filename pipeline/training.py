@@ -10,7 +10,7 @@ import dataclasses
 import json
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -68,6 +68,34 @@ def start_seed_worker(threads: int) -> None:
     """A process training seeds beside others: its share of the threads, and no progress bar to share a terminal."""
     torch.set_num_threads(threads)
     hide_progress_bars()
+
+
+def optimize(loader: Iterable, batch_losses: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+             progress, task, epoch: int, kept: str, after_step: Callable[[], None] = lambda: None
+             ) -> tuple[dict[str, float], int]:
+    """One optimiser step per batch (views, labels, indices, ...) of `loader` on the sum of `batch_losses(*batch)`,
+    then `after_step()`: the epoch's loss totals (each term, and their sum as `loss`), weighted by batch size, and
+    the samples seen. A loss that is not finite stops the run, naming the epoch, the batch, its samples and what
+    is `kept`."""
+    totals: dict[str, float] = {}
+    seen = 0
+    for batch_number, batch in enumerate(loader, 1):
+        losses = batch_losses(*batch)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise UserError(f"training diverged in epoch {epoch + 1} at batch {batch_number} (samples "
+                            f"{preview(batch[2].tolist())}): the loss is {loss.item()}; {kept}; "
+                            "lower --lr or check the loss weights")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        after_step()
+        size = len(batch[1])
+        seen += size
+        for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}.items():
+            totals[name] = totals.get(name, 0.0) + value.item() * size
+        progress.advance(task, size)
+    return totals, seen
 
 
 class Objective(Protocol):
@@ -204,26 +232,14 @@ class Trainer:
         progress.update(task, total=samples)
         self.model.train()
         self.objective.train()
-        totals: dict[str, float] = {}
-        seen = 0
+
+        def batch_losses(views_batch, labels, indices, *targets) -> dict[str, torch.Tensor]:
+            x = normalize(views_batch.to(self.device, non_blocking=True), self.dataset.mean, self.dataset.std)
+            labels = labels.to(self.device, non_blocking=True)
+            return step(x.contiguous(memory_format=torch.channels_last), labels, indices, epoch, *targets)
+
         try:
-            for batch_number, (views_batch, labels, indices, *targets) in enumerate(loader, 1):
-                x = normalize(views_batch.to(self.device, non_blocking=True), self.dataset.mean, self.dataset.std)
-                labels = labels.to(self.device, non_blocking=True)
-                losses = step(x.contiguous(memory_format=torch.channels_last), labels, indices, epoch, *targets)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise UserError(f"training diverged in epoch {epoch + 1} at batch {batch_number} (samples "
-                                    f"{preview(indices.tolist())}): the loss is {loss.item()}; {self.kept(epoch)}; "
-                                    "lower --lr or check the loss weights")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                batch = len(labels)
-                seen += batch
-                for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}.items():
-                    totals[name] = totals.get(name, 0.0) + value.item() * batch
-                progress.advance(task, batch)
+            totals, seen = optimize(loader, batch_losses, self.optimizer, progress, task, epoch, self.kept(epoch))
             check_epoch(seen)
         finally:
             self.objective.end_epoch()

@@ -30,6 +30,7 @@ from richkd.pipeline.metrics import ClassificationMeter, percent
 from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.runtime import console, progress_bar, resolve_device
 from richkd.pipeline.seeding import ORDER, seeded_generator
+from richkd.pipeline.training import optimize
 from richkd.pipeline.views import make_view_policy
 
 BUNDLE_WEIGHTS = "open_clip_model.safetensors"
@@ -128,6 +129,17 @@ def run(config: TrainClipConfig) -> dict:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     loss_fn = open_clip.ClipLoss()
+
+    def contrastive_loss(views, labels, indices) -> dict[str, torch.Tensor]:
+        images = clip.preprocess(views.to(device))
+        image_features, text_features, logit_scale = clip.model(images, tokens[indices].to(device))[:3]
+        return {"contrastive": loss_fn(image_features, text_features, logit_scale)}
+
+    def after_step() -> None:
+        schedule.step()
+        with torch.no_grad():  # CLIP's clamp: keep the learned temperature below 100
+            clip.model.logit_scale.clamp_(0, math.log(100))
+
     out = Path(config.out)
     history = []
     with Live(str(out.with_name(out.name + "_dvclive")), save_dvc_exp=False, dvcyaml=None, report=None) as live, \
@@ -138,22 +150,11 @@ def run(config: TrainClipConfig) -> dict:
             loader = data_loader(train_views, config.batch_size, config.num_workers, device, sampler=order)
             task = progress.add_task(f"clip epoch {epoch + 1}/{config.epochs}", total=len(dataset))
             clip.model.train()
-            total_loss = 0.0
-            for views, _, indices in loader:
-                images = clip.preprocess(views.to(device))
-                image_features, text_features, logit_scale = clip.model(images, tokens[indices].to(device))[:3]
-                loss = loss_fn(image_features, text_features, logit_scale)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                with torch.no_grad():  # CLIP's clamp: keep the learned temperature below 100
-                    clip.model.logit_scale.clamp_(0, math.log(100))
-                total_loss += loss.item() * len(indices)
-                progress.advance(task, len(indices))
+            totals, seen = optimize(loader, contrastive_loss, optimizer, progress, task, epoch,
+                                    "nothing is written before the last epoch", after_step)
             progress.remove_task(task)
             top1 = zero_shot_top1(clip, eval_loader, eval_dataset.class_names, device)
-            history.append({"epoch": epoch + 1, "loss": total_loss / len(dataset), "zero_shot_top1": top1})
+            history.append({"epoch": epoch + 1, "loss": totals["loss"] / seen, "zero_shot_top1": top1})
             live.log_metric("train/loss", history[-1]["loss"])
             live.log_metric(f"{config.eval_split}/zero_shot_top1", top1)
             live.next_step()

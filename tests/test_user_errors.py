@@ -263,6 +263,16 @@ def test_diverging_training_stops(tiny_world, tmp_path, capsys):
                           "loss weights")
 
 
+def test_diverging_clip_training_stops_before_writing_a_bundle(tmp_path, capsys):
+    assert run_cli(["demo", "--out", str(tmp_path / "demo"), "--train", "64", "--test", "16"]) == 0
+    capsys.readouterr()
+    assert_user_error(["train-clip", "--data-root", str(tmp_path / "demo"), "--lr", "1e30", "--epochs", "2",
+                       "--batch-size", "16", "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "clip")],
+                      capsys, "training diverged in epoch 1 at batch ",
+                      "nothing is written before the last epoch", "; lower --lr")
+    assert not (tmp_path / "clip").exists()
+
+
 def test_constant_images_have_no_std_to_normalise_by(tmp_path, capsys):
     grey = np.full((8, 32, 32, 3), 128, dtype=np.uint8)
     write_cifar(tmp_path, "cifar10", {"train": (grey, np.arange(8) % 2), "test": (grey, np.arange(8) % 2)},
