@@ -151,7 +151,7 @@ def run(config: TrainClipConfig) -> dict:
             task = progress.add_task(f"clip epoch {epoch + 1}/{config.epochs}", total=len(dataset))
             clip.model.train()
             totals, seen = optimize(loader, contrastive_loss, optimizer, progress, task, epoch,
-                                    "nothing is written before the last epoch", after_step)
+                                    "no bundle is written before the last epoch", after_step)
             progress.remove_task(task)
             top1 = zero_shot_top1(clip, eval_loader, eval_dataset.class_names, device)
             history.append({"epoch": epoch + 1, "loss": totals["loss"] / seen, "zero_shot_top1": top1})

@@ -269,7 +269,7 @@ def test_diverging_clip_training_stops_before_writing_a_bundle(tmp_path, capsys)
     assert_user_error(["train-clip", "--data-root", str(tmp_path / "demo"), "--lr", "1e30", "--epochs", "2",
                        "--batch-size", "16", "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "clip")],
                       capsys, "training diverged in epoch 1 at batch ",
-                      "nothing is written before the last epoch", "; lower --lr")
+                      "no bundle is written before the last epoch", "; lower --lr")
     assert not (tmp_path / "clip").exists()
 
 
