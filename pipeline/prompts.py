@@ -123,15 +123,13 @@ def zero_shot_classifier(clip: ClipTeacher, class_names: list[str], templates: l
     tokens = prompt_tokens(clip.tokenizer, class_names, templates)
     # Shortest first, so that each batch is cut close to the length of each of its prompts.
     by_length = torch.argsort(tokens.argmax(dim=-1), stable=True)
-    embeds = torch.empty(0)
+    batches = []
     with progress_bar("prompt") as progress:
         task = progress.add_task(f"prompts of {len(class_names)} classes", total=len(tokens))
         for start in range(0, len(tokens), PROMPTS_PER_BATCH):
             rows = by_length[start:start + PROMPTS_PER_BATCH]
-            batch_embeds = encode_prompts(clip.model, tokens[rows].to(device)).float()
-            if not len(embeds):
-                embeds = batch_embeds.new_empty((len(tokens), batch_embeds.shape[1]))
-            embeds[rows.to(embeds.device)] = batch_embeds
+            batches.append(encode_prompts(clip.model, tokens[rows].to(device)).float())
             progress.advance(task, len(rows))
+    embeds = torch.cat(batches)[torch.argsort(by_length).to(device)]  # back to template-major order
     prompt_embeds = embeds.reshape(len(templates), len(class_names), -1).transpose(0, 1)
     return F.normalize(prompt_embeds.mean(dim=1), dim=-1), prompt_embeds
