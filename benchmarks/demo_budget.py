@@ -6,11 +6,11 @@ So their wall time is at least steps x seconds per step / cores, and no schedule
 it. This prints, measured on this machine:
 
 - the seconds `import richkd.cli` takes in a fresh interpreter (every `richkd` command pays it once);
-- milliseconds per SGD step (forward, backward, SGD with momentum and weight decay) of the demo's student
-  on one thread, at the demo's batch and image side, and of a half-width student and smaller images;
+- milliseconds per SGD step (forward, backward, the default SGD step; the median of 300 steps) of the
+  demo's student on one thread, at the demo's batch and image side, and of a half-width student and smaller images;
 - the lower bound this puts on the students' wall time: total steps x ms per step / cores.
 
-    python benchmarks/demo_budget.py [--params params.yaml] [--repeats 3]
+    python benchmarks/demo_budget.py [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import argparse
 import dataclasses
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from stream_scale import student_step_seconds
 
 from richkd.pipeline.config import field_default, read_params_section
 from richkd.pipeline.demo import CLASS_NAMES
@@ -32,7 +33,7 @@ from richkd.pipeline.models.cifar_resnet import CifarResNet
 from richkd.pipeline.models.zoo import NARROW
 from richkd.stages.distill import DistillConfig
 
-MEASURED_STEPS, WARMUP_STEPS = 120, 40
+WARMUP_STEPS, MEASURED_STEPS = 40, 300
 
 
 def import_seconds() -> float:
@@ -41,31 +42,9 @@ def import_seconds() -> float:
     return time.perf_counter() - started
 
 
-def step_milliseconds(widths: tuple[int, ...], side: int, batch_size: int, classes: int, repeats: int) -> float:
-    """The fastest of `repeats` timings of one SGD step of a channels-last resnet8 (as the Trainer runs it)."""
-    timings = []
-    for _ in range(repeats):
-        torch.manual_seed(0)
-        model = CifarResNet(8, widths, classes).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        x = torch.randn(batch_size, 3, side, side).contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(0, classes, (batch_size,))
-        for step in range(WARMUP_STEPS + MEASURED_STEPS):
-            if step == WARMUP_STEPS:
-                started = time.perf_counter()
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        timings.append((time.perf_counter() - started) / MEASURED_STEPS * 1000)
-    return min(timings)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     demo = read_params_section(args.params, "demo")
     distill = {**{f.name: field_default(f) for f in dataclasses.fields(DistillConfig)},
@@ -89,8 +68,9 @@ def main() -> None:
     for name, widths, side in (("resnet8 (the demo's)", NARROW, demo["side"]), ("resnet8, half width", half,
                                demo["side"]), ("resnet8", NARROW, demo["side"] * 3 // 4),
                                ("resnet8", NARROW, demo["side"] // 2)):
-        milliseconds = step_milliseconds(widths, side, distill["batch_size"], len(CLASS_NAMES),
-                                          args.repeats)
+        steps = student_step_seconds(CifarResNet(8, widths, len(CLASS_NAMES)), len(CLASS_NAMES),
+                                     distill["batch_size"], side, WARMUP_STEPS, MEASURED_STEPS)
+        milliseconds = statistics.median(steps) * 1000
         print(f"| {name} | {side} | {milliseconds:.1f} | {total_steps * milliseconds / 1000 / cores / 60:.1f} min |")
 
 

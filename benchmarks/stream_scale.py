@@ -167,14 +167,16 @@ def read_epoch(store: str, reader_name: str, names: tuple[str, ...], batch_size:
             "load": os.getloadavg()[0]}
 
 
-def student_step_seconds(arch: str, batch_size: int, warmup: int, steps: int) -> list[float]:
-    """Seconds of each timed training step (forward, cross-entropy, backward, SGD step) at 224x224."""
+def student_step_seconds(model: torch.nn.Module, classes: int, batch_size: int, side: int, warmup: int,
+                         steps: int) -> list[float]:
+    """Seconds of each timed training step (forward, cross-entropy, backward, the default SGD step) of `model`
+    on `side` x `side` images, channels-last as the Trainer runs it."""
     torch.manual_seed(0)
-    model = create_model(arch, CLASSES).to(memory_format=torch.channels_last).train()
+    model = model.to(memory_format=torch.channels_last).train()
     options = TrainingOptions()
     optimizer = OPTIMIZERS[options.optimizer](model.parameters(), options)
-    images = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, CLASSES, (batch_size,))
+    images = torch.randn(batch_size, 3, side, side).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch_size,))
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
@@ -222,7 +224,8 @@ def main() -> None:
         shutil.rmtree(workdir)
         raise SystemExit(f"not enough free disk space in {workdir}: choose another --workdir or smaller --sizes")
 
-    step_times = student_step_seconds(args.student, args.student_batch_size, args.student_warmup, args.student_steps)
+    step_times = student_step_seconds(create_model(args.student, CLASSES), CLASSES, args.student_batch_size, 224,
+                                      args.student_warmup, args.student_steps)
     student_rate = args.student_batch_size / statistics.median(step_times)
     print(f"student {args.student}, batch {args.student_batch_size}, 224x224, train step: "
           f"{student_rate:.1f} img/s (median of {len(step_times)} steps: "
