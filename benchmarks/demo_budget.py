@@ -16,7 +16,6 @@ it. This prints, measured on this machine:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import statistics
@@ -27,10 +26,11 @@ import time
 import torch
 from stream_scale import student_step_seconds
 
-from richkd.pipeline.config import field_default, read_params_section
+from richkd.pipeline.config import build_config, read_params_section
 from richkd.pipeline.demo import CLASS_NAMES
 from richkd.pipeline.models.cifar_resnet import CifarResNet
 from richkd.pipeline.models.zoo import NARROW
+from richkd.pipeline.seeding import holdout_split
 from richkd.stages.distill import DistillConfig
 
 WARMUP_STEPS, MEASURED_STEPS = 40, 300
@@ -47,21 +47,20 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     demo = read_params_section(args.params, "demo")
-    distill = {**{f.name: field_default(f) for f in dataclasses.fields(DistillConfig)},
-               **read_params_section(args.params, "distill")}
+    distill = build_config(DistillConfig, "distill", args.params)
     students = read_params_section(args.params, "students")
-    seeds = len(str(distill["seeds"]).split(","))
-    if distill["arch"] != "resnet8":
-        raise SystemExit(f"this benchmark times resnet8 students; {args.params} trains {distill['arch']}")
-    trained = math.floor(demo["train"] * (1 - distill["val_fraction"]))
-    steps_per_epoch = math.ceil(trained / distill["batch_size"])
-    total_steps = sum(student["epochs"] for student in students.values()) * seeds * steps_per_epoch
+    seeds = distill.seed_list()
+    if distill.arch != "resnet8":
+        raise SystemExit(f"this benchmark times resnet8 students; {args.params} trains {distill.arch}")
+    trained, _ = holdout_split(demo["train"], distill.val_fraction, distill.seed)
+    steps_per_epoch = math.ceil(len(trained) / distill.batch_size)
+    total_steps = sum(student["epochs"] for student in students.values()) * len(seeds) * steps_per_epoch
     cores = os.cpu_count()
     torch.set_num_threads(1)
 
     print(f"import richkd.cli: {import_seconds():.1f} s (paid once by each richkd command)")
-    print(f"students: {len(students)} x {seeds} seeds, {total_steps:,} SGD steps in all "
-          f"({steps_per_epoch} a epoch at batch {distill['batch_size']}); {cores} cores")
+    print(f"students: {len(students)} x {len(seeds)} seeds, {total_steps:,} SGD steps in all "
+          f"({steps_per_epoch} a epoch at batch {distill.batch_size}); {cores} cores")
     print("| student | image side | ms per step (1 thread) | students' wall time at least |")
     print("|---|---:|---:|---:|")
     half = tuple(width // 2 for width in NARROW)
@@ -69,7 +68,7 @@ def main() -> None:
                                demo["side"]), ("resnet8", NARROW, demo["side"] * 3 // 4),
                                ("resnet8", NARROW, demo["side"] // 2)):
         steps = student_step_seconds(CifarResNet(8, widths, len(CLASS_NAMES)), len(CLASS_NAMES),
-                                     distill["batch_size"], side, WARMUP_STEPS, MEASURED_STEPS)
+                                     distill.batch_size, side, WARMUP_STEPS, MEASURED_STEPS)
         milliseconds = statistics.median(steps) * 1000
         print(f"| {name} | {side} | {milliseconds:.1f} | {total_steps * milliseconds / 1000 / cores / 60:.1f} min |")
 
