@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import webdataset
 
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
-from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
+from richkd.cache.schema import Layout
 from richkd.cache.writer import CacheWriter
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.models import create_model
@@ -89,7 +89,7 @@ def build_store(path: Path, layout: Layout) -> float:
     for view, shard in layout.blocks():
         start, stop = layout.shard_range(shard)
         outputs = {}
-        for name in PER_VIEW_ARRAYS:
+        for name in layout.per_view_arrays():
             shape, dtype = (stop - start, specs[name].shape[-1]), np.dtype(specs[name].dtype)
             if dtype.kind == "f":
                 outputs[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)

@@ -21,8 +21,10 @@ from richkd.cache.schema import (
     describe_blocks,
     has_missing,
     read_done_flags,
+    stored_arrays,
 )
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.topk import SparseLogits
 
 
 def store_location(url: str) -> str:
@@ -118,6 +120,13 @@ class CacheReader:
             raise UserError(f"cache {self.url}: {where} is missing or truncated; "
                             f"`richkd inspect --verify {self.url}` lists every damaged block")
         return values
+
+    def dense_logits(self, name: str, start: int, stop: int, view: int) -> torch.Tensor:
+        """Rows start:stop of `teacher/logits` or `clip/logits` as float32, rebuilt from a top-k store's arrays."""
+        stored = [as_tensor(self.read(array, start, stop, view)) for array in stored_arrays((name,), self.layout.topk)]
+        if len(stored) == 1:
+            return stored[0]
+        return SparseLogits.from_stored(*stored, self.layout.classes).dense()
 
     def done(self) -> np.ndarray:
         """(V, number of shards) bool: which blocks are fully written; damaged progress flags are an error."""
@@ -216,6 +225,11 @@ def key_hashes(keys: list[str]) -> np.ndarray:
                      for key in keys], dtype=np.uint64)
 
 
+def as_tensor(values: np.ndarray) -> torch.Tensor:
+    """Stored values as training reads them: numbers as float32, class ids as int64."""
+    return torch.from_numpy(values.astype(np.float32 if values.dtype.kind == "f" else np.int64))
+
+
 def view_nbytes(layout: Layout, arrays: dict, names: tuple[str, ...]) -> int:
     """Bytes of one view of the per-view arrays `names`, decompressed."""
     return sum(layout.samples * arrays[name].shape[-1] * arrays[name].dtype.itemsize for name in names)
@@ -254,7 +268,7 @@ class InMemoryView:
         self.arrays = arrays
 
     def gather(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return {name: torch.from_numpy(values[indices].astype(np.float32)) for name, values in self.arrays.items()}
+        return {name: as_tensor(values[indices]) for name, values in self.arrays.items()}
 
     def close(self) -> None:
         self.arrays = {}
@@ -311,11 +325,12 @@ class StreamedView:
         rows = indices - shards * self.layout.shard_size
         gathered = {}
         for name in next(iter(self.loaded.values())):
-            parts = np.empty((len(indices), self.loaded[shards[0]][name].shape[-1]), dtype=np.float32)
+            first = self.loaded[shards[0]][name]
+            parts = np.empty((len(indices), first.shape[-1]), dtype=first.dtype)
             for shard in needed:
                 mask = shards == shard
                 parts[mask] = self.loaded[shard][name][rows[mask]]
-            gathered[name] = torch.from_numpy(parts)
+            gathered[name] = as_tensor(parts)
         return gathered
 
     def close(self) -> None:

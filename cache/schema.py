@@ -19,6 +19,10 @@ SCHEMA_VERSION = 1
 
 # Arrays written block by block, shape (V, N, ...): row i is dataset index i.
 PER_VIEW_ARRAYS = ("views/params", "teacher/logits", "teacher/features", "clip/image_embeds", "clip/logits")
+# What a store written with --topk K holds in place of each dense logit array: the K largest values then the rest
+# (width K + 1), and their class ids (width K); `richkd.pipeline.topk` says how the other classes are rebuilt.
+TOPK_ARRAYS = {"teacher/logits": ("teacher/topk_logits", "teacher/topk_classes"),
+               "clip/logits": ("clip/topk_logits", "clip/topk_classes")}
 # Arrays written once, when the store is created.
 STATIC_ARRAYS = ("labels", "keys", "clip/class_embeds", "clip/prompt_embeds")
 DONE = "progress/done"
@@ -27,6 +31,12 @@ PRECISIONS = ("float16", "float32")
 
 # Provenance sections that must agree for a run to continue an existing store.
 IDENTITY_SECTIONS = ("layout", "dataset", "views", "teacher", "clip")
+
+
+def stored_arrays(names: tuple[str, ...], topk: int) -> tuple[str, ...]:
+    """The arrays that hold the per-view arrays `names` in a store of `topk` (a logit array's top-k pair if > 0)."""
+    return tuple(stored for name in names
+                 for stored in (TOPK_ARRAYS[name] if topk and name in TOPK_ARRAYS else (name,)))
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class Layout:
     shard_size: int
     chunk_size: int
     precision: str
+    topk: int = 0  # 0: dense logits
+    topk_temperature: float = 1.0
 
     @property
     def num_shards(self) -> int:
@@ -64,6 +76,9 @@ class Layout:
         """Every (view, shard) write unit, view-major."""
         return [(view, shard) for view in range(self.views) for shard in range(self.num_shards)]
 
+    def per_view_arrays(self) -> tuple[str, ...]:
+        return stored_arrays(PER_VIEW_ARRAYS, self.topk)
+
     def arrays(self) -> dict[str, ArraySpec]:
         V, N, C = self.views, self.samples, self.classes
         chunk, shard = min(self.chunk_size, self.shard_size), self.shard_size
@@ -75,14 +90,19 @@ class Layout:
             return ArraySpec((N,), dtype, (chunk,), (shard,))
 
         class_chunk = min(C, 128)
+        if self.topk:
+            class_ids = "int16" if C <= np.iinfo(np.int16).max else "int32"
+            logits = {array: spec for values, classes in TOPK_ARRAYS.values() for array, spec in
+                      ((values, per_view(self.topk + 1, self.precision)), (classes, per_view(self.topk, class_ids)))}
+        else:
+            logits = {name: per_view(C, self.precision) for name in TOPK_ARRAYS}
         return {
             "labels": per_sample("int64"),
             "keys": per_sample("str"),
             "views/params": per_view(self.view_params, "int32"),
-            "teacher/logits": per_view(C, self.precision),
             "teacher/features": per_view(self.teacher_dim, self.precision),
             "clip/image_embeds": per_view(self.clip_dim, self.precision),
-            "clip/logits": per_view(C, self.precision),
+            **logits,
             "clip/class_embeds": ArraySpec((C, self.clip_dim), "float32", (class_chunk, self.clip_dim), None),
             "clip/prompt_embeds": ArraySpec(
                 (C, self.prompts, self.clip_dim), "float32", (class_chunk, self.prompts, self.clip_dim), None),
@@ -91,13 +111,16 @@ class Layout:
         }
 
     def describe(self) -> dict:
-        return asdict(self)
+        described = asdict(self)
+        if not self.topk:  # as dense stores were recorded before top-k existed, so that they can still be continued
+            del described["topk"], described["topk_temperature"]
+        return described
 
 
 # What a read returns where no chunk was written (or a shard file is truncated): never a value richkd writes,
 # so that a damaged store is detected on read instead of yielding zeros. Done flags read as not done.
-MISSING = {"float16": np.nan, "float32": np.nan, "int32": np.iinfo(np.int32).min, "int64": -1, "str": "",
-           "bool": False}
+MISSING = {"float16": np.nan, "float32": np.nan, "int16": np.iinfo(np.int16).min, "int32": np.iinfo(np.int32).min,
+           "int64": -1, "str": "", "bool": False}
 
 
 def read_done_flags(array: zarr.Array) -> tuple[np.ndarray, list[tuple[int, int]]]:

@@ -12,7 +12,6 @@ from richkd.cache.schema import (
     DONE,
     FORMAT,
     IDENTITY_SECTIONS,
-    PER_VIEW_ARRAYS,
     SCHEMA_VERSION,
     Layout,
     create_array,
@@ -90,6 +89,6 @@ class CacheWriter:
         """All per-view arrays of one block, then its done flag."""
         start, stop = self.layout.shard_range(shard)
         with self.full_disk_is_a_user_error():
-            for name in PER_VIEW_ARRAYS:
+            for name in self.layout.per_view_arrays():
                 self.arrays[name][view, start:stop] = outputs[name]
             self.arrays[DONE][view, shard] = True

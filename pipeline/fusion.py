@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from richkd.cache.schema import TOPK_ARRAYS, stored_arrays
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.topk import SparseLogits, weighted_sum
 
 # The paper's fusion weight of the teacher.
 DEFAULT_ALPHA = 0.7
@@ -71,9 +73,9 @@ class Variant:
         teacher = alpha if self.teacher_in_logits else 0.0
         return teacher, (1 - teacher) * self.clip_in_logits
 
-    def logit_arrays(self, alpha: float) -> tuple[str, ...]:
-        """The cached logits z_F is made of at `alpha`."""
-        return weighted_logit_arrays(*self.logit_weights(alpha))
+    def logit_arrays(self, alpha: float, topk: int = 0) -> tuple[str, ...]:
+        """The cached logits z_F is made of at `alpha`, in a store of `topk`."""
+        return stored_arrays(weighted_logit_arrays(*self.logit_weights(alpha)), topk)
 
 
 VARIANTS = {
@@ -89,25 +91,39 @@ VARIANTS = {
 
 @dataclass(frozen=True)
 class Fusion:
-    """How a run fuses the cached logits: z_F = teacher_weight z_T + clip_weight * scale * s_C."""
+    """How a run fuses the cached logits: z_F = teacher_weight z_T + clip_weight * scale * s_C. In a top-k store
+    (`sparse_classes`: its number of classes) the sources are sparse, and so is z_F."""
 
     teacher_weight: float
     clip_weight: float
     scale: float
     standardize: bool = False
+    topk: int = 0
+    sparse_classes: int = 0
 
     @classmethod
-    def of(cls, variant: str, alpha: float, clip_scale: str, logit_scale: float, standardize: bool = False) -> Fusion:
+    def of(cls, variant: str, alpha: float, clip_scale: str, logit_scale: float, standardize: bool = False,
+           topk: int = 0, classes: int = 0) -> Fusion:
         """The fusion of `variant` at `alpha`, CLIP's cosines scaled by `clip_scale` of a store whose CLIP has
-        `logit_scale`."""
-        return cls(*VARIANTS[variant].logit_weights(alpha), clip_scale_value(clip_scale, logit_scale), standardize)
+        `logit_scale`, which holds `topk` logits of `classes` per source (topk 0: dense)."""
+        return cls(*VARIANTS[variant].logit_weights(alpha), clip_scale_value(clip_scale, logit_scale), standardize,
+                   topk, classes if topk else 0)
 
     @property
     def arrays(self) -> tuple[str, ...]:
-        """The cached logits it reads."""
-        return weighted_logit_arrays(self.teacher_weight, self.clip_weight)
+        """The cached arrays it reads."""
+        return stored_arrays(weighted_logit_arrays(self.teacher_weight, self.clip_weight), self.topk)
 
-    def fuse(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def fuse(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | SparseLogits:
         """z_F of a batch of cached targets (those of `arrays`)."""
-        return fuse_logits(targets.get("teacher/logits"), targets.get("clip/logits"), self.teacher_weight,
-                           self.scale, self.standardize, self.clip_weight)
+        if not self.topk:
+            return fuse_logits(targets.get("teacher/logits"), targets.get("clip/logits"), self.teacher_weight,
+                               self.scale, self.standardize, self.clip_weight)
+        parts = []
+        for name, weight, scale in (("teacher/logits", self.teacher_weight, 1.0),
+                                    ("clip/logits", self.clip_weight, self.scale)):
+            if weight > 0:
+                logits = SparseLogits.from_stored(*(targets[array] for array in TOPK_ARRAYS[name]),
+                                                  self.sparse_classes).scaled(scale)
+                parts.append((weight, logits.standardized() if self.standardize else logits))
+        return weighted_sum(parts)

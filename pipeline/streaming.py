@@ -27,7 +27,7 @@ import torch
 import webdataset
 from torch.utils.data import IterableDataset, get_worker_info
 
-from richkd.cache.reader import CacheReader, KeyIndex
+from richkd.cache.reader import CacheReader, KeyIndex, as_tensor
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.seeding import SHUFFLE, seeded_generator
@@ -113,8 +113,7 @@ class ShardStream(IterableDataset):
         for name, label, row, encoded, params, targets in webdataset.filters.shuffle(
                 self.buffer, self.buffer, rng=rng)(samples):
             view = self.policy.replay(decode_image(encoded, name), params)
-            yield view, label, row, {array: torch.from_numpy(values.astype(np.float32))
-                                     for array, values in targets.items()}
+            yield view, label, row, {array: as_tensor(values) for array, values in targets.items()}
 
     def _read(self, urls: list[str], rows: StoreRows, sizes: dict[int, int] | None) -> Iterator[tuple]:
         """Every sample of `urls` with its targets, once, or round and round when several processes each take a

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from richkd.cache.reader import CacheReader, block_shuffled_order, shard_share
+from richkd.cache.reader import CacheReader, as_tensor, block_shuffled_order, shard_share
 from richkd.pipeline.config import require
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
@@ -32,6 +32,7 @@ from richkd.pipeline.runtime import progress_bar
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.shards import ShardSet
 from richkd.pipeline.streaming import ShardStream
+from richkd.pipeline.topk import SparseLogits
 from richkd.pipeline.views import ViewPolicy, image_for_views, policy_from_description
 
 FEATURE_ARRAYS = ("teacher/features", "clip/image_embeds")
@@ -148,7 +149,9 @@ class CachedTargets(Dataset):
         self.policy = policy_from_description(self.reader.attrs["views"])
         self.normalization = choose_normalization(normalize, self.dataset,
                                                   self.reader.attrs["teacher"]["input_transform"], f"the store {store}")
-        self.fusion = Fusion.of(variant, alpha, clip_scale, self.reader.attrs["clip"]["logit_scale"], standardize)
+        layout = self.reader.layout
+        self.fusion = Fusion.of(variant, alpha, clip_scale, self.reader.attrs["clip"]["logit_scale"], standardize,
+                                layout.topk, layout.classes)
         self.names = self.fusion.arrays + FEATURE_ARRAYS * features
         self.view, self.arrays = None, {}
         self.set_epoch(0)
@@ -172,8 +175,9 @@ class CachedTargets(Dataset):
         row = int(self.rows[index])
         view = self.policy.replay(image_for_views(self.dataset, self.policy, index), self.arrays["views/params"][row])
         image = normalize(view[None], self.normalization.mean, self.normalization.std)[0]
-        cached = {name: torch.from_numpy(self.arrays[name][row:row + 1].astype(np.float32)) for name in self.names}
-        fused = self.fusion.fuse(cached)[0]
+        cached = {name: as_tensor(self.arrays[name][row:row + 1]) for name in self.names}
+        fused = self.fusion.fuse(cached)
+        fused = (fused.dense() if isinstance(fused, SparseLogits) else fused)[0]
         item = {"image": image, "label": int(self.dataset.labels[index]), "row": row, "fused_logits": fused}
         item.update({name: cached[name][0] for name in FEATURE_ARRAYS if name in cached})
         return item
@@ -200,8 +204,8 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
         for view, shard in progress.track(blocks, description="reading blocks"):
             start, stop = layout.shard_range(shard)
             labels = torch.from_numpy(labels_all[start:stop])
-            z_teacher = torch.from_numpy(reader.read("teacher/logits", start, stop, view).astype(np.float32))
-            s_clip = torch.from_numpy(reader.read("clip/logits", start, stop, view).astype(np.float32))
+            z_teacher = reader.dense_logits("teacher/logits", start, stop, view)
+            s_clip = reader.dense_logits("clip/logits", start, stop, view)
             meters["teacher"].update(z_teacher, labels)
             meters["clip"].update(scales["clip"] * s_clip, labels)
             meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale), labels)

@@ -26,6 +26,7 @@ from richkd.pipeline.seeding import CRD_MEMORY, NEGATIVES, holdout_split, seeded
 from richkd.pipeline.shards import ShardSet, open_shard_set
 from richkd.pipeline.streaming import ShardStream
 from richkd.pipeline.targets import EpochTargets
+from richkd.pipeline.topk import SparseLogits, sparse_kd_loss
 from richkd.pipeline.training import Trainer, run_per_seed
 from richkd.pipeline.training_options import TrainingOptions
 from richkd.pipeline.views import policy_from_description
@@ -140,9 +141,9 @@ class DistillConfig(LossOptions, TrainingOptions):
     def uses_features(self) -> bool:
         return VARIANTS[self.variant].features and self.feature_weight > 0
 
-    def cached_arrays(self) -> tuple[str, ...]:
-        """The per-view arrays this run reads: nothing a zero weight makes irrelevant."""
-        names = VARIANTS[self.variant].logit_arrays(self.alpha) if self.uses_logits else ()
+    def cached_arrays(self, topk: int = 0) -> tuple[str, ...]:
+        """The per-view arrays this run reads from a store of `topk`: nothing a zero weight makes irrelevant."""
+        names = VARIANTS[self.variant].logit_arrays(self.alpha, topk) if self.uses_logits else ()
         if self.uses_features:
             names += ("teacher/features",) * (self.feature_lam > 0) + ("clip/image_embeds",) * (self.feature_lam < 1)
         return names
@@ -158,11 +159,15 @@ class LogitLoss:
 
 
 def kd_term(logits, fused, labels, options: LossOptions, epoch: int) -> torch.Tensor:
+    if isinstance(fused, SparseLogits):
+        return sparse_kd_loss(logits, fused, options.temperature)
     return kd_loss(logits, fused, options.temperature)
 
 
 def dkd_term(logits, fused, labels, options: LossOptions, epoch: int) -> torch.Tensor:
     """DKD, its weight ramped in over --dkd-warmup epochs as in DKD's paper."""
+    if isinstance(fused, SparseLogits):  # DKD's split into the label and the rest needs every class
+        fused = fused.dense()
     warmup = min((epoch + 1) / options.dkd_warmup, 1.0) if options.dkd_warmup else 1.0
     return warmup * dkd_loss(logits, fused, labels, options.dkd_alpha, options.dkd_beta, options.temperature)
 
@@ -229,10 +234,16 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
                       training_rows: np.ndarray, shards: ShardSet | None = None, policy=None) -> DistillObjective:
     """The objective of `config`'s run on `reader`'s targets; `rows`, `training_rows`, `shards` and `policy` as
     EpochTargets takes them."""
-    targets = EpochTargets(reader, config.cached_arrays(), rows, training_rows, parse_size(config.cache_memory),
-                           config.seed, config.epochs, shards, policy, config.num_workers, config.shuffle_buffer)
+    layout = reader.layout
+    targets = EpochTargets(reader, config.cached_arrays(layout.topk), rows, training_rows,
+                           parse_size(config.cache_memory), config.seed, config.epochs, shards, policy,
+                           config.num_workers, config.shuffle_buffer)
     fusion = (Fusion.of(config.variant, config.alpha, config.clip_scale, reader.attrs["clip"]["logit_scale"],
-                        config.standardize) if config.uses_logits else None)
+                        config.standardize, layout.topk, layout.classes) if config.uses_logits else None)
+    if fusion is not None and layout.topk and config.temperature != layout.topk_temperature:
+        console.print(f"the store holds the top {layout.topk} logits, the other classes' mass kept exact at "
+                      f"T = {layout.topk_temperature:g}: at --temperature {config.temperature:g} it is approximate "
+                      "(benchmarks/topk_targets.py measures how much)", soft_wrap=True)
     crd, nce_k = None, config.nce_k
     if config.uses_features:
         training_labels = targets.labels[training_rows]
@@ -242,7 +253,6 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
             nce_k = len(training_rows) - 1
             console.print(f"--nce-k {config.nce_k} is not below the {len(training_rows)} training samples: "
                           f"CRD draws {nce_k} negatives per sample")
-        layout = reader.layout
         crd = FusedCRD(student_dim, layout.teacher_dim, layout.clip_dim, num_data=layout.samples,
                        lam=config.feature_lam, embed_dim=config.embed_dim, nce_temperature=config.nce_temperature,
                        momentum=config.nce_momentum, generator=seeded_generator(config.seed, 0, CRD_MEMORY))

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from richkd.cache.reader import CacheReader
-from richkd.cache.schema import DONE, PER_VIEW_ARRAYS, read_done_flags
+from richkd.cache.schema import DONE, read_done_flags
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES
 from richkd.pipeline.metrics import percent
@@ -42,7 +42,7 @@ def verify(reader: CacheReader) -> tuple[int, list[str]]:
     for name, spec in layout.arrays().items():
         if name == DONE:
             continue
-        if name in PER_VIEW_ARRAYS:
+        if name in layout.per_view_arrays():
             reads += [(name, *layout.shard_range(s), v) for v in range(layout.views) for s in range(layout.num_shards)
                       if done[v, s]]
         elif len(spec.shape) == 1:
@@ -98,8 +98,11 @@ def print_report(report: dict, console: Console) -> None:
     weights = clip["pretrained"] or (clip["checkpoint_sha256"] or "")[:16]
     console.print(f"clip      {clip['model']} ({weights}), {len(clip['templates'])} templates, "
                   f"logit_scale {clip['logit_scale']:.2f}")
-    console.print(f"precision {p['layout']['precision']}, created {p.get('created', '?')}, "
-                  f"torch {p.get('software', {}).get('torch', '?')}")
+    layout = p["layout"]
+    logits = (f"top-{layout['topk']} logits per source (the rest's mass exact at T = {layout['topk_temperature']:g})"
+              if layout.get("topk") else "dense logits")
+    console.print(f"precision {layout['precision']}, {logits}, created {p.get('created', '?')}, "
+                  f"torch {p.get('software', {}).get('torch', '?')}", soft_wrap=True)
     state = "complete" if report["complete"] else "INCOMPLETE"
     console.print(f"blocks    {report['blocks_done']} of {report['blocks_total']} written ({state})")
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from richkd.cache.locks import BlockLocks
-from richkd.cache.schema import PER_VIEW_ARRAYS, PRECISIONS, Layout
+from richkd.cache.schema import PRECISIONS, TOPK_ARRAYS, Layout
 from richkd.cache.writer import CacheWriter
 from richkd.pipeline.clip import (
     DEFAULT_TEMPLATES,
@@ -46,6 +46,7 @@ from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
 from richkd.pipeline.normalization import NormalizeOptions, choose_normalization, normalized
 from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
+from richkd.pipeline.topk import top_k_logits
 from richkd.pipeline.views import describe_policy, image_for_views, make_view_policy, policy_summary, sample_view
 
 
@@ -69,6 +70,13 @@ class PrecomputeConfig(DataOptions, NormalizeOptions, ViewOptions, ExecutionOpti
     seed: int = option(0, "Seed of the view parameters.", "Views")
     out: str = option("cache/teachers.zarr", "The store to write (a path or fsspec URL).", "Store")
     dtype: str = option("float16", "Precision of stored logits and features: float16 or float32.", "Store")
+    topk: int = option(
+        0, "Store only the K largest logits of the teacher and of CLIP per view, with their class ids and one value "
+        "for every other class (their mass spread evenly): about C/K times smaller logits (0: every logit).",
+        "Store")
+    topk_temperature: float = option(
+        1.0, "With --topk: the temperature at which the other classes' total mass is kept exact; set it to the "
+        "--temperature students distill at (at another T it is approximate).", "Store")
     shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.", "Store")
     overwrite: bool = option(False, "Replace an existing store made with another configuration.", "Store")
     batch_size: int = option(256, "Images per forward pass.", "Execution")
@@ -88,6 +96,8 @@ class PrecomputeConfig(DataOptions, NormalizeOptions, ViewOptions, ExecutionOpti
         require(self.views >= 1, f"--views must be at least 1, got {self.views}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
+        require(self.topk >= 0, f"--topk must be 0 (dense) or positive, got {self.topk}")
+        require(self.topk_temperature > 0, f"--topk-temperature must be positive, got {self.topk_temperature}")
         require(self.dtype in PRECISIONS, f"--dtype must be one of {', '.join(PRECISIONS)}, got '{self.dtype}'")
         require(self.teacher_checkpoint is not None, "--teacher-checkpoint is required")
         require(self.lock_timeout > 0, f"--lock-timeout must be positive, got {self.lock_timeout}")
@@ -211,6 +221,9 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         names = list(dataset.class_names)
     prompt_names = names if config.raw_class_names else [prompt_class_name(name) for name in names]
     class_embeds, prompt_embeds = zero_shot_classifier(clip, prompt_names, templates, device)
+    require(config.topk < len(dataset.class_names),
+            f"--topk {config.topk} is not below the dataset's {len(dataset.class_names)} classes: "
+            "use --topk 0 to store every logit")
 
     layout = Layout(
         views=config.views,
@@ -223,6 +236,8 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         shard_size=config.shard_size,
         chunk_size=min(1024, config.shard_size),
         precision=config.dtype,
+        topk=config.topk,
+        topk_temperature=config.topk_temperature,
     )
     provenance = {
         "layout": layout.describe(),
@@ -307,7 +322,7 @@ def part_label(part: Part) -> str:
 def write_blocks(writer: CacheWriter, locks: BlockLocks, layout: Layout, blocks, loader, models: Models,
                  images: int) -> None:
     """Fill each block's buffers batch by batch; hand full blocks to a writer thread so writing overlaps compute."""
-    numpy_dtype = np.dtype(layout.precision)
+    dtypes = {name: np.dtype(spec.dtype) for name, spec in layout.arrays().items() if spec.dtype != "str"}
     block_iter = iter(blocks)
     writes: list[Future] = []
     with ThreadPoolExecutor(max_workers=1) as pool, progress_bar("img") as progress:
@@ -320,11 +335,11 @@ def write_blocks(writer: CacheWriter, locks: BlockLocks, layout: Layout, blocks,
                 view, shard = next(block_iter)
                 start, stop = layout.shard_range(shard)
                 size, filled = stop - start, 0
-                buffers = {name: [] for name in PER_VIEW_ARRAYS}
-            outputs = models(views)
+                buffers = {name: [] for name in layout.per_view_arrays()}
+            outputs = stored_outputs(models(views), layout, models.clip.logit_scale)
             buffers["views/params"].append(params.numpy())
             for name, values in outputs.items():
-                buffers[name].append(to_storage(name, values, numpy_dtype))
+                buffers[name].append(to_storage(name, values, dtypes[name]))
             filled += len(views)
             progress.advance(task, len(views))
             if filled == size:
@@ -335,6 +350,21 @@ def write_blocks(writer: CacheWriter, locks: BlockLocks, layout: Layout, blocks,
                     writes.pop(0).result()
         for write in writes:
             write.result()
+
+
+def stored_outputs(outputs: dict[str, torch.Tensor], layout: Layout,
+                   clip_logit_scale: float) -> dict[str, torch.Tensor]:
+    """The models' outputs as `layout` stores them: in a top-k store, each logit array as its top-k pair, the rest
+    exact at the store's temperature for the teacher's logits and for CLIP's cosines at CLIP's own scale (its
+    zero-shot probabilities)."""
+    if not layout.topk:
+        return outputs
+    stored = {name: values for name, values in outputs.items() if name not in TOPK_ARRAYS}
+    scales = {"teacher/logits": 1.0, "clip/logits": clip_logit_scale}
+    for name, (values_name, classes_name) in TOPK_ARRAYS.items():
+        stored[values_name], stored[classes_name] = top_k_logits(outputs[name], layout.topk,
+                                                                 layout.topk_temperature / scales[name])
+    return stored
 
 
 def write_and_release(writer: CacheWriter, locks: BlockLocks, view: int, shard: int,
