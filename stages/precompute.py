@@ -79,7 +79,9 @@ class PrecomputeConfig(DataOptions, NormalizeOptions, ViewOptions, ExecutionOpti
         "--temperature students distill at (at another T it is approximate).", "Store")
     shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.", "Store")
     overwrite: bool = option(False, "Replace an existing store made with another configuration.", "Store")
-    batch_size: int = option(256, "Images per forward pass.", "Execution")
+    batch_size: int = option(
+        256, "Images per forward pass: every view of batch-size / views samples (at least one sample).",
+        "Execution")
     part: str | None = option(
         None, "Write only part i of n of the blocks (e.g. 0/4), for jobs on separate machines writing one store; "
         "under torchrun each process takes its rank's part.", "Parallel")
@@ -121,37 +123,38 @@ class PrecomputeResult:
         return self.images / self.loop_seconds if self.loop_seconds else 0.0
 
 
-class ViewImages(Dataset):
-    """(view, index) -> the replayed view as uint8 pixels, with its parameters."""
+class SampleViews(Dataset):
+    """index -> every view of sample `index`, cut from one decode of its image: uint8 (V, 3, h, w) pixels and the
+    (V, k) parameters."""
 
-    def __init__(self, dataset: ImageDataset, policy, seed: int):
-        self.dataset, self.policy, self.seed = dataset, policy, seed
+    def __init__(self, dataset: ImageDataset, policy, seed: int, views: int):
+        self.dataset, self.policy, self.seed, self.views = dataset, policy, seed, views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int]):
-        view, index = item
+    def __getitem__(self, index: int):
         image = image_for_views(self.dataset, self.policy, index)
-        params = sample_view(self.policy, self.seed, view, index, image)
-        return self.policy.replay(image, params), torch.from_numpy(params)
+        params = [sample_view(self.policy, self.seed, view, index, image) for view in range(self.views)]
+        return torch.stack([self.policy.replay(image, p) for p in params]), torch.from_numpy(np.stack(params))
 
 
-class BlockBatches(Sampler):
-    """Batches of (view, index) items, each inside one block, in block order (generated lazily)."""
+class ShardBatches(Sampler):
+    """Batches of sample indices, each inside one shard, shard by shard (generated lazily). A batch always starts
+    at the same sample whatever was written before, so a resumed store is identical to one written in one go."""
 
-    def __init__(self, layout: Layout, blocks: list[tuple[int, int]], batch_size: int):
-        self.layout, self.blocks, self.batch_size = layout, blocks, batch_size
+    def __init__(self, layout: Layout, shards: list[int], samples_per_batch: int):
+        self.layout, self.shards, self.samples_per_batch = layout, shards, samples_per_batch
 
     def __iter__(self):
-        for view, shard in self.blocks:
+        for shard in self.shards:
             start, stop = self.layout.shard_range(shard)
-            for first in range(start, stop, self.batch_size):
-                yield [(view, index) for index in range(first, min(first + self.batch_size, stop))]
+            for first in range(start, stop, self.samples_per_batch):
+                yield list(range(first, min(first + self.samples_per_batch, stop)))
 
     def __len__(self) -> int:
-        sizes = (stop - start for start, stop in (self.layout.shard_range(shard) for _, shard in self.blocks))
-        return sum(-(-size // self.batch_size) for size in sizes)
+        sizes = (stop - start for start, stop in map(self.layout.shard_range, self.shards))
+        return sum(-(-size // self.samples_per_batch) for size in sizes)
 
 
 def to_storage(name: str, values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
@@ -262,17 +265,19 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         for line in (policy_summary(policy, dataset.native_size), normalization.summary()):
             console.print(line, soft_wrap=True)
         done = writer.done()
-        owned = [block for position, block in enumerate(layout.blocks()) if part.owns(position)]
+        # A process owns whole shards: each image is decoded once, and all its views are cut from it.
+        owned = [(view, shard) for view, shard in layout.blocks() if part.owns(shard)]
         pending = [(view, shard) for view, shard in owned if not done[view, shard]]
         if len(pending) < len(owned):
             console.print(f"continuing {config.out}{part_label(part)}: {len(owned) - len(pending)} of {len(owned)} "
                           "blocks already done")
-        images = sum(stop - start for start, stop in (layout.shard_range(shard) for _, shard in pending))
+        shards = sorted({shard for _, shard in pending})
+        images = layout.views * sum(stop - start for start, stop in map(layout.shard_range, shards))
 
         models = Models(teacher, dataset, clip, class_embeds, device)
         loader = DataLoader(
-            ViewImages(dataset, policy, config.seed),
-            batch_sampler=BlockBatches(layout, pending, config.batch_size),
+            SampleViews(dataset, policy, config.seed, layout.views),
+            batch_sampler=ShardBatches(layout, shards, max(1, config.batch_size // layout.views)),
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
         )
@@ -280,7 +285,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         try:
             locks.claim(pending)
             loop_started = time.perf_counter()
-            write_blocks(writer, locks, layout, pending, loader, models, images)
+            write_shards(writer, locks, layout, shards, set(pending), loader, models, images)
             loop_seconds = time.perf_counter() - loop_started
         finally:
             locks.close()
@@ -319,34 +324,41 @@ def part_label(part: Part) -> str:
     return f" (part {part})" if part.count > 1 else ""
 
 
-def write_blocks(writer: CacheWriter, locks: BlockLocks, layout: Layout, blocks, loader, models: Models,
-                 images: int) -> None:
-    """Fill each block's buffers batch by batch; hand full blocks to a writer thread so writing overlaps compute."""
+def write_shards(writer: CacheWriter, locks: BlockLocks, layout: Layout, shards: list[int],
+                 pending: set[tuple[int, int]], loader, models: Models, images: int) -> None:
+    """Fill each shard's buffers, every view of a batch of samples at a time; hand its `pending` blocks to a writer
+    thread so that writing overlaps compute. A block already written is computed again (its shard's batches hold
+    every view, the same as in one go) but not rewritten."""
     dtypes = {name: np.dtype(spec.dtype) for name, spec in layout.arrays().items() if spec.dtype != "str"}
-    block_iter = iter(blocks)
+    shard_iter = iter(shards)
     writes: list[Future] = []
     with ThreadPoolExecutor(max_workers=1) as pool, progress_bar("img") as progress:
         task = progress.add_task("precompute", total=images)
-        view = shard = None
-        buffers: dict[str, list[np.ndarray]] = {}
+        shard = None
+        buffers: list[dict[str, list[np.ndarray]]] = []
         filled = size = 0
-        for views, params in loader:
+        for views, params in loader:  # (samples, V, 3, h, w), (samples, V, k)
             if filled == size:
-                view, shard = next(block_iter)
+                shard = next(shard_iter)
                 start, stop = layout.shard_range(shard)
                 size, filled = stop - start, 0
-                buffers = {name: [] for name in layout.per_view_arrays()}
-            outputs = stored_outputs(models(views), layout, models.clip.logit_scale)
-            buffers["views/params"].append(params.numpy())
-            for name, values in outputs.items():
-                buffers[name].append(to_storage(name, values, dtypes[name]))
-            filled += len(views)
-            progress.advance(task, len(views))
+                buffers = [{name: [] for name in layout.per_view_arrays()} for _ in range(layout.views)]
+            samples = len(views)
+            outputs = stored_outputs(models(views.flatten(0, 1)), layout, models.clip.logit_scale)
+            for view, buffer in enumerate(buffers):
+                buffer["views/params"].append(params[:, view].numpy())
+                for name, values in outputs.items():
+                    buffer[name].append(to_storage(name, values.unflatten(0, (samples, layout.views))[:, view],
+                                                   dtypes[name]))
+            filled += samples
+            progress.advance(task, samples * layout.views)
             if filled == size:
-                block = {name: np.concatenate(parts) for name, parts in buffers.items()}
-                writes.append(pool.submit(write_and_release, writer, locks, view, shard, block))
-                # At most two blocks in memory waiting to be written; a failed write stops the run here.
-                while len(writes) > 1:
+                for view, buffer in enumerate(buffers):
+                    if (view, shard) in pending:
+                        block = {name: np.concatenate(parts) for name, parts in buffer.items()}
+                        writes.append(pool.submit(write_and_release, writer, locks, view, shard, block))
+                # At most two shards in memory waiting to be written; a failed write stops the run here.
+                while len(writes) > layout.views:
                     writes.pop(0).result()
         for write in writes:
             write.result()
