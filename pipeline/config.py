@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from richkd.pipeline.augment import AUGMENTS
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.runtime import DEVICE_CHOICES
 
@@ -202,11 +203,20 @@ class ViewOptions(Options):
         "or center (no augmentation, for a held-out split).", "Views")
     image_size: int | None = option(
         None, "Side of each view (default: the images' side, or 224 for resized crops).", "Views")
+    augment: str = option(
+        "none", "Strong augmentation after the crop: none, randaugment, trivialaugment or autoaugment (torchvision's, "
+        "at their defaults); precompute draws it once per view and stores it, train afresh each epoch.", "Views")
+    random_erase: float = option(
+        0.0, "Probability of erasing a random box of each view (torchvision's RandomErasing, to 0), stored as "
+        "--augment is.", "Views")
 
     def validate(self) -> None:
         super().validate()
         require(self.image_size is None or self.image_size >= 1,
                 f"--image-size must be positive, got {self.image_size}")
+        require(self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got '{self.augment}'")
+        require(0 <= self.random_erase < 1,
+                f"--random-erase must be a probability in [0, 1), got {self.random_erase}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from richkd.pipeline.augment import StrongAugment, strong_augment
 from richkd.pipeline.errors import UserError
 
 
@@ -115,8 +116,42 @@ def center_view(image: torch.Tensor, size: int, resize: bool) -> torch.Tensor:
     return TF.center_crop(image, [size, size])
 
 
-ViewPolicy = PadCrop | ResizedCrop | CenterView
+GeometricPolicy = PadCrop | ResizedCrop | CenterView
 VIEW_POLICIES = {policy.name: policy for policy in (PadCrop, ResizedCrop, CenterView)}
+
+
+@dataclass(frozen=True)
+class Augmented:
+    """A geometric policy's view, then stored strong augmentation on it: params are the policy's, then the
+    augmentation's."""
+
+    base: GeometricPolicy
+    augment: StrongAugment
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def size(self) -> int:
+        return self.base.size
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return (*self.base.param_names, *self.augment.param_names)
+
+    def sample(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, ...]:
+        return (*self.base.sample(rng, height, width), *self.augment.sample(rng))
+
+    def replay(self, image: torch.Tensor, params) -> torch.Tensor:
+        split = len(self.base.param_names)
+        return self.augment.apply(self.base.replay(image, params[:split]), params[split:])
+
+    def center(self, image: torch.Tensor) -> torch.Tensor:
+        return self.base.center(image)
+
+
+ViewPolicy = GeometricPolicy | Augmented
 
 # Output side of resized crops when the user gives none (the ImageNet convention).
 DEFAULT_RESIZED_SIZE = 224
@@ -127,8 +162,20 @@ DEFAULT_RESIZED_SIZE = 224
 SMALL_IMAGE_SIDE = 64
 
 
-def make_view_policy(name: str, native_size: int | None, image_size: int | None) -> ViewPolicy:
-    """`auto` pad-crops datasets whose images all share one small side (CIFAR) and resized-crops the rest."""
+def make_view_policy(name: str, native_size: int | None, image_size: int | None, augment: str = "none",
+                     erase: float = 0.0) -> ViewPolicy:
+    """`auto` pad-crops datasets whose images all share one small side (CIFAR) and resized-crops the rest; with
+    `augment` or `erase`, strong augmentation follows (see `richkd.pipeline.augment`)."""
+    base = geometric_policy(name, native_size, image_size)
+    strong = strong_augment(augment, erase, base.size)
+    if strong is None:
+        return base
+    if isinstance(base, CenterView):
+        raise UserError("--augment and --random-erase augment training views; the center policy has none")
+    return Augmented(base, strong)
+
+
+def geometric_policy(name: str, native_size: int | None, image_size: int | None) -> GeometricPolicy:
     small = native_size is not None and native_size <= SMALL_IMAGE_SIDE
     if name == "auto":
         name = "pad_crop" if small else "resized_crop"
@@ -146,6 +193,10 @@ def make_view_policy(name: str, native_size: int | None, image_size: int | None)
 
 def policy_summary(policy: ViewPolicy, native_size: int | None) -> str:
     """One line on the views a stage will cut, and why, for its start-up message."""
+    if isinstance(policy, Augmented):
+        strong = policy.augment
+        added = [strong.augment] * strong.ops + [f"random erasing (p {strong.erase:g})"] * (strong.erase > 0)
+        return f"{policy_summary(policy.base, native_size)}; then {' and '.join(added)}"
     images = (f"the images are {native_size} x {native_size}" if native_size is not None
               else "the images differ in size, or are not square")
     if isinstance(policy, PadCrop):
@@ -158,6 +209,7 @@ def policy_summary(policy: ViewPolicy, native_size: int | None) -> str:
 def keeps_scale(policy: ViewPolicy) -> bool:
     """Whether views are cut at the image's own scale (pad-crops, centre crops without resizing), which is right
     for images of the one small side the policy was chosen for."""
+    policy = policy.base if isinstance(policy, Augmented) else policy
     return isinstance(policy, PadCrop) or (isinstance(policy, CenterView) and not policy.resize)
 
 
@@ -174,16 +226,24 @@ def image_for_views(dataset, policy: ViewPolicy, index: int) -> torch.Tensor:
 
 
 def describe_policy(policy: ViewPolicy) -> dict:
+    if isinstance(policy, Augmented):
+        return {**describe_policy(policy.base), "param_names": list(policy.param_names),
+                "augment": policy.augment.describe()}
     return {"policy": policy.name, "param_names": list(policy.param_names), **asdict(policy)}
 
 
 def policy_from_description(description: dict) -> ViewPolicy:
     """The policy recorded in a store's attributes."""
-    fields = {k: v for k, v in description.items() if k not in ("policy", "param_names", "seed", "count")}
+    fields = {k: v for k, v in description.items() if k not in ("policy", "param_names", "seed", "count", "augment")}
     policy_class = VIEW_POLICIES[description["policy"]]
     if policy_class is ResizedCrop:
         fields = {**fields, "scale": tuple(fields["scale"]), "ratio": tuple(fields["ratio"])}
-    return policy_class(**fields)
+    base = policy_class(**fields)
+    if "augment" not in description:
+        return base
+    strong = description["augment"]
+    return Augmented(base, StrongAugment(**{**strong, "erase_scale": tuple(strong["erase_scale"]),
+                                             "erase_ratio": tuple(strong["erase_ratio"])}))
 
 
 def sample_view(policy: ViewPolicy, seed: int, view: int, index: int, image: torch.Tensor) -> np.ndarray:

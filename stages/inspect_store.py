@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
+import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from richkd.cache.reader import CacheReader
 from richkd.cache.schema import DONE, read_done_flags
+from richkd.pipeline.data import normalize
+from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.fusion import CLIP_SCALES
 from richkd.pipeline.metrics import percent
-from richkd.pipeline.runtime import print_json, progress_bar, results
+from richkd.pipeline.models import file_sha256
+from richkd.pipeline.runtime import DEVICE_CHOICES, print_json, progress_bar, resolve_device, results
 from richkd.pipeline.targets import ALPHAS, target_quality
+from richkd.pipeline.views import image_for_views, policy_from_description
+from richkd.stages.precompute import load_teacher
 
 
 def array_summary(reader: CacheReader) -> list[dict]:
@@ -58,6 +66,54 @@ def verify(reader: CacheReader) -> tuple[int, list[str]]:
             except UserError as error:
                 damaged.append(str(error).removeprefix(f"cache {reader.url}: ").split(";")[0])
     return len(reads), damaged
+
+
+# The largest |stored - recomputed| teacher logit, relative to max(1, |logit|), a rebuilt view may show: float16
+# rounds to 5e-4 of a value, and a GPU's kernels differ from the CPU's by less than 1e-2; a view whose parameters
+# do not rebuild its pixels differs by far more.
+VIEW_TOLERANCE = 1e-2
+
+
+def verify_views(reader: CacheReader, count: int, data_root: str | None, teacher_checkpoint: str | None,
+                 device: str) -> dict:
+    """Rebuild `count` stored views (spread over the store's samples and views) from the dataset, run the teacher
+    on them and compare its logits with the stored ones: the largest absolute and relative differences."""
+    attrs, layout = reader.attrs, reader.layout
+    config = attrs["config"]
+    checkpoint = teacher_checkpoint or config["teacher_checkpoint"]
+    if not Path(checkpoint).is_file():
+        raise UserError(f"the store's teacher checkpoint {checkpoint} does not exist: pass --teacher-checkpoint")
+    if file_sha256(checkpoint) != attrs["teacher"]["checkpoint_sha256"]:
+        raise UserError(f"teacher checkpoint {checkpoint} is not the one the store was made with (its sha256 differs)")
+    reader.require_complete()
+    dataset = open_dataset(config["dataset"], data_root or config["data_root"], attrs["dataset"]["split"])
+    rows = reader.rows_of(dataset)
+    rows = np.arange(len(dataset)) if rows is None else rows
+    teacher, _ = load_teacher(attrs["teacher"]["arch"], checkpoint, layout.classes, resolve_device(device))
+    policy = policy_from_description(attrs["views"])
+    transform = attrs["teacher"]["input_transform"]
+    pairs = [(pair % layout.views, int(index)) for pair, index in
+             enumerate(np.linspace(0, len(dataset) - 1, min(count, len(dataset) * layout.views)).round())]
+    largest = {"absolute": 0.0, "relative": 0.0}
+    with progress_bar("view") as progress, torch.inference_mode():
+        for view, index in progress.track(pairs, description="rebuilding views"):
+            row = int(rows[index])
+            params = reader.read("views/params", row, row + 1, view)[0]
+            pixels = policy.replay(image_for_views(dataset, policy, index), params)
+            logits, _ = teacher(normalize(pixels[None].to(next(teacher.parameters()).device), transform["mean"],
+                                          transform["std"]))
+            stored_logits = reader.dense_logits("teacher/logits", row, row + 1, view)
+            listed = torch.ones_like(stored_logits, dtype=torch.bool)
+            if layout.topk:  # only the top-k logits are stored as the teacher gave them
+                listed[:] = False
+                listed[0, reader.read("teacher/topk_classes", row, row + 1, view)[0].astype(np.int64)] = True
+            difference = (logits.float().cpu() - stored_logits)[listed].abs()
+            largest["absolute"] = max(largest["absolute"], float(difference.max()))
+            largest["relative"] = max(largest["relative"],
+                                      float((difference / stored_logits[listed].abs().clamp(min=1)).max()))
+    return {"store": reader.url, "views_rebuilt": len(pairs), "largest_difference": largest["absolute"],
+            "largest_relative_difference": largest["relative"], "tolerance": VIEW_TOLERANCE,
+            "ok": largest["relative"] <= VIEW_TOLERANCE}
 
 
 def inspect_store(url: str, max_views: int | None = None) -> dict:
@@ -154,8 +210,30 @@ def command(
     verify_chunks: Annotated[bool, typer.Option(
         "--verify", help="Read every written chunk, check its checksum, and list every damaged or missing "
         "block (exit status 1 if there is one).")] = False,
+    verify_view_count: Annotated[int | None, typer.Option(
+        "--verify-views", min=1, help="Rebuild N stored views from the dataset (crop, flip and stored augmentation), "
+        "run the teacher on them and print the largest difference from the stored logits (exit status 1 above "
+        f"{VIEW_TOLERANCE:g} of a logit's size: float16 rounding is 5e-4).")] = None,
+    data_root: Annotated[str | None, typer.Option(
+        help="With --verify-views: the dataset's root, if not where precompute read it.")] = None,
+    teacher_checkpoint: Annotated[str | None, typer.Option(
+        help="With --verify-views: the teacher checkpoint, if not where precompute read it.")] = None,
+    device: Annotated[str, typer.Option(help=f"With --verify-views: {DEVICE_CHOICES}.")] = "auto",
 ) -> None:
     """Show a cache's provenance, arrays and completeness, and the accuracy of its targets."""
+    if verify_view_count is not None:
+        checked = verify_views(CacheReader(store), verify_view_count, data_root, teacher_checkpoint, device)
+        if json_output:
+            print_json(checked)
+        else:
+            verdict = "within" if checked["ok"] else "ABOVE"
+            results.print(f"{store}: {checked['views_rebuilt']} views rebuilt; the teacher's logits differ from the "
+                          f"stored ones by at most {checked['largest_difference']:.2e} "
+                          f"({checked['largest_relative_difference']:.2e} of a logit's size, {verdict} the "
+                          f"tolerance {VIEW_TOLERANCE:g})", soft_wrap=True)
+        if not checked["ok"]:
+            raise typer.Exit(1)
+        return
     if verify_chunks:
         checked, damaged = verify(CacheReader(store))
         if json_output:

@@ -207,7 +207,8 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
     dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
-    policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size)
+    policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size, config.augment,
+                              config.random_erase)
     if not Path(config.teacher_checkpoint).is_file():
         raise UserError(f"teacher checkpoint {config.teacher_checkpoint} does not exist")
     teacher, saved = load_teacher(config.teacher, config.teacher_checkpoint, len(dataset.class_names), device)
