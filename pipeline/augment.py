@@ -129,3 +129,59 @@ def strong_augment(augment: str, erase: float, size: int) -> StrongAugment | Non
     if augment == "none" and not erase:
         return None
     return StrongAugment(augment, erase, size)
+
+
+MIXES = ("none", "mixup", "cutmix", "both")
+MIX_PARAMS = ("mix", "partner", "lambda_bits", "box_top", "box_left", "box_height", "box_width")
+MIXUP, CUTMIX = 1, 2
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Mixup or cutmix of each view with the same view of another sample of the `samples` (its store row), at
+    timm's defaults: mixup lambda ~ Beta(0.8, 0.8), cutmix's box from lambda ~ Beta(1, 1) with lambda then the
+    share of the view left; `both` picks one of the two per view, evenly (timm's switch_prob 0.5). Lambda is stored
+    as its float32 bits, so that it replays exactly."""
+
+    kind: str
+    samples: int
+    size: int
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    param_names = MIX_PARAMS
+
+    def sample(self, rng: np.random.Generator, index: int) -> tuple[int, ...]:
+        kind = {"mixup": MIXUP, "cutmix": CUTMIX}.get(self.kind) or (CUTMIX if rng.random() < 0.5 else MIXUP)
+        partner = int(rng.integers(self.samples - 1))
+        partner += partner >= index  # any sample but this one
+        if kind == MIXUP:
+            return MIXUP, partner, lambda_bits(rng.beta(self.mixup_alpha, self.mixup_alpha)), 0, 0, 0, 0
+        # timm's rand_bbox: a box of sides size * sqrt(1 - lambda) around a random centre, cut by the view's edges.
+        cut = int(self.size * math.sqrt(1 - rng.beta(self.cutmix_alpha, self.cutmix_alpha)))
+        centre_y, centre_x = (int(c) for c in rng.integers(self.size, size=2))
+        top, bottom = max(centre_y - cut // 2, 0), min(centre_y + cut // 2, self.size)
+        left, right = max(centre_x - cut // 2, 0), min(centre_x + cut // 2, self.size)
+        kept = 1 - (bottom - top) * (right - left) / self.size**2
+        return CUTMIX, partner, lambda_bits(kept), top, left, bottom - top, right - left
+
+    def apply(self, view: torch.Tensor, partner_view: torch.Tensor, params) -> torch.Tensor:
+        """The uint8 view mixed with its partner's, as `params` (this mix's part of a view's) say."""
+        kind, _, _, top, left, height, width = (int(p) for p in params)
+        if kind == MIXUP:
+            weight = mix_lambda(params)
+            return (weight * view.float() + (1 - weight) * partner_view.float()).round_().to(torch.uint8)
+        mixed = view.clone()
+        mixed[:, top:top + height, left:left + width] = partner_view[:, top:top + height, left:left + width]
+        return mixed
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def lambda_bits(value: float) -> int:
+    return int(np.float32(value).view(np.int32))
+
+
+def mix_lambda(params) -> float:
+    """The share of a mixed view's own sample, from its mix params."""
+    return float(np.int32(params[2]).view(np.float32))

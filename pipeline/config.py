@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from richkd.pipeline.augment import AUGMENTS
+from richkd.pipeline.augment import AUGMENTS, MIXES
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.runtime import DEVICE_CHOICES
 
@@ -209,6 +209,10 @@ class ViewOptions(Options):
     random_erase: float = option(
         0.0, "Probability of erasing a random box of each view (torchvision's RandomErasing, to 0), stored as "
         "--augment is.", "Views")
+    mix: str = option(
+        "none", "Mix each view with the same view of another sample: none, mixup, cutmix or both (one of the two per "
+        "view), at timm's defaults; the partner and lambda are stored with the view, the labels mixed by lambda.",
+        "Views")
 
     def validate(self) -> None:
         super().validate()
@@ -217,6 +221,7 @@ class ViewOptions(Options):
         require(self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got '{self.augment}'")
         require(0 <= self.random_erase < 1,
                 f"--random-erase must be a probability in [0, 1), got {self.random_erase}")
+        require(self.mix in MIXES, f"--mix must be one of {', '.join(MIXES)}, got '{self.mix}'")
 
 
 @dataclass

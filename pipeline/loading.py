@@ -10,11 +10,13 @@ from torch.utils.data import DataLoader, Dataset
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.metrics import ClassificationMeter
 from richkd.pipeline.runtime import autocast
-from richkd.pipeline.views import image_for_views, sample_view
+from richkd.pipeline.views import image_for_views, mix_params, mixed_label, mixing, rebuild_view, sample_view
 
 
 class LabelledViews(Dataset):
-    """index -> (uint8 view, label, index): the stored view `params[index]`, a fresh random view, or the centre."""
+    """index -> (uint8 view, label, index): the stored view `params[index]`, a fresh random view, or the centre.
+    A mixed view (`--mix`) comes with its mixed label, a float vector over the classes; its partner is a dataset
+    index."""
 
     def __init__(self, dataset: ImageDataset, policy, params: np.ndarray | None = None, seed: int = 0,
                  stream: int = 0, center: bool = False):
@@ -24,15 +26,23 @@ class LabelledViews(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def _image_and_params(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
         image = image_for_views(self.dataset, self.policy, index)
+        params = self.params[index] if self.params is not None else sample_view(
+            self.policy, self.seed, self.stream, index, image)
+        return image, params
+
+    def __getitem__(self, index: int):
+        label = int(self.dataset.labels[index])
         if self.center:
-            view = self.policy.center(image)
-        else:
-            params = self.params[index] if self.params is not None else sample_view(
-                self.policy, self.seed, self.stream, index, image)
-            view = self.policy.replay(image, params)
-        return view, int(self.dataset.labels[index]), index
+            return self.policy.center(image_for_views(self.dataset, self.policy, index)), label, index
+        image, params = self._image_and_params(index)
+        view = rebuild_view(self.policy, image, params, self._image_and_params)
+        if mixing(self.policy) is not None:
+            partner = int(mix_params(self.policy, params)[1])
+            label = mixed_label(self.policy, params, label, int(self.dataset.labels[partner]),
+                                len(self.dataset.class_names))
+        return view, label, index
 
 
 def data_loader(data: Dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> DataLoader:

@@ -33,7 +33,16 @@ from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.shards import ShardSet
 from richkd.pipeline.streaming import ShardStream
 from richkd.pipeline.topk import SparseLogits
-from richkd.pipeline.views import ViewPolicy, image_for_views, policy_from_description
+from richkd.pipeline.views import (
+    ViewPolicy,
+    image_for_views,
+    mix_params,
+    mixed_label,
+    mixing,
+    policy_from_description,
+    rebuild_view,
+    with_partner_indices,
+)
 
 FEATURE_ARRAYS = ("teacher/features", "clip/image_embeds")
 # The fusion weights `richkd inspect` and `report` evaluate the fused targets at.
@@ -104,7 +113,8 @@ class EpochTargets:
         params = self.reader.read("views/params", 0, layout.samples, view)
         if self.rows is None:
             return params, order
-        return params[self.rows], self.sample_of_row[order]  # the loader speaks dataset indices
+        # The loader speaks dataset indices.
+        return with_partner_indices(self.policy, params[self.rows], self.sample_of_row), self.sample_of_row[order]
 
     def store_rows(self, indices: torch.Tensor) -> torch.Tensor:
         """The store rows of a batch's dataset indices."""
@@ -126,7 +136,8 @@ class CachedTargets(Dataset):
 
     - `image`: the stored view of the sample, replayed to the pixels the teacher and CLIP saw, normalised as the
       store records the teacher's input (or as `normalize` says: see `richkd distill --help`), float (3, H, W);
-    - `label`: its class id; `row`: its store row (CRD's memory index);
+    - `label`: its class id (a store made with `--mix`: its mixed label, lambda of its class and 1 - lambda of its
+      partner's, a float vector over the classes); `row`: its store row (CRD's memory index);
     - `fused_logits`: z_F of `variant` (L: alpha z_T + (1 - alpha) z_C, shrink: alpha z_T, clip: z_C) with CLIP's
       cosines times `clip_scale` (raw, clip or a number), each source z-scored first when `standardize`;
     - with `features`, the cached `teacher/features` and `clip/image_embeds`.
@@ -146,6 +157,7 @@ class CachedTargets(Dataset):
         self.dataset = open_dataset(dataset, data_root, split)
         rows = self.reader.rows_of(self.dataset)
         self.rows = np.arange(len(self.dataset)) if rows is None else rows
+        self.index_of_row = np.argsort(self.rows)
         self.policy = policy_from_description(self.reader.attrs["views"])
         self.normalization = choose_normalization(normalize, self.dataset,
                                                   self.reader.attrs["teacher"]["input_transform"], f"the store {store}")
@@ -171,14 +183,24 @@ class CachedTargets(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _partner(self, row: int) -> tuple[torch.Tensor, np.ndarray]:
+        """A mixing partner's image and params of the current view, by store row."""
+        return image_for_views(self.dataset, self.policy, int(self.index_of_row[row])), self.arrays["views/params"][row]
+
     def __getitem__(self, index: int) -> dict:
         row = int(self.rows[index])
-        view = self.policy.replay(image_for_views(self.dataset, self.policy, index), self.arrays["views/params"][row])
+        params = self.arrays["views/params"][row]
+        view = rebuild_view(self.policy, image_for_views(self.dataset, self.policy, index), params, self._partner)
         image = normalize(view[None], self.normalization.mean, self.normalization.std)[0]
         cached = {name: as_tensor(self.arrays[name][row:row + 1]) for name in self.names}
         fused = self.fusion.fuse(cached)
         fused = (fused.dense() if isinstance(fused, SparseLogits) else fused)[0]
-        item = {"image": image, "label": int(self.dataset.labels[index]), "row": row, "fused_logits": fused}
+        label = int(self.dataset.labels[index])
+        if mixing(self.policy) is not None:
+            partner = int(mix_params(self.policy, params)[1])
+            label = mixed_label(self.policy, params, label, int(self.reader.read("labels", partner, partner + 1)[0]),
+                                len(self.dataset.class_names))
+        item = {"image": image, "label": label, "row": row, "fused_logits": fused}
         item.update({name: cached[name][0] for name in FEATURE_ARRAYS if name in cached})
         return item
 

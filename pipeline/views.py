@@ -8,13 +8,14 @@ teacher and CLIP saw when the cache was written.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from richkd.pipeline.augment import StrongAugment, strong_augment
+from richkd.pipeline.augment import MIX_PARAMS, Mix, StrongAugment, mix_lambda, strong_augment
 from richkd.pipeline.errors import UserError
 
 
@@ -122,11 +123,12 @@ VIEW_POLICIES = {policy.name: policy for policy in (PadCrop, ResizedCrop, Center
 
 @dataclass(frozen=True)
 class Augmented:
-    """A geometric policy's view, then stored strong augmentation on it: params are the policy's, then the
-    augmentation's."""
+    """A geometric policy's view, then stored strong augmentation on it, then mixing with another sample's view:
+    params are the policy's, the augmentation's, then the mix's."""
 
     base: GeometricPolicy
-    augment: StrongAugment
+    augment: StrongAugment | None = None
+    mix: Mix | None = None
 
     @property
     def name(self) -> str:
@@ -138,14 +140,18 @@ class Augmented:
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        return (*self.base.param_names, *self.augment.param_names)
+        return (*self.base.param_names, *(self.augment.param_names if self.augment else ()),
+                *(self.mix.param_names if self.mix else ()))
 
-    def sample(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, ...]:
-        return (*self.base.sample(rng, height, width), *self.augment.sample(rng))
+    def sample(self, rng: np.random.Generator, height: int, width: int, index: int) -> tuple[int, ...]:
+        return (*self.base.sample(rng, height, width), *(self.augment.sample(rng) if self.augment else ()),
+                *(self.mix.sample(rng, index) if self.mix else ()))
 
     def replay(self, image: torch.Tensor, params) -> torch.Tensor:
+        """The view before mixing (`rebuild_view` mixes it)."""
         split = len(self.base.param_names)
-        return self.augment.apply(self.base.replay(image, params[:split]), params[split:])
+        view = self.base.replay(image, params[:split])
+        return self.augment.apply(view, params[split:split + len(self.augment.param_names)]) if self.augment else view
 
     def center(self, image: torch.Tensor) -> torch.Tensor:
         return self.base.center(image)
@@ -163,16 +169,19 @@ SMALL_IMAGE_SIDE = 64
 
 
 def make_view_policy(name: str, native_size: int | None, image_size: int | None, augment: str = "none",
-                     erase: float = 0.0) -> ViewPolicy:
+                     erase: float = 0.0, mix: str = "none", samples: int = 0) -> ViewPolicy:
     """`auto` pad-crops datasets whose images all share one small side (CIFAR) and resized-crops the rest; with
-    `augment` or `erase`, strong augmentation follows (see `richkd.pipeline.augment`)."""
+    `augment` or `erase`, strong augmentation follows, and with `mix`, mixing with another of the `samples`
+    (see `richkd.pipeline.augment`)."""
     base = geometric_policy(name, native_size, image_size)
     strong = strong_augment(augment, erase, base.size)
-    if strong is None:
+    if strong is None and mix == "none":
         return base
     if isinstance(base, CenterView):
-        raise UserError("--augment and --random-erase augment training views; the center policy has none")
-    return Augmented(base, strong)
+        raise UserError("--augment, --random-erase and --mix augment training views; the center policy has none")
+    if mix != "none" and samples < 2:
+        raise UserError(f"--mix needs at least two samples to mix, the split has {samples}")
+    return Augmented(base, strong, Mix(mix, samples, base.size) if mix != "none" else None)
 
 
 def geometric_policy(name: str, native_size: int | None, image_size: int | None) -> GeometricPolicy:
@@ -194,9 +203,12 @@ def geometric_policy(name: str, native_size: int | None, image_size: int | None)
 def policy_summary(policy: ViewPolicy, native_size: int | None) -> str:
     """One line on the views a stage will cut, and why, for its start-up message."""
     if isinstance(policy, Augmented):
-        strong = policy.augment
-        added = [strong.augment] * strong.ops + [f"random erasing (p {strong.erase:g})"] * (strong.erase > 0)
-        return f"{policy_summary(policy.base, native_size)}; then {' and '.join(added)}"
+        strong, added = policy.augment, []
+        if strong is not None:
+            added += [strong.augment] * strong.ops + [f"random erasing (p {strong.erase:g})"] * (strong.erase > 0)
+        if policy.mix is not None:
+            added.append(f"{policy.mix.kind} with another sample")
+        return f"{policy_summary(policy.base, native_size)}; then {', '.join(added)}"
     images = (f"the images are {native_size} x {native_size}" if native_size is not None
               else "the images differ in size, or are not square")
     if isinstance(policy, PadCrop):
@@ -228,25 +240,73 @@ def image_for_views(dataset, policy: ViewPolicy, index: int) -> torch.Tensor:
 def describe_policy(policy: ViewPolicy) -> dict:
     if isinstance(policy, Augmented):
         return {**describe_policy(policy.base), "param_names": list(policy.param_names),
-                "augment": policy.augment.describe()}
+                **({"augment": policy.augment.describe()} if policy.augment else {}),
+                **({"mix": policy.mix.describe()} if policy.mix else {})}
     return {"policy": policy.name, "param_names": list(policy.param_names), **asdict(policy)}
 
 
 def policy_from_description(description: dict) -> ViewPolicy:
     """The policy recorded in a store's attributes."""
-    fields = {k: v for k, v in description.items() if k not in ("policy", "param_names", "seed", "count", "augment")}
+    fields = {k: v for k, v in description.items()
+              if k not in ("policy", "param_names", "seed", "count", "augment", "mix")}
     policy_class = VIEW_POLICIES[description["policy"]]
     if policy_class is ResizedCrop:
         fields = {**fields, "scale": tuple(fields["scale"]), "ratio": tuple(fields["ratio"])}
     base = policy_class(**fields)
-    if "augment" not in description:
+    if "augment" not in description and "mix" not in description:
         return base
-    strong = description["augment"]
-    return Augmented(base, StrongAugment(**{**strong, "erase_scale": tuple(strong["erase_scale"]),
-                                             "erase_ratio": tuple(strong["erase_ratio"])}))
+    strong = description.get("augment")
+    if strong is not None:
+        strong = StrongAugment(**{**strong, "erase_scale": tuple(strong["erase_scale"]),
+                                  "erase_ratio": tuple(strong["erase_ratio"])})
+    return Augmented(base, strong, Mix(**description["mix"]) if "mix" in description else None)
 
 
 def sample_view(policy: ViewPolicy, seed: int, view: int, index: int, image: torch.Tensor) -> np.ndarray:
     """The stored parameters of view `view` of sample `index`."""
     rng = view_rng(seed, view, index)
-    return np.asarray(policy.sample(rng, image.shape[-2], image.shape[-1]), dtype=np.int32)
+    height, width = image.shape[-2], image.shape[-1]
+    drawn = policy.sample(rng, height, width, index) if isinstance(policy, Augmented) else policy.sample(
+        rng, height, width)
+    return np.asarray(drawn, dtype=np.int32)
+
+
+def mixing(policy: ViewPolicy) -> Mix | None:
+    return policy.mix if isinstance(policy, Augmented) else None
+
+
+def mix_params(policy: ViewPolicy, params) -> np.ndarray | None:
+    """The mix's part of a view's params (its partner's index at 1), or None when the policy does not mix."""
+    return None if mixing(policy) is None else np.asarray(params)[..., -len(MIX_PARAMS):]
+
+
+def rebuild_view(policy: ViewPolicy, image: torch.Tensor, params,
+                 partner: Callable[[int], tuple[torch.Tensor, np.ndarray]]) -> torch.Tensor:
+    """The view `params` describe: replayed, then mixed with its partner's same view, where `partner(i)` gives the
+    image and that view's params of sample i (the partner's own mix is not applied)."""
+    view = policy.replay(image, params)
+    own = mix_params(policy, params)
+    if own is None:
+        return view
+    partner_image, partner_params = partner(int(own[1]))
+    return policy.mix.apply(view, policy.replay(partner_image, partner_params), own)
+
+
+def with_partner_indices(policy: ViewPolicy, params: np.ndarray, index_of_row: np.ndarray) -> np.ndarray:
+    """Params by dataset index whose partners name store rows, with the partners named by dataset index instead
+    (for a dataset that lists the store's samples in another order)."""
+    if mixing(policy) is None:
+        return params
+    params = params.copy()
+    partner = params.shape[-1] - len(MIX_PARAMS) + 1
+    params[:, partner] = index_of_row[params[:, partner]]
+    return params
+
+
+def mixed_label(policy: ViewPolicy, params, label: int, partner_label: int, classes: int) -> torch.Tensor:
+    """A mixed view's label: lambda of its own class and 1 - lambda of its partner's."""
+    target = torch.zeros(classes)
+    weight = mix_lambda(mix_params(policy, params))
+    target[label] += weight
+    target[partner_label] += 1 - weight
+    return target

@@ -29,7 +29,7 @@ from richkd.pipeline.targets import EpochTargets
 from richkd.pipeline.topk import SparseLogits, sparse_kd_loss
 from richkd.pipeline.training import Trainer, run_per_seed
 from richkd.pipeline.training_options import TrainingOptions
-from richkd.pipeline.views import policy_from_description
+from richkd.pipeline.views import mixing, policy_from_description
 
 
 @dataclass
@@ -267,6 +267,11 @@ def distill_one(config: DistillConfig) -> dict:
     reader = CacheReader(config.cache)
     reader.require_complete()
     policy = policy_from_description(reader.attrs["views"])
+    if mixing(policy) is not None:
+        require(not config.stream, "the store mixes each view with another sample's, whose image a stream cannot "
+                "fetch: distill it without --stream")
+        require(not (config.uses_logits and config.logit_loss == "dkd"), "--logit-loss dkd splits off the label's "
+                "class, which a mixed view does not have one of: use kd with a store made with --mix")
     if config.stream:  # nothing is indexed: both splits are read front to back
         reader.require_dataset(split=config.split)
         recorded = reader.attrs["dataset"]

@@ -21,7 +21,7 @@ from richkd.pipeline.metrics import percent
 from richkd.pipeline.models import file_sha256
 from richkd.pipeline.runtime import DEVICE_CHOICES, print_json, progress_bar, resolve_device, results
 from richkd.pipeline.targets import ALPHAS, target_quality
-from richkd.pipeline.views import image_for_views, policy_from_description
+from richkd.pipeline.views import image_for_views, policy_from_description, rebuild_view
 from richkd.stages.precompute import load_teacher
 
 
@@ -92,6 +92,14 @@ def verify_views(reader: CacheReader, count: int, data_root: str | None, teacher
     teacher, _ = load_teacher(attrs["teacher"]["arch"], checkpoint, layout.classes, resolve_device(device))
     policy = policy_from_description(attrs["views"])
     transform = attrs["teacher"]["input_transform"]
+    index_of_row = np.argsort(rows)
+
+    def partner(view: int):
+        def image_and_params(row: int) -> tuple[torch.Tensor, np.ndarray]:
+            index = int(index_of_row[row])
+            return image_for_views(dataset, policy, index), reader.read("views/params", row, row + 1, view)[0]
+        return image_and_params
+
     pairs = [(pair % layout.views, int(index)) for pair, index in
              enumerate(np.linspace(0, len(dataset) - 1, min(count, len(dataset) * layout.views)).round())]
     largest = {"absolute": 0.0, "relative": 0.0}
@@ -99,7 +107,7 @@ def verify_views(reader: CacheReader, count: int, data_root: str | None, teacher
         for view, index in progress.track(pairs, description="rebuilding views"):
             row = int(rows[index])
             params = reader.read("views/params", row, row + 1, view)[0]
-            pixels = policy.replay(image_for_views(dataset, policy, index), params)
+            pixels = rebuild_view(policy, image_for_views(dataset, policy, index), params, partner(view))
             logits, _ = teacher(normalize(pixels[None].to(next(teacher.parameters()).device), transform["mean"],
                                           transform["std"]))
             stored_logits = reader.dense_logits("teacher/logits", row, row + 1, view)
@@ -211,7 +219,8 @@ def command(
         "--verify", help="Read every written chunk, check its checksum, and list every damaged or missing "
         "block (exit status 1 if there is one).")] = False,
     verify_view_count: Annotated[int | None, typer.Option(
-        "--verify-views", min=1, help="Rebuild N stored views from the dataset (crop, flip and stored augmentation), "
+        "--verify-views", min=1, help="Rebuild N stored views from the dataset (crop, flip, stored augmentation and "
+        "mixing), "
         "run the teacher on them and print the largest difference from the stored logits (exit status 1 above "
         f"{VIEW_TOLERANCE:g} of a logit's size: float16 rounding is 5e-4).")] = None,
     data_root: Annotated[str | None, typer.Option(

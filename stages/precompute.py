@@ -47,7 +47,14 @@ from richkd.pipeline.normalization import NormalizeOptions, choose_normalization
 from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
 from richkd.pipeline.topk import top_k_logits
-from richkd.pipeline.views import describe_policy, image_for_views, make_view_policy, policy_summary, sample_view
+from richkd.pipeline.views import (
+    describe_policy,
+    image_for_views,
+    make_view_policy,
+    policy_summary,
+    rebuild_view,
+    sample_view,
+)
 
 
 @dataclass
@@ -136,7 +143,15 @@ class SampleViews(Dataset):
     def __getitem__(self, index: int):
         image = image_for_views(self.dataset, self.policy, index)
         params = [sample_view(self.policy, self.seed, view, index, image) for view in range(self.views)]
-        return torch.stack([self.policy.replay(image, p) for p in params]), torch.from_numpy(np.stack(params))
+        views = [rebuild_view(self.policy, image, p, self._partner(view)) for view, p in enumerate(params)]
+        return torch.stack(views), torch.from_numpy(np.stack(params))
+
+    def _partner(self, view: int):
+        """Sample i's image and the params of its view `view`, for mixing (a store row is a dataset index)."""
+        def image_and_params(index: int) -> tuple[torch.Tensor, np.ndarray]:
+            image = image_for_views(self.dataset, self.policy, index)
+            return image, sample_view(self.policy, self.seed, view, index, image)
+        return image_and_params
 
 
 class ShardBatches(Sampler):
@@ -208,7 +223,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     device = resolve_device(config.device)
     dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
     policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size, config.augment,
-                              config.random_erase)
+                              config.random_erase, config.mix, len(dataset))
     if not Path(config.teacher_checkpoint).is_file():
         raise UserError(f"teacher checkpoint {config.teacher_checkpoint} does not exist")
     teacher, saved = load_teacher(config.teacher, config.teacher_checkpoint, len(dataset.class_names), device)

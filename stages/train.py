@@ -33,7 +33,7 @@ def train_one(config: TrainConfig) -> dict:
     eval_dataset = normalized(open_dataset(config.dataset, config.data_root, config.eval_split, config.download),
                               normalization)
     policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size, config.augment,
-                              config.random_erase)
+                              config.random_erase, config.mix, len(dataset))
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "train",
             "class_names": list(dataset.class_names), "view_policy": describe_policy(policy),

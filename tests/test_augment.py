@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import write_cifar100
 from torchvision.transforms import autoaugment
 
 from richkd.cli import run_cli
 from richkd.pipeline.augment import NO_OP, StrongAugment
-from richkd.pipeline.views import policy_from_description
+from richkd.pipeline.views import mixed_label, policy_from_description
 
 SIZE = 32
 
@@ -116,7 +117,8 @@ def test_a_store_with_stored_augmentation_is_verified_distilled_and_altering_it_
     (("--augment", "mixup"), "--augment must be one of none, randaugment, trivialaugment, autoaugment, got 'mixup'"),
     (("--random-erase", "1"), "--random-erase must be a probability in [0, 1), got 1.0"),
     (("--view-policy", "center", "--augment", "randaugment"),
-     "--augment and --random-erase augment training views; the center policy has none"),
+     "--augment, --random-erase and --mix augment training views; the center policy has none"),
+    (("--mix", "blend"), "--mix must be one of none, mixup, cutmix, both, got 'blend'"),
 ])
 def test_bad_augmentation_options_are_refused(flags, message, tiny_world, tmp_path, capsys):
     assert run_cli(tiny_world.precompute_args(tmp_path / "s.zarr", *flags)) == 2
@@ -135,3 +137,68 @@ def test_verify_views_needs_the_stores_own_teacher(tiny_world, tmp_path, capsys)
     assert run_cli(["inspect", str(out), "--verify-views", "4", "--teacher-checkpoint", str(other)]) == 2
     assert (f"error: teacher checkpoint {other} is not the one the store was made with (its sha256 differs)"
             in capsys.readouterr().err)
+
+
+def test_a_mixed_store_replays_its_partners_and_distills_with_mixed_labels(tiny_world, tmp_path, capsys):
+    """--augment randaugment --mix cutmix: each stored view is the teacher's on the view mixed with its partner's,
+    and a student distills from it (as the issue's recipe asks)."""
+    out = tmp_path / "mixed.zarr"
+    assert run_cli(tiny_world.precompute_args(out, "--augment", "randaugment", "--mix", "cutmix")) == 0
+    group = zarr.open_group(out, mode="r")
+    policy = policy_from_description(group.attrs["views"])
+    params = group["views/params"][...]
+    own = np.arange(40)
+    assert params.shape == (2, 40, 16) and (params[..., 9] == 2).all()  # cutmix everywhere
+    assert (params[..., 10] != own).all() and ((0 <= params[..., 10]) & (params[..., 10] < 40)).all()
+    kept = params[..., 11].view(np.float32)
+    np.testing.assert_allclose(kept, 1 - params[..., 14] * params[..., 15] / 32**2, rtol=1e-6)
+    assert policy.param_names[-7:] == ("mix", "partner", "lambda_bits", "box_top", "box_left", "box_height",
+                                       "box_width")
+    capsys.readouterr()
+    assert run_cli(["inspect", str(out), "--verify-views", "40", "--device", "cpu"]) == 0
+
+    run = tmp_path / "student"
+    distill = ["distill", "--dataset", "cifar100", "--data-root", str(tiny_world.data_root), "--cache", str(out),
+               "--arch", "resnet8", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--num-workers", "0"]
+    assert run_cli([*distill, "--variant", "L", "--out", str(run)]) == 0
+    assert (run / "checkpoints" / "last.pt").is_file()
+    assert run_cli([*distill, "--variant", "L", "--logit-loss", "dkd", "--out", str(tmp_path / "dkd")]) == 2
+    assert ("error: --logit-loss dkd splits off the label's class, which a mixed view does not have one of: use kd "
+            "with a store made with --mix") in capsys.readouterr().err
+
+    # Without its partner's pixels the stored targets no longer match: the partner is part of the view.
+    altered = zarr.open_group(out, mode="r+")["views/params"]
+    moved = altered[1]
+    moved[:, 10] = (moved[:, 10] + 1) % 40
+    moved[moved[:, 10] == own, 10] = (own[moved[:, 10] == own] + 1) % 40
+    altered[1] = moved
+    assert run_cli(["inspect", str(out), "--verify-views", "40", "--device", "cpu"]) == 1
+
+
+def test_mixed_labels_weigh_both_classes_by_lambda():
+    policy = policy_from_description({"policy": "pad_crop", "size": 32, "padding": 4,
+                                      "mix": {"kind": "mixup", "samples": 10, "size": 32}})
+    params = np.asarray([0, 0, 0, 1, 3, np.float32(0.25).view(np.int32), 0, 0, 0, 0])
+    label = mixed_label(policy, params, 2, 7, 10)
+    assert label.tolist() == [0, 0, 0.25, 0, 0, 0, 0, 0.75, 0, 0]
+    partner = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    mixed = policy.mix.apply(torch.full((3, 32, 32), 100, dtype=torch.uint8), partner, params[-7:])
+    assert (mixed == 175).all()  # 0.25 * 100 + 0.75 * 200
+
+
+def test_a_mixed_store_cannot_be_streamed(tiny_world, tmp_path, capsys):
+    out = tmp_path / "mixed.zarr"
+    assert run_cli(tiny_world.precompute_args(out, "--mix", "mixup")) == 0
+    capsys.readouterr()
+    assert run_cli(["distill", "--dataset", "webdataset", "--data-root", str(tmp_path / "shards-{0000..0001}.tar"),
+                    "--cache", str(out), "--stream", "--val-fraction", "0", "--device", "cpu"]) == 2
+    assert ("error: the store mixes each view with another sample's, whose image a stream cannot fetch: distill it "
+            "without --stream") in capsys.readouterr().err
+
+
+def test_mixing_needs_two_samples(tmp_path, tiny_world, capsys):
+    write_cifar100(tmp_path / "one", train=1, test=1)
+    args = tiny_world.precompute_args(tmp_path / "s.zarr", "--mix", "cutmix")
+    args[args.index("--data-root") + 1] = str(tmp_path / "one")
+    assert run_cli(args) == 2
+    assert "error: --mix needs at least two samples to mix, the split has 1\n" in capsys.readouterr().err
