@@ -34,7 +34,7 @@ from richkd.cli import run_cli
 from richkd.pipeline.config import read_params_section
 from richkd.pipeline.fusion import Fusion
 from richkd.pipeline.losses import kd_loss
-from richkd.pipeline.topk import sparse_kd_loss
+from richkd.pipeline.topk import as_dense, sparse_kd_loss
 from richkd.stages.precompute import stored_outputs
 from richkd.stages.report import difference_text, estimate, estimate_text
 
@@ -83,8 +83,7 @@ def fusion_and_targets(reader: CacheReader, samples: int) -> tuple[Fusion, dict[
 
 def fused_target(reader: CacheReader) -> torch.Tensor:
     fusion, targets = fusion_and_targets(reader, SAMPLES)
-    fused = fusion.fuse(targets)
-    return fused.dense() if reader.layout.topk else fused
+    return as_dense(fusion.fuse(targets))
 
 
 def stored_bytes(reader: CacheReader, names: tuple[str, ...]) -> float:

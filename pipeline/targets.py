@@ -32,7 +32,7 @@ from richkd.pipeline.runtime import progress_bar
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.shards import ShardSet
 from richkd.pipeline.streaming import ShardStream
-from richkd.pipeline.topk import SparseLogits
+from richkd.pipeline.topk import as_dense
 from richkd.pipeline.views import (
     ViewPolicy,
     image_for_views,
@@ -193,8 +193,7 @@ class CachedTargets(Dataset):
         view = rebuild_view(self.policy, image_for_views(self.dataset, self.policy, index), params, self._partner)
         image = normalize(view[None], self.normalization.mean, self.normalization.std)[0]
         cached = {name: as_tensor(self.arrays[name][row:row + 1]) for name in self.names}
-        fused = self.fusion.fuse(cached)
-        fused = (fused.dense() if isinstance(fused, SparseLogits) else fused)[0]
+        fused = as_dense(self.fusion.fuse(cached))[0]
         label = int(self.dataset.labels[index])
         if mixing(self.policy) is not None:
             partner = int(mix_params(self.policy, params)[1])

@@ -78,6 +78,11 @@ class SparseLogits:
                             self.num_classes)
 
 
+def as_dense(logits: torch.Tensor | SparseLogits) -> torch.Tensor:
+    """(B, C) logits, whichever form `logits` comes in."""
+    return logits.dense() if isinstance(logits, SparseLogits) else logits
+
+
 def weighted_sum(parts: list[tuple[float, SparseLogits]]) -> SparseLogits:
     """sum_i weight_i * logits_i, listed at every class any part lists."""
     if len(parts) == 1:

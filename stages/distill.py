@@ -26,7 +26,7 @@ from richkd.pipeline.seeding import CRD_MEMORY, NEGATIVES, holdout_split, seeded
 from richkd.pipeline.shards import ShardSet, open_shard_set
 from richkd.pipeline.streaming import ShardStream
 from richkd.pipeline.targets import EpochTargets
-from richkd.pipeline.topk import SparseLogits, sparse_kd_loss
+from richkd.pipeline.topk import SparseLogits, as_dense, sparse_kd_loss
 from richkd.pipeline.training import Trainer, run_per_seed
 from richkd.pipeline.training_options import TrainingOptions
 from richkd.pipeline.views import mixing, policy_from_description
@@ -166,10 +166,10 @@ def kd_term(logits, fused, labels, options: LossOptions, epoch: int) -> torch.Te
 
 def dkd_term(logits, fused, labels, options: LossOptions, epoch: int) -> torch.Tensor:
     """DKD, its weight ramped in over --dkd-warmup epochs as in DKD's paper."""
-    if isinstance(fused, SparseLogits):  # DKD's split into the label and the rest needs every class
-        fused = fused.dense()
     warmup = min((epoch + 1) / options.dkd_warmup, 1.0) if options.dkd_warmup else 1.0
-    return warmup * dkd_loss(logits, fused, labels, options.dkd_alpha, options.dkd_beta, options.temperature)
+    # DKD's split into the label and the rest needs every class: a sparse target is densified.
+    return warmup * dkd_loss(logits, as_dense(fused), labels, options.dkd_alpha, options.dkd_beta,
+                             options.temperature)
 
 
 # DKD carries its own alpha and beta, so it is weighted 1 unless told otherwise (as in DKD's paper).
