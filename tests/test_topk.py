@@ -3,6 +3,8 @@ fusing and the KD loss on that sparse form equal their dense computation on the 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,10 @@ def test_a_top_k_store_distills_and_inspects(stores, tiny_world, tmp_path, capsy
     assert run_cli(["inspect", sparse]) == 0
     shown = capsys.readouterr().out
     assert "top-5 logits per source (the rest's mass exact at T = 2)" in shown and "teacher/topk_classes" in shown
+    # Its views rebuild to the stored top-k logits, which are the teacher's own (float32: to rounding).
+    assert run_cli(["inspect", sparse, "--verify-views", "20", "--json", "--device", "cpu"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["views_rebuilt"] == 20 and checked["largest_difference"] < 1e-4
 
 
 @pytest.mark.parametrize("flags, message", [
