@@ -77,8 +77,11 @@ class StrongAugment:
                 for _ in range(1 if trivial else transform.num_ops):
                     op = int(rng.integers(len(names)))
                     magnitudes, _ = space[names[op]]
-                    magnitude_bin = int(rng.integers(len(magnitudes))) if trivial else transform.magnitude
-                    slots.append((op, magnitude_bin if magnitudes.ndim > 0 else -1, int(rng.integers(2))))
+                    if magnitudes.ndim == 0:  # an op without magnitude
+                        magnitude_bin = -1
+                    else:
+                        magnitude_bin = int(rng.integers(len(magnitudes))) if trivial else transform.magnitude
+                    slots.append((op, magnitude_bin, int(rng.integers(2))))
             drawn = sum((*slots, *[NO_OP] * (OP_SLOTS - len(slots))), ())
         if self.erase:
             drawn += self._erase_box(rng)

@@ -69,6 +69,21 @@ def test_every_op_replays_as_torchvision_applies_it(name):
         assert ops_seen == set(range(len(names)))  # every op, exactly
 
 
+@pytest.mark.parametrize("name", ["randaugment", "trivialaugment", "autoaugment"])
+def test_drawn_parameters_name_real_ops_and_replay_the_same_pixels_twice(name):
+    strong = StrongAugment(name, 0.25, SIZE)
+    rng, ops = np.random.default_rng(0), len(strong._space(strong._transform()))
+    drawn = [strong.sample(rng) for _ in range(300)]
+    assert {len(params) for params in drawn} == {len(strong.param_names)}
+    slots = np.asarray([params[:6] for params in drawn]).reshape(-1, 3)
+    assert ((slots[:, 0] >= -1) & (slots[:, 0] < ops)).all() and set(np.unique(slots[:, 2])) <= {0, 1}
+    if name == "randaugment":  # both slots filled, RandAugment's fixed magnitude wherever an op has one
+        assert (slots[:, 0] >= 0).all() and set(np.unique(slots[:, 1])) <= {-1, 9}
+    for params in drawn[:60]:
+        first, again = strong.apply(image(), params), strong.apply(image(), params)
+        assert first.dtype == torch.uint8 and first.shape == image().shape and torch.equal(first, again)
+
+
 def test_an_erased_box_is_zeros_and_the_rest_untouched():
     strong = StrongAugment("none", 0.5, SIZE)
     rng = np.random.default_rng(0)
@@ -202,3 +217,14 @@ def test_mixing_needs_two_samples(tmp_path, tiny_world, capsys):
     args[args.index("--data-root") + 1] = str(tmp_path / "one")
     assert run_cli(args) == 2
     assert "--mix needs at least two samples to mix, the split has 1\n" in capsys.readouterr().err
+
+
+def test_label_only_training_draws_the_same_augmentation_afresh(tiny_world, tmp_path):
+    """`richkd train --augment --mix`: the label-only baseline of a run distilled from an augmented store."""
+    out = tmp_path / "ce"
+    assert run_cli(["train", "--dataset", "cifar100", "--data-root", str(tiny_world.data_root), "--arch", "resnet8",
+                    "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--augment",
+                    "trivialaugment", "--random-erase", "0.3", "--mix", "both", "--out", str(out)]) == 0
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    policy = policy_from_description(saved["view_policy"])
+    assert policy.augment.augment == "trivialaugment" and policy.mix.kind == "both" and policy.mix.samples == 40
