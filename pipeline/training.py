@@ -34,6 +34,7 @@ from richkd.pipeline.runtime import autocast, console, hide_progress_bars, progr
 from richkd.pipeline.seeding import ORDER, restore_rng_states, rng_states, seeded_generator
 from richkd.pipeline.shards import CenterViewStream, ShardSet
 from richkd.pipeline.training_options import OPTIMIZERS, TrainingOptions, learning_rate_factor
+from richkd.pipeline.views import mixing
 
 
 def same_setting(now, saved) -> bool:
@@ -146,9 +147,13 @@ class Trainer:
         """`dataset` is read by index, unless the objective streams it (then only its normalisation is used);
         its `validation` samples choose best.pt. `eval_dataset` is read by index, or streamed when it is a set of
         shards, once after the last epoch. The lines of `announce` are printed once the run directory is ready."""
-        self.options, self.objective, self.announce = options, objective, announce
         self.dataset, self.eval_dataset, self.policy = dataset, eval_dataset, policy
         self.validation = np.zeros(0, dtype=np.int64) if validation is None else validation
+        if mixing(policy) is not None and len(self.validation):
+            # Partners are drawn from every sample (a store's, before any run chose its validation share).
+            announce += ("mixing partners are drawn from every sample, the validation share's included: best.pt "
+                         "is chosen on images training has seen mixed in (--val-fraction 0 keeps no best.pt)",)
+        self.options, self.objective, self.announce = options, objective, announce
         self.device = resolve_device(options.device)
         self.model = model.to(self.device)
         self.objective.to(self.device)

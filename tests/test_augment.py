@@ -219,12 +219,15 @@ def test_mixing_needs_two_samples(tmp_path, tiny_world, capsys):
     assert "--mix needs at least two samples to mix, the split has 1\n" in capsys.readouterr().err
 
 
-def test_label_only_training_draws_the_same_augmentation_afresh(tiny_world, tmp_path):
+def test_label_only_training_draws_the_same_augmentation_afresh(tiny_world, tmp_path, capsys):
     """`richkd train --augment --mix`: the label-only baseline of a run distilled from an augmented store."""
     out = tmp_path / "ce"
     assert run_cli(["train", "--dataset", "cifar100", "--data-root", str(tiny_world.data_root), "--arch", "resnet8",
                     "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--augment",
-                    "trivialaugment", "--random-erase", "0.3", "--mix", "both", "--out", str(out)]) == 0
+                    "trivialaugment", "--random-erase", "0.3", "--mix", "both", "--val-fraction", "0.1",
+                    "--out", str(out)]) == 0
+    assert "mixing partners are drawn from every sample, the validation share's included" in " ".join(
+        capsys.readouterr().err.split())
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     policy = policy_from_description(saved["view_policy"])
     assert policy.augment.augment == "trivialaugment" and policy.mix.kind == "both" and policy.mix.samples == 40
