@@ -76,6 +76,7 @@ class ShardSet:
     class_names: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    name = "webdataset"  # the dataset name it is read as
 
 
 def pipe_command(url: str) -> bool:

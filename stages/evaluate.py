@@ -36,6 +36,7 @@ from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter, p
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
 from richkd.pipeline.normalization import Normalization, NormalizeOptions, choose_normalization
 from richkd.pipeline.runtime import autocast, print_json, progress_bar, resolve_device, results
+from richkd.pipeline.shards import CenterViewStream, ShardSet, open_shard_set, pipe_command, shard_urls
 from richkd.pipeline.views import ViewPolicy, make_view_policy, policy_from_description
 
 # The uncorrupted images, evaluated with the corrupted ones.
@@ -50,6 +51,10 @@ class EvaluateConfig(DataOptions, NormalizeOptions, ExecutionOptions):
     arch: str | None = option(None, "Architecture, for checkpoints that do not record it (e.g. mdistiller's).",
                               "Model")
     split: str = option("test", "Split to evaluate.", "Data")
+    stream: bool = option(
+        False, "Read the split's tar shards front to back, each sample once, instead of by index, so that pipe: and "
+        "object-store URLs work (--dataset webdataset; class names and normalisation as the checkpoint records them, "
+        "or from the shards' classes.txt and normalization.json).", "Data")
     image_size: int | None = option(None, "Evaluation image side, for checkpoints that do not record it.", "Data")
     confidence_threshold: float = option(
         CONFIDENCE_THRESHOLD, "Confidence at or above which a prediction counts as confident.", "Metrics")
@@ -81,7 +86,10 @@ class EvaluateConfig(DataOptions, NormalizeOptions, ExecutionOptions):
         require(self.corruption_seed >= 0, f"--corruption-seed must be 0 or more, got {self.corruption_seed}")
         require(self.corruption_samples is None or self.corruption_samples >= 1,
                 f"--corruption-samples must be at least 1, got {self.corruption_samples}")
-        self.corruption_names()
+        corrupted = self.corruption_names()
+        require(not self.stream or self.dataset == "webdataset", "--stream reads tar shards: use --dataset webdataset")
+        require(not (self.stream and corrupted), "--stream reads each sample once, front to back, and "
+                "corruptions are evaluated on samples by index: evaluate them without --stream")
         parse_severities(self.severities)
 
     def corruption_names(self) -> list[str]:
@@ -93,13 +101,18 @@ class EvaluateConfig(DataOptions, NormalizeOptions, ExecutionOptions):
 
 def run(config: EvaluateConfig) -> dict:
     device = resolve_device(config.device)
-    dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
     checkpoints = find_checkpoints(config.checkpoint)
-    policy = evaluation_policy(checkpoints, dataset.native_size, config.image_size)
-    names = config.corruption_names()
-    published = open_published(config.corrupted_root, names, dataset.labels, policy.size) if names else None
-    dataset = in_checkpoint_class_order(dataset, checkpoints)
-    views = LabelledViews(dataset, policy, center=True)
+    names, published = config.corruption_names(), None
+    if config.stream:
+        dataset = streamed_split(config, checkpoints)
+        policy = evaluation_policy(checkpoints, None, config.image_size)
+        views = CenterViewStream(dataset, policy)
+    else:
+        dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+        policy = evaluation_policy(checkpoints, dataset.native_size, config.image_size)
+        published = open_published(config.corrupted_root, names, dataset.labels, policy.size) if names else None
+        dataset = in_checkpoint_class_order(dataset, checkpoints)
+        views = LabelledViews(dataset, policy, center=True)
     loader = data_loader(views, config.batch_size, config.num_workers, device)
     results, models, normalizations = [], [], []
     for path, saved in checkpoints:
@@ -118,8 +131,8 @@ def run(config: EvaluateConfig) -> dict:
             "checkpoint": path,
             "seed": checkpoint_seed(saved),
             "arch": arch,
-            "dataset": dataset.name,
-            "split": dataset.split,
+            "dataset": config.dataset,
+            "split": config.split,
             "confidence_threshold": config.confidence_threshold,
             "normalization": normalization.describe(),
             **meter.result(),
@@ -167,6 +180,23 @@ def find_checkpoints(pattern: str) -> list[tuple[str, dict]]:
             raise UserError(f"checkpoints {by_seed[seed][0]} and {path} both {which}: evaluate each seed of a run once")
         by_seed[seed] = path, saved
     return [by_seed[seed] for seed in sorted(by_seed, key=lambda seed: (seed is None, seed or 0))]
+
+
+def streamed_split(config: EvaluateConfig, checkpoints: list[tuple[str, dict]]) -> ShardSet:
+    """The split's shards, to be read front to back: their class ids are the checkpoint's, which shards that can be
+    opened (not `pipe:`) must list in the same order in their classes.txt."""
+    (first, saved), *_ = checkpoints
+    trained = saved.get("class_names")
+    if any(pipe_command(url) for url in shard_urls(config.data_root, config.split)):
+        if trained is None or "normalization" not in saved:
+            raise UserError(f"checkpoint {first} records no class names or normalisation, which pipe: shards "
+                            "cannot give: evaluate shards that have their classes.txt beside them")
+        return open_shard_set(config.data_root, config.split, {"class_names": trained, **saved["normalization"]})
+    shards = open_shard_set(config.data_root, config.split)
+    if trained is not None and list(trained) != shards.class_names:
+        raise UserError(f"the shards' classes.txt lists other classes, or another order, than checkpoint {first} "
+                        "was trained on: evaluate without --stream, which renumbers them by name")
+    return shards
 
 
 def in_checkpoint_class_order(dataset: ImageDataset, checkpoints: list[tuple[str, dict]]) -> ImageDataset:

@@ -1,7 +1,9 @@
-"""`richkd distill --stream`: tar shards and the store both read front to back, every sample with its own row."""
+"""Streaming tar shards: `distill --stream` reads shards and store front to back, every sample with its own row, and
+`evaluate --stream` reads a split once."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -228,3 +230,41 @@ def test_distill_runs_read_one_store_at_once(store, cifar_shards, tmp_path):  # 
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert snapshot() == before
+
+
+def test_evaluate_streams_the_split_and_agrees_with_reading_it_by_index(
+        store, cifar_shards, tiny_world, tmp_path, capsys):  # noqa: F811
+    """`evaluate --stream` on the shards, on pipe: commands of them, and by index: the same metrics."""
+    run = tmp_path / "student"
+    assert run_cli(["distill", "--dataset", "webdataset", "--data-root", str(cifar_shards / CIFAR_SHARDS["train"]),
+                    "--cache", str(store), "--arch", "resnet8", "--epochs", "1", "--batch-size", "8",
+                    "--num-workers", "0", "--device", "cpu", "--eval-split", "train", "--out", str(run)]) == 0
+    pattern = str(cifar_shards / CIFAR_SHARDS["test"])
+    piped = "::".join(f"pipe:cat {url}" for url in open_shard_set(pattern, "test").urls)
+    evaluate = ["evaluate", "--dataset", "webdataset", "--split", "test", "--checkpoint",
+                str(run / "checkpoints" / "last.pt"), "--num-workers", "0", "--device", "cpu", "--json"]
+    metrics = {}
+    for name, extra in (("by index", ["--data-root", pattern]), ("streamed", ["--data-root", pattern, "--stream"]),
+                        ("piped", ["--data-root", piped, "--stream"])):
+        capsys.readouterr()
+        assert run_cli([*evaluate, *extra]) == 0, name
+        metrics[name] = json.loads(capsys.readouterr().out)
+    assert metrics["by index"]["count"] == 20
+    for name in ("streamed", "piped"):
+        for key in ("count", "top1", "nll", "ece", "per_class_accuracy"):
+            assert metrics[name][key] == pytest.approx(metrics["by index"][key], abs=1e-6), (name, key)
+    assert_user_error([*evaluate, "--data-root", pattern, "--stream", "--corruptions", "all"], capsys,
+                      "--stream reads each sample once, front to back, and corruptions are evaluated on samples by "
+                      "index: evaluate them without --stream")
+    assert_user_error([*replace_flag(evaluate, "--dataset", "cifar100"), "--data-root", pattern, "--stream"], capsys,
+                      "--stream reads tar shards: use --dataset webdataset")
+    teacher = ["--checkpoint", str(tiny_world.teacher_checkpoint), "--arch", "resnet8"]  # mdistiller's: no classes
+    assert_user_error([*evaluate, *teacher, "--data-root", piped, "--stream"], capsys,
+                      "records no class names or normalisation, which pipe: shards cannot give: evaluate shards "
+                      "that have their classes.txt beside them")
+    reordered = tmp_path / "reordered"
+    shutil.copytree(cifar_shards, reordered)
+    names = (reordered / "classes.txt").read_text().splitlines()
+    (reordered / "classes.txt").write_text("\n".join(reversed(names)) + "\n")
+    assert_user_error([*evaluate, "--data-root", str(reordered / CIFAR_SHARDS["test"]), "--stream"], capsys,
+                      "the shards' classes.txt lists other classes, or another order, than checkpoint")
