@@ -8,6 +8,7 @@ pixels are the same wherever and whenever it runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -59,13 +60,18 @@ class StrongAugment:
         bins = 10 if isinstance(transform, torchvision_augment.AutoAugment) else transform.num_magnitude_bins
         return transform._augmentation_space(bins, (self.size, self.size))
 
+    @functools.cached_property
+    def _ops(self) -> tuple:
+        """(the transform, its op space, the ops' names in order), built once rather than for every view."""
+        transform = self._transform()
+        space = self._space(transform)
+        return transform, space, list(space)
+
     def sample(self, rng: np.random.Generator) -> tuple[int, ...]:
         """Draw what the transform's `forward` would, from this view's generator."""
         drawn: tuple[int, ...] = ()
         if self.ops:
-            transform = self._transform()
-            space = self._space(transform)
-            names = list(space)
+            transform, space, names = self._ops
             slots = []
             if isinstance(transform, torchvision_augment.AutoAugment):
                 for name, probability, magnitude_bin in transform.policies[int(rng.integers(len(transform.policies)))]:
@@ -106,9 +112,7 @@ class StrongAugment:
         """The stored ops and erasing of `params` on a uint8 (3, size, size) view."""
         params = [int(p) for p in params]
         if self.ops:
-            transform = self._transform()
-            space = self._space(transform)
-            names = list(space)
+            _, space, names = self._ops
             for slot in range(OP_SLOTS):
                 op, magnitude_bin, negate = params[3 * slot: 3 * slot + 3]
                 if op < 0:
