@@ -203,12 +203,7 @@ def geometric_policy(name: str, native_size: int | None, image_size: int | None)
 def policy_summary(policy: ViewPolicy, native_size: int | None) -> str:
     """One line on the views a stage will cut, and why, for its start-up message."""
     if isinstance(policy, Augmented):
-        strong, added = policy.augment, []
-        if strong is not None:
-            added += [strong.augment] * strong.ops + [f"random erasing (p {strong.erase:g})"] * (strong.erase > 0)
-        if policy.mix is not None:
-            added.append(f"{policy.mix.kind} with another sample")
-        return f"{policy_summary(policy.base, native_size)}; then {', '.join(added)}"
+        return f"{policy_summary(policy.base, native_size)}; then {', '.join(augmentation_summary(policy))}"
     images = (f"the images are {native_size} x {native_size}" if native_size is not None
               else "the images differ in size, or are not square")
     if isinstance(policy, PadCrop):
@@ -216,6 +211,18 @@ def policy_summary(policy: ViewPolicy, native_size: int | None) -> str:
     if isinstance(policy, ResizedCrop):
         return f"views: random resized crops to {policy.size} px, and flips ({images})"
     return f"views: the centre {policy.size} px ({images})"
+
+
+def augmentation_summary(policy: ViewPolicy) -> list[str]:
+    """What a policy adds after its crop, in words (nothing for a geometric policy)."""
+    if not isinstance(policy, Augmented):
+        return []
+    strong, added = policy.augment, []
+    if strong is not None:
+        added += [strong.augment] * strong.ops + [f"random erasing (p {strong.erase:g})"] * (strong.erase > 0)
+    if policy.mix is not None:
+        added.append(f"{policy.mix.kind} with another sample")
+    return added
 
 
 def keeps_scale(policy: ViewPolicy) -> bool:

@@ -21,7 +21,7 @@ from richkd.pipeline.metrics import percent
 from richkd.pipeline.models import file_sha256
 from richkd.pipeline.runtime import DEVICE_CHOICES, print_json, progress_bar, resolve_device, results
 from richkd.pipeline.targets import ALPHAS, target_quality
-from richkd.pipeline.views import image_for_views, policy_from_description, rebuild_view
+from richkd.pipeline.views import augmentation_summary, image_for_views, policy_from_description, rebuild_view
 from richkd.stages.precompute import load_teacher
 
 
@@ -157,7 +157,9 @@ def print_report(report: dict, console: Console) -> None:
     console.print(f"[bold]{report['store']}[/]")
     console.print(f"dataset   {dataset['name']} / {dataset['split']}: {dataset['num_samples']} samples, "
                   f"{len(dataset['class_names'])} classes")
-    console.print(f"views     {views['count']} x {views['policy']} (size {views['size']}), seed {views['seed']}")
+    stored = augmentation_summary(policy_from_description(views))
+    console.print(f"views     {views['count']} x {views['policy']} (size {views['size']}), seed {views['seed']}"
+                  + (f"; then {', '.join(stored)}" if stored else ""), soft_wrap=True)
     console.print(f"teacher   {teacher['arch']}, checkpoint sha256 {teacher['checkpoint_sha256'][:16]}")
     weights = clip["pretrained"] or (clip["checkpoint_sha256"] or "")[:16]
     console.print(f"clip      {clip['model']} ({weights}), {len(clip['templates'])} templates, "

@@ -171,6 +171,9 @@ def test_a_mixed_store_replays_its_partners_and_distills_with_mixed_labels(tiny_
                                        "box_width")
     capsys.readouterr()
     assert run_cli(["inspect", str(out), "--verify-views", "40", "--device", "cpu"]) == 0
+    assert run_cli(["inspect", str(out)]) == 0
+    assert "views 2 x pad_crop (size 32), seed 0; then randaugment, cutmix with another sample" in " ".join(
+        capsys.readouterr().out.split())
 
     run = tmp_path / "student"
     distill = ["distill", "--dataset", "cifar100", "--data-root", str(tiny_world.data_root), "--cache", str(out),
