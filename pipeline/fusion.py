@@ -92,14 +92,14 @@ VARIANTS = {
 @dataclass(frozen=True)
 class Fusion:
     """How a run fuses the cached logits: z_F = teacher_weight z_T + clip_weight * scale * s_C. In a top-k store
-    (`sparse_classes`: its number of classes) the sources are sparse, and so is z_F."""
+    (`topk` > 0, of `classes` classes) the sources are sparse, and so is z_F."""
 
     teacher_weight: float
     clip_weight: float
     scale: float
     standardize: bool = False
     topk: int = 0
-    sparse_classes: int = 0
+    classes: int = 0
 
     @classmethod
     def of(cls, variant: str, alpha: float, clip_scale: str, logit_scale: float, standardize: bool = False,
@@ -107,7 +107,7 @@ class Fusion:
         """The fusion of `variant` at `alpha`, CLIP's cosines scaled by `clip_scale` of a store whose CLIP has
         `logit_scale`, which holds `topk` logits of `classes` per source (topk 0: dense)."""
         return cls(*VARIANTS[variant].logit_weights(alpha), clip_scale_value(clip_scale, logit_scale), standardize,
-                   topk, classes if topk else 0)
+                   topk, classes)
 
     @property
     def arrays(self) -> tuple[str, ...]:
@@ -124,6 +124,6 @@ class Fusion:
                                     ("clip/logits", self.clip_weight, self.scale)):
             if weight > 0:
                 logits = SparseLogits.from_stored(*(targets[array] for array in TOPK_ARRAYS[name]),
-                                                  self.sparse_classes).scaled(scale)
+                                                  self.classes).scaled(scale)
                 parts.append((weight, logits.standardized() if self.standardize else logits))
         return weighted_sum(parts)

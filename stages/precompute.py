@@ -346,6 +346,7 @@ def write_shards(writer: CacheWriter, locks: BlockLocks, layout: Layout, shards:
     thread so that writing overlaps compute. A block already written is computed again (its shard's batches hold
     every view, the same as in one go) but not rewritten."""
     dtypes = {name: np.dtype(spec.dtype) for name, spec in layout.arrays().items() if spec.dtype != "str"}
+    clip_logit_scale = models.clip.logit_scale
     shard_iter = iter(shards)
     writes: list[Future] = []
     with ThreadPoolExecutor(max_workers=1) as pool, progress_bar("img") as progress:
@@ -360,12 +361,13 @@ def write_shards(writer: CacheWriter, locks: BlockLocks, layout: Layout, shards:
                 size, filled = stop - start, 0
                 buffers = [{name: [] for name in layout.per_view_arrays()} for _ in range(layout.views)]
             samples = len(views)
-            outputs = stored_outputs(models(views.flatten(0, 1)), layout, models.clip.logit_scale)
+            outputs = stored_outputs(models(views.flatten(0, 1)), layout, clip_logit_scale)
+            stored = {name: to_storage(name, values, dtypes[name]).reshape(samples, layout.views, -1)
+                      for name, values in outputs.items()}  # one check and one copy to the host per array
             for view, buffer in enumerate(buffers):
                 buffer["views/params"].append(params[:, view].numpy())
-                for name, values in outputs.items():
-                    buffer[name].append(to_storage(name, values.unflatten(0, (samples, layout.views))[:, view],
-                                                   dtypes[name]))
+                for name, values in stored.items():
+                    buffer[name].append(values[:, view])
             filled += samples
             progress.advance(task, samples * layout.views)
             if filled == size:
