@@ -195,6 +195,24 @@ class DataOptions(Options):
 
 
 @dataclass
+class StreamOptions(DataOptions):
+    """Tar shards read front to back instead of by index."""
+
+    stream: bool = option(
+        False, "Read the tar shards (--dataset webdataset) front to back instead of by index: sequential reads for "
+        "shards on slow or remote storage, and `pipe:` URLs work (give their class names to --class-names).",
+        "Streaming")
+
+    def validate(self) -> None:
+        super().validate()
+        require(not self.stream or self.dataset == "webdataset",
+                f"--stream reads tar shards: it needs --dataset webdataset, not '{self.dataset}'")
+        # Of the commands that draw views (precompute, train); distill refuses a mixed store itself.
+        require(not (self.stream and getattr(self, "mix", "none") != "none"), "--mix takes each view's partner from "
+                "another sample, whose image a stream cannot fetch: run without --stream")
+
+
+@dataclass
 class ViewOptions(Options):
     """How augmented views of an image are made."""
 

@@ -43,7 +43,8 @@ class ImageDataset:
     std: tuple[float, float, float]
     # Side of the (square) images when every image has it (for an image folder: every image of a sample), else None.
     native_size: int | None
-    load: Callable[[int], torch.Tensor]
+    # Index -> image; None for shards read only front to back (`--stream`).
+    load: Callable[[int], torch.Tensor] | None
     # Samples of each tar shard, in order, for data read from shards (whose readers check them).
     shard_sizes: list[int] | None = None
 

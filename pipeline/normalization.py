@@ -82,9 +82,10 @@ def given_normalization(spec: str) -> Normalization:
 
 def measured_normalization(dataset) -> Normalization:
     """Mean and std of every pixel of up to MEASURED_IMAGES images of `dataset`, evenly spaced."""
-    if not hasattr(dataset, "image"):
+    if getattr(dataset, "load", None) is None:  # a ShardSet, or a split scanned to be streamed
         raise UserError("--normalize dataset measures images read by index, which streamed shards are not: "
-                        "measure it in precompute (the store records it) and distill with --normalize auto")
+                        "measure it in a run without --stream (its store or checkpoint records it), or give its "
+                        "numbers to --normalize")
     picked = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), MEASURED_IMAGES)).round().astype(int))
     sums, squares, pixels = np.zeros(3), np.zeros(3), 0
     for index in picked:

@@ -15,11 +15,14 @@ The cache needs random access (row `i` is sample `i` whatever the loader order),
 once: their tar headers, each `cls` member and the first bytes of each image (its size) are read, seeking
 past the image data; an image is then read by seeking to it. That needs seekable files: local paths,
 `file://` and fsspec URLs that read byte ranges (`memory://`, `s3://`, `https://` ...), not `pipe:`.
-`distill --stream` needs no index: it reads whole shards front to back (`stream_shard`), `pipe:` included.
+With `--stream` no stage needs the index: each reads whole shards front to back (`stream_shard`), `pipe:` included;
+precompute and train read them once first for their keys and labels (`scan_shards`). `pipe:` shards have no folder:
+their class names come from `--class-names` (`streamed_shard_set`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -44,6 +47,7 @@ from webdataset.tariterators import base_plus_ext
 
 from richkd.pipeline.data import IMAGE_DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.runtime import progress_bar
 
 SPLIT_PLACEHOLDER = "{split}"
 CLASSES_FILE = "classes.txt"
@@ -84,10 +88,9 @@ def pipe_command(url: str) -> bool:
 
 
 def open_shard_set(pattern: str, split: str, recorded: dict | None = None) -> ShardSet:
-    """The shards `pattern` names for `split`, all of which must exist, to be read by index: class names and
-    normalisation come from the first shard's folder. Shards to be streamed instead come with the dataset
-    record of a store precomputed from them, whose class names and normalisation they take; they may
-    include `pipe:` commands."""
+    """The shards `pattern` names for `split`, all of which must exist: class names and normalisation come from the
+    first shard's folder, or from `recorded` (a store's dataset record, a checkpoint's, or given), which shards
+    streamed front to back may need: they may include `pipe:` commands."""
     urls = shard_urls(pattern, split)
     if recorded is None and any(pipe_command(url) for url in urls):
         raise UserError(f"--data-root {pattern}: pipe: URLs cannot be read by index; give the shards' paths "
@@ -108,43 +111,87 @@ def open_shard_set(pattern: str, split: str, recorded: dict | None = None) -> Sh
     return ShardSet(urls, class_names, mean, std)
 
 
+def streamed_shard_set(pattern: str, split: str, class_names_file: str | None) -> ShardSet:
+    """The shards `pattern` names for `split`, to be read front to back. pipe: shards have no folder to hold their
+    classes.txt: their class names come from `class_names_file` (the file itself, or any copy), their
+    normalisation is ImageNet's; other shards' as `open_shard_set` reads them."""
+    if not any(pipe_command(url) for url in shard_urls(pattern, split)):
+        return open_shard_set(pattern, split)
+    if class_names_file is None:
+        raise UserError("pipe: shards have no folder to hold their classes.txt: pass --class-names, a file of the "
+                        "class names, one per line in class-id order")
+    fs, path = fsspec.core.url_to_fs(class_names_file)
+    class_names = read_class_names(fs, path, class_names_file)
+    return open_shard_set(pattern, split, {"class_names": class_names, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+
+
 @register_dataset("webdataset")
 def open_shards(root: Path | str, split: str, download: bool) -> ImageDataset:
     if download:
         raise UserError("dataset 'webdataset' cannot be downloaded; point --data-root at its shards")
     shard_set = open_shard_set(str(root), split)
-    urls, class_names = shard_set.urls, shard_set.class_names
+    locations: list[tuple[int, int]] = []
 
-    labels, keys, shards, offsets, sizes, image_sizes = [], [], [], [], [], set()
+    def indexed():
+        for number, url in enumerate(shard_set.urls):
+            with open_shard(url) as file:
+                for sample, label, size in index_shard(file, url, shard_set.class_names):
+                    locations.append((sample.image.offset_data, sample.image.size))
+                    yield number, sample.key, label, size
+
+    dataset = split_of_shards(shard_set, split, indexed())
+    offsets, sizes = np.asarray(locations, np.int64).reshape(-1, 2).T
+    shards = np.repeat(np.arange(len(shard_set.urls), dtype=np.int32), dataset.shard_sizes)
+    return dataclasses.replace(dataset, load=ShardImages(shard_set.urls, dataset.keys, shards, offsets, sizes))
+
+
+def shard_starts(shard_sizes: list[int]) -> np.ndarray:
+    """The first sample index of each shard, then the number of samples."""
+    return np.concatenate([[0], np.cumsum(shard_sizes, dtype=np.int64)])
+
+
+def scan_shards(shard_set: ShardSet, split: str) -> ImageDataset:
+    """The split of `shard_set`, its keys, labels and shard sizes learnt by reading every shard front to back once
+    (`pipe:` commands too); its images are then only streamed (`load` is None)."""
+    def scanned():
+        with progress_bar("shard") as progress:
+            for number, url in enumerate(progress.track(shard_set.urls, description=f"reading {split}'s shards")):
+                for key, label, encoded in stream_shard(url, len(shard_set.class_names)):
+                    yield number, key, label, encoded_image_size(encoded, f"{key} in {url}")
+
+    return split_of_shards(shard_set, split, scanned())
+
+
+def split_of_shards(shard_set: ShardSet, split: str, samples: Iterator[tuple[int, str, int, tuple[int, int]]]
+                    ) -> ImageDataset:
+    """The split whose (shard number, key, class id, image (width, height)) are `samples`, in order; every key
+    once. Its images are not readable until `load` is set."""
+    labels, keys, shards, image_sizes = [], [], [], set()
     shard_of: dict[str, str] = {}
-    for number, url in enumerate(urls):
-        with open_shard(url) as file:
-            for sample, label, size in index_shard(file, url, class_names):
-                if sample.key in shard_of:
-                    raise UserError(f"sample key '{sample.key}' occurs twice: in {shard_of[sample.key]} and in {url}")
-                shard_of[sample.key] = url
-                keys.append(sample.key)
-                labels.append(label)
-                shards.append(number)
-                offsets.append(sample.image.offset_data)
-                sizes.append(sample.image.size)
-                image_sizes.add(size)
+    for number, key, label, size in samples:
+        url = shard_set.urls[number]
+        if key in shard_of:
+            raise UserError(f"sample key '{key}' occurs twice: in {shard_of[key]} and in {url}")
+        shard_of[key] = url
+        keys.append(key)
+        labels.append(label)
+        shards.append(number)
+        image_sizes.add(size)
     native_size = None
     if len(image_sizes) == 1:  # every image has one size: the native size if it is square
         width, height = image_sizes.pop()
         native_size = width if width == height else None
     return ImageDataset(
-        name="webdataset",
+        name=shard_set.name,
         split=split,
-        class_names=class_names,
+        class_names=shard_set.class_names,
         labels=np.asarray(labels, dtype=np.int64),
         keys=keys,
         mean=shard_set.mean,
         std=shard_set.std,
         native_size=native_size,
-        load=ShardImages(urls, keys, np.asarray(shards, np.int32), np.asarray(offsets, np.int64),
-                         np.asarray(sizes, np.int64)),
-        shard_sizes=np.bincount(np.asarray(shards, np.int64), minlength=len(urls)).tolist(),
+        load=None,
+        shard_sizes=np.bincount(np.asarray(shards, np.int64), minlength=len(shard_set.urls)).tolist(),
     )
 
 
@@ -294,12 +341,25 @@ def image_size(file, member: tarfile.TarInfo, name: str) -> tuple[int, int]:
     while True:
         file.seek(member.offset_data)
         try:
-            with Image.open(io.BytesIO(file.read(length))) as image:
-                return image.size
-        except IMAGE_DECODE_ERRORS as error:  # a header cut short fails in format-specific ways
-            if length == member.size:
-                raise UserError(f"cannot read image {name}: {error}") from error
+            return encoded_image_size(file.read(length), name, complete=length == member.size)
+        except HeaderCutShort:
             length = min(member.size, length * 16)
+
+
+class HeaderCutShort(Exception):
+    """The first bytes of an image do not hold its whole header."""
+
+
+def encoded_image_size(encoded: bytes, name: str, complete: bool = True) -> tuple[int, int]:
+    """(width, height) of an encoded image, from its header; `complete`: `encoded` is the whole image, so that
+    a header it cannot be read from is broken, not cut short."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            return image.size
+    except IMAGE_DECODE_ERRORS as error:  # a header cut short fails in format-specific ways
+        if not complete:
+            raise HeaderCutShort from error
+        raise UserError(f"cannot read image {name}: {error}") from error
 
 
 # This process's open shard files, most recently used last; a forked loader worker starts without them.

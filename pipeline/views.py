@@ -232,10 +232,11 @@ def keeps_scale(policy: ViewPolicy) -> bool:
     return isinstance(policy, PadCrop) or (isinstance(policy, CenterView) and not policy.resize)
 
 
-def image_for_views(dataset, policy: ViewPolicy, index: int) -> torch.Tensor:
-    """Image `index` of `dataset`, to cut views of `policy` from. An image folder's side is found from a sample
-    of its images: one of another side would be cut at another scale, unnoticed, so it is refused."""
-    image = dataset.image(index)
+def image_for_views(dataset, policy: ViewPolicy, index: int, image: torch.Tensor | None = None) -> torch.Tensor:
+    """Image `index` of `dataset` (read by index unless given), to cut views of `policy` from. An image folder's
+    side is found from a sample of its images: one of another side would be cut at another scale, unnoticed, so
+    it is refused."""
+    image = dataset.image(index) if image is None else image
     side = dataset.native_size
     if side is not None and keeps_scale(policy) and image.shape[1:] != (side, side):
         raise UserError(f"image {dataset.keys[index]} of the {dataset.split} split is {image.shape[2]} x "

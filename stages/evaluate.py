@@ -20,7 +20,7 @@ import torch
 from rich.table import Table
 from torchvision.transforms.v2 import functional as TF
 
-from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require
+from richkd.pipeline.config import ExecutionOptions, StreamOptions, option, require
 from richkd.pipeline.corruptions import (
     PublishedCorruptions,
     corrupt,
@@ -44,7 +44,7 @@ CLEAN = ("clean", 0)
 
 
 @dataclass
-class EvaluateConfig(DataOptions, NormalizeOptions, ExecutionOptions):
+class EvaluateConfig(StreamOptions, NormalizeOptions, ExecutionOptions):
     checkpoint: str | None = option(
         None, "Checkpoint from train or distill, or a teacher checkpoint (required); or a glob pattern such as "
         "'runs/kd/seed-*/checkpoints/last.pt' to evaluate every seed of a run in one process.", "Model")
@@ -52,9 +52,9 @@ class EvaluateConfig(DataOptions, NormalizeOptions, ExecutionOptions):
                               "Model")
     split: str = option("test", "Split to evaluate.", "Data")
     stream: bool = option(
-        False, "Read the split's tar shards front to back, each sample once, instead of by index, so that pipe: and "
-        "object-store URLs work (--dataset webdataset; class names and normalisation as the checkpoint records them, "
-        "or from the shards' classes.txt and normalization.json).", "Data")
+        False, "Read the split's tar shards (--dataset webdataset) front to back, each sample once, instead of by "
+        "index, so that pipe: and object-store URLs work (class names and normalisation as the checkpoint records "
+        "them, or from the shards' classes.txt and normalization.json).", "Streaming")
     image_size: int | None = option(None, "Evaluation image side, for checkpoints that do not record it.", "Data")
     confidence_threshold: float = option(
         CONFIDENCE_THRESHOLD, "Confidence at or above which a prediction counts as confident.", "Metrics")
@@ -87,7 +87,6 @@ class EvaluateConfig(DataOptions, NormalizeOptions, ExecutionOptions):
         require(self.corruption_samples is None or self.corruption_samples >= 1,
                 f"--corruption-samples must be at least 1, got {self.corruption_samples}")
         corrupted = self.corruption_names()
-        require(not self.stream or self.dataset == "webdataset", "--stream reads tar shards: use --dataset webdataset")
         require(not (self.stream and corrupted), "--stream reads each sample once, front to back, and "
                 "corruptions are evaluated on samples by index: evaluate them without --stream")
         parse_severities(self.severities)

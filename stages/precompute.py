@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data.dataloader import default_collate
 
 from richkd.cache.locks import BlockLocks
 from richkd.cache.schema import PRECISIONS, TOPK_ARRAYS, Layout
@@ -29,7 +30,7 @@ from richkd.pipeline.clip import (
     read_class_names,
     read_templates,
 )
-from richkd.pipeline.config import DataOptions, ExecutionOptions, ViewOptions, option, require, to_dict
+from richkd.pipeline.config import ExecutionOptions, StreamOptions, ViewOptions, option, require, to_dict
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import (
@@ -46,6 +47,7 @@ from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
 from richkd.pipeline.normalization import NormalizeOptions, choose_normalization, normalized
 from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
+from richkd.pipeline.shards import decode_image, scan_shards, shard_starts, stream_shard, streamed_shard_set
 from richkd.pipeline.topk import top_k_logits
 from richkd.pipeline.views import (
     describe_policy,
@@ -58,7 +60,12 @@ from richkd.pipeline.views import (
 
 
 @dataclass
-class PrecomputeConfig(DataOptions, NormalizeOptions, ViewOptions, ExecutionOptions):
+class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOptions):
+    stream: bool = option(
+        False, "Read the tar shards (--dataset webdataset) front to back instead of by index: once for the keys and "
+        "labels, then each store shard's samples from the tar shards holding them, so that pipe: and object-store "
+        "URLs work. pipe: shards take their class names from --class-names. A --shard-size that is a multiple of "
+        "the tar shards' samples reads each tar shard once.", "Streaming")
     teacher: str = option(
         "resnet32x4", "Teacher architecture: a zoo name, tv:<torchvision model> or timm:<model>.", "Teachers")
     teacher_checkpoint: str | None = option(
@@ -70,7 +77,8 @@ class PrecomputeConfig(DataOptions, NormalizeOptions, ViewOptions, ExecutionOpti
     templates: str | None = option(
         None, "Prompt templates file, one per line with {} for the class name.", "Teachers")
     class_names: str | None = option(
-        None, "Class names file for the prompts, one per line in class order.", "Teachers")
+        None, "Class names file for the prompts, one per line in class order; with --stream, also the names of "
+        "pipe: shards' classes.", "Teachers")
     raw_class_names: bool = option(
         False, "Use class names as the dataset spells them (no '_' -> ' ').", "Teachers")
     views: int = option(8, "Augmented views per sample.", "Views")
@@ -131,8 +139,8 @@ class PrecomputeResult:
 
 
 class SampleViews(Dataset):
-    """index -> every view of sample `index`, cut from one decode of its image: uint8 (V, 3, h, w) pixels and the
-    (V, k) parameters."""
+    """index -> every view of sample `index`, cut from one decode of its image: uint8 (V, 3, h, w) pixels, the
+    (V, k) parameters, and the index."""
 
     def __init__(self, dataset: ImageDataset, policy, seed: int, views: int):
         self.dataset, self.policy, self.seed, self.views = dataset, policy, seed, views
@@ -141,10 +149,12 @@ class SampleViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image = image_for_views(self.dataset, self.policy, index)
+        return self.views_of(index, image_for_views(self.dataset, self.policy, index))
+
+    def views_of(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         params = [sample_view(self.policy, self.seed, view, index, image) for view in range(self.views)]
         views = [rebuild_view(self.policy, image, p, self._partner(view)) for view, p in enumerate(params)]
-        return torch.stack(views), torch.from_numpy(np.stack(params))
+        return torch.stack(views), torch.from_numpy(np.stack(params)), index
 
     def _partner(self, view: int):
         """Sample i's image and the params of its view `view`, for mixing (a store row is a dataset index)."""
@@ -170,6 +180,48 @@ class ShardBatches(Sampler):
     def __len__(self) -> int:
         sizes = (stop - start for start, stop in map(self.layout.shard_range, self.shards))
         return sum(-(-size // self.samples_per_batch) for size in sizes)
+
+
+class StreamedSampleViews(IterableDataset):
+    """The batches ShardBatches cuts from `shards`, their images streamed from the tar shards holding them (`urls`,
+    whose samples fill the store's rows in order, as `views.dataset` was scanned from them); loader workers split
+    the store shards."""
+
+    def __init__(self, views: SampleViews, urls: list[str], layout: Layout, shards: list[int], samples_per_batch: int):
+        self.views, self.urls, self.layout, self.shards = views, urls, layout, shards
+        self.samples_per_batch = samples_per_batch
+        self.starts = shard_starts(views.dataset.shard_sizes)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in self.shards[worker::workers]:
+            start, stop = self.layout.shard_range(shard)
+            batch = []
+            for row, image in self.images(start, stop):
+                batch.append(self.views.views_of(row, image_for_views(self.views.dataset, self.views.policy, row,
+                                                                      image)))
+                if len(batch) == self.samples_per_batch or row == stop - 1:
+                    yield default_collate(batch)
+                    batch = []
+
+    def images(self, start: int, stop: int):
+        """(row, image) of rows `start` to `stop` - 1, each tar shard holding some of them read to its end (the
+        samples outside the range are not decoded), and checked against what the scan found."""
+        dataset = self.views.dataset
+        for number in np.flatnonzero((self.starts[:-1] < stop) & (self.starts[1:] > start)):
+            url, first, expected = self.urls[number], int(self.starts[number]), dataset.shard_sizes[number]
+            count = 0
+            for count, (key, label, encoded) in enumerate(stream_shard(url, len(dataset.class_names)), 1):
+                row = first + count - 1
+                if count > expected or (key, label) != (dataset.keys[row], dataset.labels[row]):
+                    raise UserError(f"shard {url} changed while precompute read it: its sample {count} is now "
+                                    f"'{key}' of class {label}; precompute again from shards that stay as they are")
+                if start <= row < stop:
+                    yield row, decode_image(encoded, f"{key} in {url}")
+            if count != expected:
+                raise UserError(f"shard {url} changed while precompute read it: it holds {count} samples, where it "
+                                f"held {expected}; precompute again from shards that stay as they are")
 
 
 def to_storage(name: str, values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
@@ -221,7 +273,11 @@ def load_teacher(arch: str, checkpoint: str, num_classes: int, device: torch.dev
 def run(config: PrecomputeConfig) -> PrecomputeResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
-    dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+    if config.stream:
+        shard_set = streamed_shard_set(config.data_root, config.split, config.class_names)
+        dataset = scan_shards(shard_set, config.split)
+    else:
+        dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
     policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size, config.augment,
                               config.random_erase, config.mix, len(dataset))
     if not Path(config.teacher_checkpoint).is_file():
@@ -291,17 +347,19 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         images = layout.views * sum(stop - start for start, stop in map(layout.shard_range, shards))
 
         models = Models(teacher, dataset, clip, class_embeds, device)
-        loader = DataLoader(
-            SampleViews(dataset, policy, config.seed, layout.views),
-            batch_sampler=ShardBatches(layout, shards, max(1, config.batch_size // layout.views)),
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-        )
+        sample_views = SampleViews(dataset, policy, config.seed, layout.views)
+        samples_per_batch = max(1, config.batch_size // layout.views)
+        if config.stream:
+            batches = {"dataset": StreamedSampleViews(sample_views, shard_set.urls, layout, shards, samples_per_batch),
+                       "batch_size": None}
+        else:
+            batches = {"dataset": sample_views, "batch_sampler": ShardBatches(layout, shards, samples_per_batch)}
+        loader = DataLoader(**batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
         locks = BlockLocks(config.out, str(part), config.lock_timeout)
         try:
             locks.claim(pending)
             loop_started = time.perf_counter()
-            write_shards(writer, locks, layout, shards, set(pending), loader, models, images)
+            write_shards(writer, locks, layout, set(pending), loader, models, images)
             loop_seconds = time.perf_counter() - loop_started
         finally:
             locks.close()
@@ -340,38 +398,37 @@ def part_label(part: Part) -> str:
     return f" (part {part})" if part.count > 1 else ""
 
 
-def write_shards(writer: CacheWriter, locks: BlockLocks, layout: Layout, shards: list[int],
-                 pending: set[tuple[int, int]], loader, models: Models, images: int) -> None:
-    """Fill each shard's buffers, every view of a batch of samples at a time; hand its `pending` blocks to a writer
-    thread so that writing overlaps compute. A block already written is computed again (its shard's batches hold
-    every view, the same as in one go) but not rewritten."""
+def write_shards(writer: CacheWriter, locks: BlockLocks, layout: Layout, pending: set[tuple[int, int]], loader,
+                 models: Models, images: int) -> None:
+    """Fill each shard's buffers, every view of a batch of samples at a time, batches of a shard in row order; hand
+    its `pending` blocks to a writer thread so that writing overlaps compute. A block already written is computed
+    again (its shard's batches hold every view, the same as in one go) but not rewritten."""
     dtypes = {name: np.dtype(spec.dtype) for name, spec in layout.arrays().items() if spec.dtype != "str"}
     clip_logit_scale = models.clip.logit_scale
-    shard_iter = iter(shards)
     writes: list[Future] = []
+    # Shards being filled: one, or one per loader worker when workers stream shards of their own.
+    buffers: dict[int, list[dict[str, list[np.ndarray]]]] = {}
+    filled: dict[int, int] = {}
     with ThreadPoolExecutor(max_workers=1) as pool, progress_bar("img") as progress:
         task = progress.add_task("precompute", total=images)
-        shard = None
-        buffers: list[dict[str, list[np.ndarray]]] = []
-        filled = size = 0
-        for views, params in loader:  # (samples, V, 3, h, w), (samples, V, k)
-            if filled == size:
-                shard = next(shard_iter)
-                start, stop = layout.shard_range(shard)
-                size, filled = stop - start, 0
-                buffers = [{name: [] for name in layout.per_view_arrays()} for _ in range(layout.views)]
+        for views, params, rows in loader:  # (samples, V, 3, h, w), (samples, V, k), (samples,)
+            shard = int(rows[0]) // layout.shard_size
+            if shard not in buffers:
+                buffers[shard] = [{name: [] for name in layout.per_view_arrays()} for _ in range(layout.views)]
+                filled[shard] = 0
             samples = len(views)
             outputs = stored_outputs(models(views.flatten(0, 1)), layout, clip_logit_scale)
             stored = {name: to_storage(name, values, dtypes[name]).reshape(samples, layout.views, -1)
                       for name, values in outputs.items()}  # one check and one copy to the host per array
-            for view, buffer in enumerate(buffers):
+            for view, buffer in enumerate(buffers[shard]):
                 buffer["views/params"].append(params[:, view].numpy())
                 for name, values in stored.items():
                     buffer[name].append(values[:, view])
-            filled += samples
+            filled[shard] += samples
             progress.advance(task, samples * layout.views)
-            if filled == size:
-                for view, buffer in enumerate(buffers):
+            start, stop = layout.shard_range(shard)
+            if filled[shard] == stop - start:
+                for view, buffer in enumerate(buffers.pop(shard)):
                     if (view, shard) in pending:
                         block = {name: np.concatenate(parts) for name, parts in buffer.items()}
                         writes.append(pool.submit(write_and_release, writer, locks, view, shard, block))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,15 +22,17 @@ from test_shards import CIFAR_SHARDS, cifar_shards, png, write_shard  # noqa: F4
 from torch.utils.data import DataLoader
 
 from richkd.cache.reader import CacheReader
+from richkd.cache.schema import Layout
 from richkd.cli import run_cli
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.loading import LabelledViews
 from richkd.pipeline.models import read_checkpoint
-from richkd.pipeline.shards import open_shard_set
+from richkd.pipeline.shards import open_shard_set, scan_shards
 from richkd.pipeline.streaming import ShardStream
-from richkd.pipeline.views import policy_from_description
+from richkd.pipeline.views import make_view_policy, policy_from_description
+from richkd.stages.precompute import SampleViews, StreamedSampleViews
 
 TARGETS = ("teacher/logits", "teacher/features", "clip/logits", "clip/image_embeds")
 
@@ -257,7 +260,7 @@ def test_evaluate_streams_the_split_and_agrees_with_reading_it_by_index(
                       "--stream reads each sample once, front to back, and corruptions are evaluated on samples by "
                       "index: evaluate them without --stream")
     assert_user_error([*replace_flag(evaluate, "--dataset", "cifar100"), "--data-root", pattern, "--stream"], capsys,
-                      "--stream reads tar shards: use --dataset webdataset")
+                      "--stream reads tar shards: it needs --dataset webdataset, not 'cifar100'")
     teacher = ["--checkpoint", str(tiny_world.teacher_checkpoint), "--arch", "resnet8"]  # mdistiller's: no classes
     assert_user_error([*evaluate, *teacher, "--data-root", piped, "--stream"], capsys,
                       "records no class names or normalisation, which pipe: shards cannot give: evaluate shards "
@@ -268,3 +271,81 @@ def test_evaluate_streams_the_split_and_agrees_with_reading_it_by_index(
     (reordered / "classes.txt").write_text("\n".join(reversed(names)) + "\n")
     assert_user_error([*evaluate, "--data-root", str(reordered / CIFAR_SHARDS["test"]), "--stream"], capsys,
                       "the shards' classes.txt lists other classes, or another order, than checkpoint")
+
+
+def store_arrays(store: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(store), mode="r")
+    return {name: array[...] for name, array in group.members(max_depth=None) if isinstance(array, zarr.Array)}
+
+
+def test_precompute_streams_the_shards_into_the_store_it_writes_by_index(
+        store, cifar_shards, tiny_world, tmp_path, capsys):  # noqa: F811
+    """`precompute --stream`, on pipe: commands with store shards that straddle the tar shards (12 rows against 16)
+    and two loader workers, and in two parts: each writes the store that reading the shards by index writes."""
+    by_index = store_arrays(store)
+    urls = train_urls(cifar_shards)
+    args = replace_flag(tiny_world.precompute_args(tmp_path / "unused.zarr"), "--dataset", "webdataset")
+    piped = "::".join(f"pipe:cat {url}" for url in urls)
+    stats = json.loads((cifar_shards / "normalization.json").read_text())
+    straddling = tmp_path / "piped.zarr"
+    assert run_cli([*replace_flag(replace_flag(replace_flag(replace_flag(
+        args, "--data-root", piped), "--shard-size", "12"), "--num-workers", "2"), "--out", str(straddling)),
+        "--stream", "--class-names", str(cifar_shards / "classes.txt"),  # pipe: shards have no folder for these
+        "--normalize", ",".join(map(str, [*stats["mean"], *stats["std"]]))]) == 0
+    streamed = store_arrays(straddling)
+    assert streamed.keys() == by_index.keys()
+    assert streamed.pop("progress/done").all()  # 4 shards of 12 rows, not 5 of 8
+    for name, values in streamed.items():
+        assert np.array_equal(values, by_index[name]), name
+    recorded, expected = (CacheReader(str(path)).attrs for path in (straddling, store))
+    assert recorded["teacher"]["input_transform"] == expected["teacher"]["input_transform"]
+    for field in ("fingerprint", "class_names", "shard_sizes"):
+        assert recorded["dataset"][field] == expected["dataset"][field], field
+
+    parts = tmp_path / "parts.zarr"
+    local = replace_flag(replace_flag(replace_flag(args, "--data-root", "::".join(urls)), "--shard-size", "8"),
+                         "--out", str(parts))
+    for part in ("0/2", "1/2"):
+        assert run_cli([*local, "--stream", "--part", part]) == 0
+    assert "cache complete" in capsys.readouterr().err
+    for name, values in store_arrays(parts).items():
+        assert np.array_equal(values, by_index[name]), name
+
+    assert_user_error([*replace_flag(args, "--data-root", piped), "--stream"], capsys,
+                      "pipe: shards have no folder to hold their classes.txt: pass --class-names, a file of the class "
+                      "names, one per line in class-id order")
+    assert_user_error([*local, "--stream", "--mix", "cutmix"], capsys,
+                      "--mix takes each view's partner from another sample, whose image a stream cannot fetch: "
+                      "run without --stream")
+
+
+def test_a_shard_that_changes_while_precompute_streams_it_is_refused(cifar_shards, tmp_path):  # noqa: F811
+    """The shards scanned, then one of them rewritten shorter, or with a sample of another class."""
+    urls = train_urls(cifar_shards)
+    dataset = scan_shards(open_shard_set("::".join(urls), "train"), "train")
+    views = SampleViews(dataset, make_view_policy("auto", dataset.native_size, None), seed=0, views=2)
+    layout = Layout(views=2, samples=40, classes=100, teacher_dim=8, clip_dim=8, prompts=1, view_params=3,
+                    shard_size=16, chunk_size=16, precision="float16")
+    with tarfile.open(urls[1]) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    short, relabelled = tmp_path / "short.tar", tmp_path / "relabelled.tar"
+    write_members(short, members[:-2])  # its last sample gone
+    write_members(relabelled, [(member, b"99" if member.name.endswith(".cls") else data) for member, data in members])
+    for changed, message in ((short, f"shard {short} changed while precompute read it: it holds 15 samples, where it "
+                                     "held 16; precompute again from shards that stay as they are"),
+                             (relabelled, f"shard {relabelled} changed while precompute read it: its sample 1 is now "
+                                          f"'{dataset.keys[16]}' of class 99; precompute again")):
+        stream = StreamedSampleViews(views, [urls[0], str(changed), urls[2]], layout, [1], samples_per_batch=4)
+        with pytest.raises(UserError, match=re.escape(message)):
+            list(stream)
+    batches = list(StreamedSampleViews(views, urls, layout, [1, 2], samples_per_batch=5))
+    assert [batch[2].tolist() for batch in batches] == [
+        [16, 17, 18, 19, 20], [21, 22, 23, 24, 25], [26, 27, 28, 29, 30], [31], [32, 33, 34, 35, 36], [37, 38, 39]]
+
+
+def write_members(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
