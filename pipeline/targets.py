@@ -31,7 +31,7 @@ from richkd.pipeline.normalization import choose_normalization
 from richkd.pipeline.runtime import progress_bar
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.shards import ShardSet
-from richkd.pipeline.streaming import ShardStream
+from richkd.pipeline.streaming import ShardStream, epoch_shard_order
 from richkd.pipeline.topk import as_dense
 from richkd.pipeline.views import (
     ViewPolicy,
@@ -96,9 +96,9 @@ class EpochTargets:
         view = epoch % layout.views
         order_generator = seeded_generator(self.seed, epoch, ORDER)
         if self.shards is not None:
-            urls = [self.shards.urls[i] for i in torch.randperm(len(self.shards.urls), generator=order_generator)]
-            return ShardStream(urls, len(self.shards.class_names), self.reader.url, view, self.names,
-                               self.key_index, self.policy, part, self.workers, self.shuffle_buffer, self.seed, epoch)
+            urls = epoch_shard_order(self.shards.urls, self.seed, epoch)
+            return ShardStream(urls, len(self.shards.class_names), self.reader.url, view, self.names, self.key_index,
+                               self.policy, part, self.workers, self.shuffle_buffer, self.seed, epoch)
         if self.in_memory and part.count == 1:
             order = torch.randperm(layout.samples, generator=order_generator).numpy()
             order = order[self.trains_on[order]]

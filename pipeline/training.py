@@ -351,13 +351,17 @@ class Trainer:
 
 
 class SupervisedObjective(nn.Module):
-    """Cross-entropy on labels, with a fresh random view of every training sample each epoch."""
+    """Cross-entropy on labels, with a fresh random view of every training sample each epoch: read by index, or
+    streamed by `stream(epoch, part)`."""
 
-    def __init__(self, training: np.ndarray, num_samples: int, seed: int):
+    def __init__(self, training: np.ndarray, num_samples: int, seed: int,
+                 stream: Callable[[int, Part], IterableDataset] | None = None):
         super().__init__()
-        self.trains_on, self.seed = training_mask(num_samples, training), seed
+        self.trains_on, self.seed, self.stream = training_mask(num_samples, training), seed, stream
 
-    def epoch_data(self, epoch: int, part: Part) -> tuple[None, np.ndarray]:
+    def epoch_data(self, epoch: int, part: Part) -> tuple[None, np.ndarray] | IterableDataset:
+        if self.stream is not None:
+            return self.stream(epoch, part)
         order = torch.randperm(len(self.trains_on), generator=seeded_generator(self.seed, epoch, ORDER)).numpy()
         return None, rank_share(order[self.trains_on[order]], part)
 

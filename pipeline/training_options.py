@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require
+from richkd.pipeline.config import ExecutionOptions, StreamOptions, option, require
 from richkd.pipeline.distributed import torchrun_part
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.normalization import NormalizeOptions
@@ -24,7 +24,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "
 
 
 @dataclass
-class TrainingOptions(DataOptions, NormalizeOptions, ExecutionOptions):
+class TrainingOptions(StreamOptions, NormalizeOptions, ExecutionOptions):
     """Options of every training run; `train` and `distill` add their own."""
 
     eval_split: str = option(
@@ -58,6 +58,8 @@ class TrainingOptions(DataOptions, NormalizeOptions, ExecutionOptions):
     resume: bool = option(False, "Continue the run in --out from its last checkpoint.", "Run")
     overwrite: bool = option(False, "Start over, replacing the run in --out.", "Run")
     eval_batch_size: int = option(256, "Batch size of the held-out evaluation.", "Execution")
+    shuffle_buffer: int = option(4096, "--stream: samples (encoded; distill: with their targets) in each loader's "
+                                 "shuffle buffer.", "Streaming")
 
     def validate(self) -> None:
         super().validate()
@@ -78,6 +80,10 @@ class TrainingOptions(DataOptions, NormalizeOptions, ExecutionOptions):
                 f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        require(not self.stream or self.val_fraction == 0,
+                "--stream reads every training sample in turn, none can be held out: pass --val-fraction 0 "
+                "(no best.pt is then kept)")
+        require(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
         require(self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}")
         require(self.jobs == 1 or torchrun_part().count == 1,
@@ -104,8 +110,9 @@ class TrainingOptions(DataOptions, NormalizeOptions, ExecutionOptions):
                 "{command} --resume")
 
     def resumable_changes(self) -> set[str]:
-        """Config fields that may change when this run is resumed."""
-        return RESUMABLE_CHANGES
+        """Config fields that may change when this run is resumed; not the loader workers of a stream, whose
+        order depends on how many split its shards."""
+        return RESUMABLE_CHANGES - {"num_workers"} if self.stream else RESUMABLE_CHANGES
 
     def milestone_list(self) -> list[int]:
         """The epochs of --milestones; a fraction of --epochs rounds to an epoch, and is left out when the run is

@@ -103,8 +103,6 @@ class DistillConfig(LossOptions, TrainingOptions):
         "alongside, instead of reading both by index: sequential reads for shards and stores on slow or remote "
         "storage; `pipe:` URLs work. Precompute from the same shards, so that both run in the same order.",
         "Streaming")
-    shuffle_buffer: int = option(4096, "--stream: samples (encoded, with their targets) in each loader's shuffle "
-                                 "buffer.", "Streaming")
     out: str = option("runs/student", "Run directory: checkpoints, metrics, resolved config.", "Run")
 
     def validate(self) -> None:
@@ -116,18 +114,8 @@ class DistillConfig(LossOptions, TrainingOptions):
         require(self.nce_temperature > 0, f"--nce-temperature must be positive, got {self.nce_temperature}")
         require(0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), got {self.nce_momentum}")
         require(self.embed_dim >= 1, f"--embed-dim must be at least 1, got {self.embed_dim}")
-        require(not self.stream or self.dataset == "webdataset",
-                f"--stream reads tar shards: it needs --dataset webdataset, not '{self.dataset}'")
-        require(not self.stream or self.val_fraction == 0,
-                "--stream reads every training sample in turn, none can be held out: pass --val-fraction 0 "
-                "(no best.pt is then kept)")
-        require(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         clip_scale_value(self.clip_scale, logit_scale=1.0)  # checks the flag; the store supplies the real scale
         parse_size(self.cache_memory, "--cache-memory")
-
-    def resumable_changes(self) -> set[str]:
-        """A stream's order depends on how many loader workers split its shards."""
-        return super().resumable_changes() - {"num_workers"} if self.stream else super().resumable_changes()
 
     @property
     def feature_lam(self) -> float:

@@ -30,7 +30,7 @@ from richkd.pipeline.errors import UserError
 from richkd.pipeline.loading import LabelledViews
 from richkd.pipeline.models import read_checkpoint
 from richkd.pipeline.shards import open_shard_set, scan_shards
-from richkd.pipeline.streaming import ShardStream
+from richkd.pipeline.streaming import LabelStream, ShardStream, epoch_shard_order
 from richkd.pipeline.views import make_view_policy, policy_from_description
 from richkd.stages.precompute import SampleViews, StreamedSampleViews
 
@@ -349,3 +349,56 @@ def write_members(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> N
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
 
+
+def test_train_streams_from_a_pipe_with_the_views_of_reading_by_index_and_resumes_bit_identical(
+        cifar_shards, tmp_path, capsys):  # noqa: F811
+    """`train --stream` gives each streamed sample the random view training by index gives it, reads pipe:
+    commands, resumes bit-identical, and refuses shards that changed after it first read them."""
+    urls = train_urls(cifar_shards)
+    dataset = scan_shards(open_shard_set("::".join(urls), "train"), "train")
+    policy = make_view_policy("auto", dataset.native_size, None)
+    first_rows = {url: 16 * number for number, url in enumerate(urls)}
+    stream = LabelStream(epoch_shard_order(urls, 0, 3), dataset, first_rows, policy, Part(), 0, 8, seed=0, epoch=3)
+    samples = list(stream)
+    stream.check_epoch(len(samples))
+    indexed = LabelledViews(open_dataset("webdataset", str(cifar_shards / CIFAR_SHARDS["train"])), policy, seed=0,
+                            stream=3)
+    assert sorted(row for _, _, row in samples) == list(range(40))
+    for view, label, row in samples:
+        expected_view, expected_label, _ = indexed[row]
+        assert torch.equal(view, expected_view) and label == expected_label, row
+
+    with tarfile.open(urls[1]) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    relabelled, short = tmp_path / "relabelled.tar", tmp_path / "short.tar"
+    write_members(relabelled, [(member, b"99" if member.name.endswith(".cls") else data) for member, data in members])
+    write_members(short, members[:-2])
+    changed = {url: first_rows[urls[1]] for url in (str(relabelled), str(short))}
+    with pytest.raises(UserError, match=re.escape(
+            f"shard {relabelled} changed since it was first read: sample '{dataset.keys[16]}' of class 99 is not "
+            "where it was; train again from shards that stay as they are")):
+        list(LabelStream([str(relabelled)], dataset, changed, policy, Part(), 0, 8, seed=0, epoch=1))
+    shortened = LabelStream([urls[0], str(short), urls[2]], dataset, {**first_rows, **changed}, policy, Part(), 0, 8,
+                            seed=0, epoch=1)
+    with pytest.raises(UserError, match=re.escape(
+            "the shards streamed 39 samples where they held 40 when first read: they have changed since; train again "
+            "from shards that stay as they are")):
+        shortened.check_epoch(len(list(shortened)))
+
+    stats = json.loads((cifar_shards / "normalization.json").read_text())
+    train = ["train", "--dataset", "webdataset", "--data-root", "::".join(f"pipe:cat {url}" for url in urls),
+             "--stream", "--class-names", str(cifar_shards / "classes.txt"), "--val-fraction", "0",
+             "--normalize", ",".join(map(str, [*stats["mean"], *stats["std"]])), "--arch", "resnet8",
+             "--batch-size", "8", "--num-workers", "2", "--shuffle-buffer", "16", "--eval-split", "train",
+             "--device", "cpu"]
+    assert run_cli([*train, "--epochs", "2", "--out", str(tmp_path / "straight")]) == 0
+    assert run_cli([*train, "--epochs", "1", "--out", str(tmp_path / "resumed")]) == 0
+    assert run_cli([*train, "--epochs", "2", "--resume", "--out", str(tmp_path / "resumed")]) == 0
+    straight, saved = read_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed, _ = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+    assert saved["epoch"] == 2 and saved["class_names"] == dataset.class_names
+    capsys.readouterr()
+    assert_user_error([*train, "--mix", "mixup", "--epochs", "1", "--out", str(tmp_path / "mixed")], capsys,
+                      "--mix takes each view's partner from another sample, whose image a stream cannot fetch")
