@@ -149,9 +149,11 @@ class SampleViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        return self.views_of(index, image_for_views(self.dataset, self.policy, index))
+        return self.views_of(index)
 
-    def views_of(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def views_of(self, index: int, image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The views of sample `index`, cut from `image` when it was streamed."""
+        image = image_for_views(self.dataset, self.policy, index, image)
         params = [sample_view(self.policy, self.seed, view, index, image) for view in range(self.views)]
         views = [rebuild_view(self.policy, image, p, self._partner(view)) for view, p in enumerate(params)]
         return torch.stack(views), torch.from_numpy(np.stack(params)), index
@@ -199,8 +201,7 @@ class StreamedSampleViews(IterableDataset):
             start, stop = self.layout.shard_range(shard)
             batch = []
             for row, image in self.images(start, stop):
-                batch.append(self.views.views_of(row, image_for_views(self.views.dataset, self.views.policy, row,
-                                                                      image)))
+                batch.append(self.views.views_of(row, image))
                 if len(batch) == self.samples_per_batch or row == stop - 1:
                     yield default_collate(batch)
                     batch = []
