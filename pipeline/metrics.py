@@ -1,9 +1,16 @@
-"""Classification metrics accumulated batch by batch: top-1, top-5, NLL and expected calibration error."""
+"""Classification metrics accumulated batch by batch: top-1, top-5, NLL, expected calibration error, and with a
+superclass of each class the share of the non-target probability that falls on the true class's superclass."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from richkd.pipeline.errors import UserError
 
 ECE_BINS = 15
 # Confidence at or above which a prediction counts as confident.
@@ -14,12 +21,16 @@ class ClassificationMeter:
     """Streams (logits, labels) batches; `result()` gives the metrics over everything seen.
 
     Confident-correct / confidently-wrong are the shares of all samples predicted with confidence at
-    least `confidence_threshold` and right / wrong; per-class accuracy needs `num_classes`.
+    least `confidence_threshold` and right / wrong; per-class accuracy needs `num_classes`. With `superclasses`
+    (each class's superclass number), the superclass share is the mean over samples of the probability on the
+    other classes of the true class's superclass, as a share of all the probability off the true class.
     """
 
     def __init__(self, bins: int = ECE_BINS, confidence_threshold: float = CONFIDENCE_THRESHOLD,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, superclasses: Sequence[int] | None = None):
         self.bins = bins
+        self.superclasses = None if superclasses is None else torch.as_tensor(superclasses, dtype=torch.long)
+        self.superclass_share_sum = 0.0
         self.confidence_threshold = confidence_threshold
         self.confident_correct = 0
         self.confidently_wrong = 0
@@ -49,6 +60,8 @@ class ClassificationMeter:
         if len(self.class_total):
             self.class_total += torch.bincount(labels, minlength=len(self.class_total))
             self.class_correct += torch.bincount(labels[correct], minlength=len(self.class_total))
+        if self.superclasses is not None:
+            self.superclass_share_sum += float(superclass_share(logits, labels, self.superclasses).sum())
         # Equal-width confidence bins (lower, upper]; a confidence of exactly 0 cannot occur.
         bin_index = (confidence.double() * self.bins).ceil().long().clamp(1, self.bins) - 1
         self.bin_count += torch.bincount(bin_index, minlength=self.bins).double()
@@ -61,9 +74,12 @@ class ClassificationMeter:
 
     def result(self) -> dict[str, float]:
         n = max(self.count, 1)
-        return {"top1": self.top1 / n, "top5": self.top5 / n, "nll": self.nll / n, "ece": self.ece(),
-                "confident_correct": self.confident_correct / n, "confidently_wrong": self.confidently_wrong / n,
-                "count": self.count}
+        result = {"top1": self.top1 / n, "top5": self.top5 / n, "nll": self.nll / n, "ece": self.ece(),
+                  "confident_correct": self.confident_correct / n, "confidently_wrong": self.confidently_wrong / n,
+                  "count": self.count}
+        if self.superclasses is not None:
+            result["superclass_share"] = self.superclass_share_sum / n
+        return result
 
     def reliability(self) -> dict[str, list]:
         """Per confidence bin: sample count, accuracy and mean confidence (None for an empty bin)."""
@@ -79,6 +95,38 @@ class ClassificationMeter:
         """Accuracy of each class (None for a class with no samples)."""
         return [correct / total if total else None
                 for correct, total in zip(self.class_correct.tolist(), self.class_total.tolist())]
+
+
+def superclass_share(logits: torch.Tensor, labels: torch.Tensor, superclasses: torch.Tensor) -> torch.Tensor:
+    """Per sample: the softmax over the classes other than its label, summed over those of its label's superclass.
+
+    Taken as a softmax of the non-target logits (not as p_c / (1 - p_label)), so that it stays exact when the label's
+    probability rounds to 1."""
+    logits = logits.double()
+    other = torch.ones_like(logits, dtype=torch.bool)
+    other[torch.arange(len(labels)), labels] = False
+    same = (superclasses[None, :] == superclasses[labels][:, None]) & other
+    log_other = torch.logsumexp(logits.masked_fill(~other, -torch.inf), dim=-1)
+    return torch.logsumexp(logits.masked_fill(~same, -torch.inf), dim=-1).sub(log_other).exp()
+
+
+def read_superclasses(path: str | Path, class_names: Sequence[str]) -> list[int]:
+    """Each class's superclass number, from a JSON file mapping every class name to its superclass's name
+    (numbered in sorted order of the names)."""
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UserError(f"cannot read superclasses file {path}: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"superclasses file {path} is not valid JSON: {error}") from error
+    if not isinstance(mapping, dict) or not all(isinstance(value, str) for value in mapping.values()):
+        raise UserError(f"superclasses file {path} must map each class name to its superclass's name")
+    missing = [name for name in class_names if name not in mapping]
+    if missing:
+        raise UserError(f"superclasses file {path} names no superclass for {len(missing)} of the "
+                        f"{len(class_names)} classes (e.g. {missing[0]})")
+    number = {name: index for index, name in enumerate(sorted({mapping[name] for name in class_names}))}
+    return [number[mapping[name]] for name in class_names]
 
 
 def percent(value: float | None, digits: int = 1) -> str:

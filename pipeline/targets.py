@@ -204,19 +204,35 @@ class CachedTargets(Dataset):
         return item
 
 
+# The sweep's name of the fusion that z-scores each source first (its CLIP scale cancels out).
+STANDARDIZED = "standardized"
+# The fusions the alpha sweep evaluates: each named CLIP scale, and both sources z-scored.
+SWEEP_FUSIONS = (*CLIP_SCALES, STANDARDIZED)
+
+
+def sweep_fusions(logit_scale: float) -> dict[str, tuple[float, bool]]:
+    """Each of SWEEP_FUSIONS as (CLIP scale, standardized)."""
+    return {**{name: (clip_scale_value(name, logit_scale), False) for name in CLIP_SCALES}, STANDARDIZED: (1.0, True)}
+ERROR_OVERLAP = ("both_right", "only_teacher_wrong", "only_clip_wrong", "both_wrong")
+
+
 def target_quality(reader: CacheReader, max_views: int | None = None, alpha: float = DEFAULT_ALPHA,
-                   clip_scale: str = "raw", confidence_threshold: float = CONFIDENCE_THRESHOLD) -> dict:
+                   clip_scale: str = "raw", standardized: bool = False,
+                   confidence_threshold: float = CONFIDENCE_THRESHOLD,
+                   superclasses: list[int] | None = None) -> dict:
     """Metrics of the cached targets against `labels`, over every written block: the teacher, CLIP (at its own
-    scale, so that NLL and ECE mean something), the fused targets at (alpha, clip_scale), and the alpha sweep."""
+    scale, so that NLL and ECE mean something), the fused targets at (alpha, clip_scale, standardized), the alpha
+    sweep, and how the teacher's and CLIP's errors overlap (shares of the (view, sample) pairs). With `superclasses`
+    (each class's superclass number) the teacher, CLIP and fused rows give their superclass share."""
     layout = reader.layout
     logit_scale = reader.attrs["clip"]["logit_scale"]
-    scales = {name: clip_scale_value(name, logit_scale) for name in CLIP_SCALES}
+    fusions = sweep_fusions(logit_scale)
     fused_scale = clip_scale_value(clip_scale, logit_scale)
-    num_classes = layout.classes
-    meters = {name: ClassificationMeter(confidence_threshold=confidence_threshold, num_classes=num_classes)
-              for name in ("teacher", "clip", "fused")}
+    meters = {name: ClassificationMeter(confidence_threshold=confidence_threshold, num_classes=layout.classes,
+                                        superclasses=superclasses) for name in ("teacher", "clip", "fused")}
     sweep = {(name, a): ClassificationMeter(confidence_threshold=confidence_threshold)
-             for name in scales for a in ALPHAS}
+             for name in fusions for a in ALPHAS}
+    overlap = dict.fromkeys(ERROR_OVERLAP, 0)
     labels_all = reader.read("labels", 0, layout.samples)
     done = reader.done()
     views = range(min(layout.views, max_views or layout.views))
@@ -228,17 +244,23 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
             z_teacher = reader.dense_logits("teacher/logits", start, stop, view)
             s_clip = reader.dense_logits("clip/logits", start, stop, view)
             meters["teacher"].update(z_teacher, labels)
-            meters["clip"].update(scales["clip"] * s_clip, labels)
-            meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale), labels)
+            meters["clip"].update(fusions["clip"][0] * s_clip, labels)
+            meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale, standardized), labels)
             for (name, a), meter in sweep.items():
-                meter.update(fuse_logits(z_teacher, s_clip, a, scales[name]), labels)
+                meter.update(fuse_logits(z_teacher, s_clip, a, *fusions[name]), labels)
+            teacher_wrong, clip_wrong = z_teacher.argmax(-1) != labels, s_clip.argmax(-1) != labels
+            for name, count in zip(ERROR_OVERLAP, (~teacher_wrong & ~clip_wrong, teacher_wrong & ~clip_wrong,
+                                                   ~teacher_wrong & clip_wrong, teacher_wrong & clip_wrong)):
+                overlap[name] += int(count.sum())
     if not blocks:
         return {"samples_evaluated": 0, "views_evaluated": len(views), "alpha_sweep": []}
+    evaluated = meters["teacher"].count
     return {
-        "samples_evaluated": meters["teacher"].count,
+        "samples_evaluated": evaluated,
         "views_evaluated": len(views),
         **{name: {**meter.result(), "reliability": meter.reliability()} for name, meter in meters.items()},
         "fused_alpha": alpha,
-        "fused_clip_scale": clip_scale,
+        "fused_clip_scale": STANDARDIZED if standardized else clip_scale,
+        "error_overlap": {name: count / evaluated for name, count in overlap.items()},
         "alpha_sweep": [{"clip_scale": name, "alpha": a, **meter.result()} for (name, a), meter in sweep.items()],
     }

@@ -32,7 +32,7 @@ from richkd.pipeline.data import ImageDataset
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model
-from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter, percent
+from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter, percent, read_superclasses
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
 from richkd.pipeline.normalization import Normalization, NormalizeOptions, choose_normalization
 from richkd.pipeline.runtime import autocast, print_json, progress_bar, resolve_device, results
@@ -58,6 +58,10 @@ class EvaluateConfig(StreamOptions, NormalizeOptions, ExecutionOptions):
     image_size: int | None = option(None, "Evaluation image side, for checkpoints that do not record it.", "Data")
     confidence_threshold: float = option(
         CONFIDENCE_THRESHOLD, "Confidence at or above which a prediction counts as confident.", "Metrics")
+    superclasses: str | None = option(
+        None, "JSON file mapping each class name to its superclass's name (e.g. CIFAR-100's 20 coarse classes, or the "
+        "study's shapes): adds the superclass share, the mean share of the probability off the true class that "
+        "falls on the other classes of its superclass.", "Metrics")
     output: str | None = option(
         None, "Write the metrics to this JSON file (several checkpoints: {\"seeds\": [one result each]}).", "Output")
     json: bool = option(False, "Print the metrics as JSON instead of a table.", "Output")
@@ -113,6 +117,7 @@ def run(config: EvaluateConfig) -> dict:
         dataset = in_checkpoint_class_order(dataset, checkpoints)
         views = LabelledViews(dataset, policy, center=True)
     loader = data_loader(views, config.batch_size, config.num_workers, device)
+    superclasses = read_superclasses(config.superclasses, dataset.class_names) if config.superclasses else None
     results, models, normalizations = [], [], []
     for path, saved in checkpoints:
         normalization = choose_normalization(config.normalize, dataset, saved.get("normalization"),
@@ -124,11 +129,12 @@ def run(config: EvaluateConfig) -> dict:
         load_checkpoint(model, path)
         model.to(device)
         meter = ClassificationMeter(confidence_threshold=config.confidence_threshold,
-                                    num_classes=len(dataset.class_names))
+                                    num_classes=len(dataset.class_names), superclasses=superclasses)
         evaluate_model(model, loader, device, normalization.mean, normalization.std, meter)
         results.append({
             "checkpoint": path,
             "seed": checkpoint_seed(saved),
+            "training": training_settings(saved),
             "arch": arch,
             "dataset": config.dataset,
             "split": config.split,
@@ -163,6 +169,16 @@ def checkpoint_seed(saved: dict) -> int | None:
     """The seed a training run recorded in its checkpoint (None for checkpoints of other tools)."""
     config = saved.get("config")
     return config.get("seed") if isinstance(config, dict) else None
+
+
+# What `richkd report` may pair runs by (e.g. each RichKD run with the teacher-shrink control of its alpha).
+TRAINING_SETTINGS = ("variant", "alpha", "clip_scale", "standardize", "logit_loss", "epochs", "arch")
+
+
+def training_settings(saved: dict) -> dict:
+    """The settings of the run that wrote the checkpoint, those it recorded of TRAINING_SETTINGS."""
+    config = saved.get("config")
+    return {key: config[key] for key in TRAINING_SETTINGS if key in config} if isinstance(config, dict) else {}
 
 
 def find_checkpoints(pattern: str) -> list[tuple[str, dict]]:
@@ -314,12 +330,13 @@ def print_report(report: dict) -> None:
     seed = "" if report["seed"] is None else f" seed {report['seed']}"
     table = Table(title=f"{report['arch']}{seed} on {report['dataset']} / {report['split']} ({report['count']} images)",
                   title_justify="left")
+    shares = ("superclass_share",) if "superclass_share" in report else ()
     for column in ("top-1", "top-5", "NLL", "ECE", f"confident-correct (>= {report['confidence_threshold']})",
-                   "confidently-wrong"):
+                   "confidently-wrong", *(("superclass share",) * bool(shares))):
         table.add_column(column, justify="right")
     table.add_row(*(percent(report[key], 2) for key in ("top1", "top5")), f"{report['nll']:.4f}",
                   percent(report['ece'], 2),
-                  *(percent(report[key], 2) for key in ("confident_correct", "confidently_wrong")))
+                  *(percent(report[key], 2) for key in ("confident_correct", "confidently_wrong", *shares)))
     results.print(table)
     per_class = [(name, accuracy) for name, accuracy in report["per_class_accuracy"].items() if accuracy is not None]
     if per_class:

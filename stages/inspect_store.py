@@ -16,11 +16,10 @@ from richkd.cache.schema import DONE, read_done_flags
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.fusion import CLIP_SCALES
 from richkd.pipeline.metrics import percent
 from richkd.pipeline.models import file_sha256
 from richkd.pipeline.runtime import DEVICE_CHOICES, print_json, progress_bar, resolve_device, results
-from richkd.pipeline.targets import ALPHAS, target_quality
+from richkd.pipeline.targets import ALPHAS, SWEEP_FUSIONS, target_quality
 from richkd.pipeline.views import augmentation_summary, image_for_views, policy_from_description, rebuild_view
 from richkd.stages.precompute import load_teacher
 
@@ -199,14 +198,19 @@ def print_report(report: dict, console: Console) -> None:
                   f"CLIP {percent(quality['clip']['top1'], 2)}, "
                   f"fused (alpha {quality['fused_alpha']}, {quality['fused_clip_scale']}) "
                   f"{percent(quality['fused']['top1'], 2)}")
-    sweep = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C)", title_justify="left")
+    overlap = quality["error_overlap"]
+    console.print(f"errors    both right {percent(overlap['both_right'])}, only the teacher wrong "
+                  f"{percent(overlap['only_teacher_wrong'])}, only CLIP wrong {percent(overlap['only_clip_wrong'])}, "
+                  f"both wrong {percent(overlap['both_wrong'])}")
+    sweep = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C; standardized: each z-scored)",
+                  title_justify="left")
     sweep.add_column("alpha", justify="right")
-    for name in CLIP_SCALES:
+    for name in SWEEP_FUSIONS:
         for metric in ("top-1", "NLL", "ECE"):
             sweep.add_column(f"{name} {metric}", justify="right")
     for alpha in ALPHAS:
         row = [f"{alpha:.1f}"]
-        for name in CLIP_SCALES:
+        for name in SWEEP_FUSIONS:
             r = next(x for x in quality["alpha_sweep"] if x["clip_scale"] == name and x["alpha"] == alpha)
             row += [percent(r["top1"], 2), f"{r['nll']:.3f}", percent(r["ece"], 2)]
         sweep.add_row(*row)

@@ -20,7 +20,7 @@ def test_demo_is_deterministic_and_varied(tmp_path):
         assert run_cli(["demo", "--out", str(tmp_path / out), "--train", "64", "--test", "16", "--pool", "24"]) == 0
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 64 + 16 + 24 + 3
+    assert files_a == files_b and len(files_a) == 64 + 16 + 24 + 6  # and each split's captions and attributes
     for path in files_a:
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
 

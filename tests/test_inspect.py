@@ -53,15 +53,26 @@ def test_json_report_matches_numpy(store, capsys):
     assert quality["clip"]["nll"] == pytest.approx(nll, rel=1e-4)
     assert sum(quality["teacher"]["reliability"]["count"]) == 80
     rows = {(row["clip_scale"], row["alpha"]): row for row in quality["alpha_sweep"]}
-    assert len(rows) == 22
-    for scale_name, scale in (("raw", 1.0), ("clip", logit_scale)):
+    assert len(rows) == 33
+
+    def z_scored(logits: np.ndarray) -> np.ndarray:
+        return (logits - logits.mean(1, keepdims=True)) / (logits.std(1, keepdims=True) + 1e-6)
+
+    for scale_name, fuse in (("raw", lambda a: a * teacher + (1 - a) * cosines),
+                             ("clip", lambda a: a * teacher + (1 - a) * logit_scale * cosines),
+                             ("standardized", lambda a: a * z_scored(teacher) + (1 - a) * z_scored(cosines))):
         for alpha in (0.0, 0.3, 1.0):
-            fused = alpha * teacher + (1 - alpha) * scale * cosines
+            fused = fuse(alpha)
             nll, ece = nll_and_ece(fused, labels)
             row = rows[(scale_name, alpha)]
             assert row["top1"] == pytest.approx(np.mean(fused.argmax(1) == labels))
             assert row["nll"] == pytest.approx(nll, rel=1e-4)
             assert row["ece"] == pytest.approx(ece, abs=1e-5)
+
+    teacher_wrong, clip_wrong = teacher.argmax(1) != labels, cosines.argmax(1) != labels
+    assert quality["error_overlap"] == pytest.approx({
+        "both_right": np.mean(~teacher_wrong & ~clip_wrong), "only_teacher_wrong": np.mean(teacher_wrong & ~clip_wrong),
+        "only_clip_wrong": np.mean(~teacher_wrong & clip_wrong), "both_wrong": np.mean(teacher_wrong & clip_wrong)})
 
     arrays = {a["name"]: a for a in report["arrays"]}
     assert arrays["teacher/logits"]["shape"] == [2, 40, 100] and arrays["teacher/logits"]["dtype"] == "float16"
