@@ -87,6 +87,8 @@ def coerce(config_class: type, name: str, value: Any, source: str) -> Any:
                             "its default)")
         return None
     if typing.get_origin(wanted) is list:
+        if isinstance(value, str):  # one name, as the flag given once
+            return [value]
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise UserError(f"{source}: '{name}' must be a list of names, got {value!r}")
         return value

@@ -1,14 +1,20 @@
-"""`richkd report`: compare the teachers, the fused targets and every student, in a table and in figures.
+"""`richkd report`: compare the teachers, the fused targets and every student, in tables and figures, split by split.
 
-Students and the teacher come from `richkd evaluate` JSON files; CLIP's zero-shot classifier and the
-fused targets come from a cache of the held-out split (`richkd precompute --split test --view-policy
-center`), which also gives the alpha sweep. Evaluations made with `--corruptions` add a robustness table
-and a figure of accuracy against corruption severity.
+Students and the teacher come from `richkd evaluate` JSON files, each placed in the tables of the split it records
+(`--evals evals/test --evals evals/shifted`: one folder a split); CLIP's zero-shot classifier and the fused targets
+come from a cache of each held-out split (`richkd precompute --split S --view-policy center`), which also gives the
+alpha sweep and how the teacher's and CLIP's errors overlap. Evaluations made with `--corruptions` add a robustness
+table and a figure of accuracy against corruption severity.
 
 An evaluation file is one run: one seed, or several (`richkd evaluate` over a glob of checkpoints writes them
 under "seeds"). Each metric is shown as the mean over seeds with its Student-t 95% interval, and each student is
 compared with the baselines seed by seed: same seed, same initialisation and data order, so the per-seed
-difference cancels what the seeds share.
+difference cancels what the seeds share. A baseline may be named by the student's own settings (`shrink_{alpha}`:
+the teacher-shrink control of the student's alpha), and a figure shows every paired difference with its interval.
+
+With `--shifted-split` and `--label-only`, the report checks the preconditions of RichKD's regime on the targets
+(docs/study.md): a teacher that knows more than the label-only student, a CLIP about as good in distribution and
+better under shift, and fused targets better than both under shift.
 """
 
 from __future__ import annotations
@@ -24,77 +30,146 @@ from richkd.cache.reader import CacheReader
 from richkd.pipeline.config import option, require
 from richkd.pipeline.corruptions import CATEGORIES, CORRUPTIONS
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA
-from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, percent
+from richkd.pipeline.fusion import DEFAULT_ALPHA, clip_scale_value
+from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, percent, read_superclasses
 from richkd.pipeline.runtime import console, print_json
-from richkd.pipeline.targets import target_quality
+from richkd.pipeline.targets import STANDARDIZED, SWEEP_FUSIONS, target_quality
 
 COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
-           ("confident_correct", "confident-correct"), ("confidently_wrong", "confidently-wrong"))
+           ("confident_correct", "confident-correct"), ("confidently_wrong", "confidently-wrong"),
+           ("superclass_share", "superclass share"))
 ROBUSTNESS_METRICS = ("mean_corruption_accuracy", "relative_drop")
 METRICS = (*(key for key, _ in COLUMNS), *ROBUSTNESS_METRICS)
-# The paired-differences table's columns, those a run has.
-PAIRED_COLUMNS = (("top1", "top-1"), ("nll", "NLL"), ("ece", "ECE"),
+# The paired-differences table's and figure's columns, those a run has: each of the paper's claims.
+PAIRED_COLUMNS = (("top1", "top-1"), ("nll", "NLL"), ("ece", "ECE"), ("confident_correct", "confident-correct"),
+                  ("confidently_wrong", "confidently-wrong"), ("superclass_share", "superclass share"),
                   ("mean_corruption_accuracy", "mean corruption accuracy"))
+LOWER_IS_BETTER = {"nll", "ece", "confidently_wrong", "relative_drop"}
 PAIR_SEPARATOR = "-vs-"
 TARGET_COLOUR, STUDENT_COLOUR = "#8c8c8c", "#1f77b4"
+BETTER_COLOUR, WORSE_COLOUR = "#2ca02c", "#d62728"
+# The split of an evaluation that records none (written by hand or by another tool).
+DEFAULT_SPLIT = "test"
 
 
 @dataclass
 class ReportConfig:
-    evals: str = option("evals", "Directory of `richkd evaluate --output` JSON files, one per run.", "Inputs")
+    evals: list[str] = option(
+        ["evals"], "Folders of `richkd evaluate --output` JSON files, one per run; each file goes to the tables of the "
+        "split it records, so one folder a split (e.g. evals/test and evals/shifted).", "Inputs")
     runs: list[str] = option([], "Runs to show, in order (file names without .json; default: all).", "Inputs")
-    test_cache: str | None = option(
-        None, "Cache of the held-out split, for the CLIP, fused-target and alpha-sweep rows.", "Inputs")
+    test_cache: list[str] = option(
+        [], "Caches of held-out splits (`precompute --split S --view-policy center`), one a split: that split's CLIP, "
+        "fused-target and alpha-sweep rows and its error overlap.", "Inputs")
+    superclasses: str | None = option(
+        None, "JSON file mapping each class name to its superclass's name: the target rows' superclass share (the "
+        "students' comes from `richkd evaluate --superclasses`).", "Inputs")
     alpha: float = option(DEFAULT_ALPHA, "alpha of the fused-target row.", "Targets")
     clip_scale: str = option("raw", "CLIP scale of the fused-target row: raw, clip or a number.", "Targets")
+    standardize: bool = option(False, "The fused-target row z-scores each source first (distill --standardize).",
+                               "Targets")
     confidence_threshold: float = option(
         CONFIDENCE_THRESHOLD, "Confidence of a confident prediction, for the target rows.", "Targets")
     baselines: list[str] = option(
         ["kd", "teacher_shrink"], "Runs every student is compared with, seed by seed (those not in the report are "
-        "skipped).", "Comparisons")
+        "skipped). A name may hold {setting} of the student's own training settings (variant, alpha, clip_scale, "
+        "standardize, logit_loss, epochs, arch): shrink_{alpha} compares each student with run shrink_0.5 when its "
+        "alpha is 0.5.", "Comparisons")
     pairs: list[str] = option(
         [], "More paired comparisons, each X-vs-B (e.g. ce_long-vs-ce): run X minus run B, seed by seed.",
         "Comparisons")
+    shifted_split: str | None = option(
+        None, "The split under distribution shift: with --label-only, check the preconditions of RichKD's regime "
+        "(needs a --test-cache of this split and of the in-distribution one).", "Preconditions")
+    label_only: str | None = option(
+        None, "The run trained on labels alone with the students' architecture, which the teacher must beat by 3 "
+        "points.", "Preconditions")
+    require_preconditions: bool = option(
+        False, "Exit with status 2, after writing the report, when a precondition is not met (a pipeline's gate "
+        "before the students train).", "Preconditions")
     out: str = option("report", "Directory for report.md, metrics.json and the figures.", "Output")
-    json: bool = option(False, "Print the runs' and paired differences' means and intervals as JSON (what "
-                        "metrics.json holds) instead of saying where the report is.", "Output")
+    json: bool = option(False, "Print the splits' means, intervals and paired differences and the preconditions as "
+                        "JSON (what metrics.json holds) instead of saying where the report is.", "Output")
 
     def validate(self) -> None:
         require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
+        clip_scale_value(self.clip_scale, logit_scale=1.0)
+        require((self.shifted_split is None) == (self.label_only is None),
+                "--shifted-split and --label-only go together: the preconditions need both")
+        require(not self.require_preconditions or self.shifted_split is not None,
+                "--require-preconditions needs --shifted-split and --label-only")
 
 
-def load_evaluations(config: ReportConfig) -> dict[str, list[dict]]:
-    """Each run's evaluations, one per seed."""
-    folder = Path(config.evals)
-    names = config.runs or sorted(path.stem for path in folder.glob("*.json"))
-    if not names:
-        raise UserError(f"no evaluations in {folder}: run `richkd evaluate --output {folder}/NAME.json` first")
-    evaluations = {}
-    for name in names:
-        path = folder / f"{name}.json"
-        try:
-            evaluation = json.loads(path.read_text())
-        except OSError as error:
-            raise UserError(f"cannot read evaluation {path}: {error.strerror or error}") from error
-        except json.JSONDecodeError as error:
-            raise UserError(f"evaluation {path} is not valid JSON: {error}") from error
-        evaluations[name] = evaluation.get("seeds", [evaluation])
-    return evaluations
+def evaluation_split(path: Path, results: list[dict]) -> str:
+    """The split an evaluation file's results record (DEFAULT_SPLIT for none), the same for every seed."""
+    splits = {result.get("split", DEFAULT_SPLIT) for result in results}
+    if len(splits) > 1:
+        raise UserError(f"evaluation {path} holds results of several splits ({', '.join(sorted(splits))}): "
+                        "write one file a split")
+    return splits.pop()
 
 
-def target_rows(config: ReportConfig) -> tuple[dict[str, dict], list[dict]]:
-    """CLIP and fused-target rows and the alpha sweep, from the held-out cache."""
-    reader = CacheReader(config.test_cache)
-    reader.require_complete()
+def load_evaluations(config: ReportConfig) -> dict[str, dict[str, list[dict]]]:
+    """Each split's runs, each run's evaluations one per seed, from every folder of --evals."""
+    by_split: dict[str, dict[str, list[dict]]] = {}
+    found_from: dict[tuple[str, str], Path] = {}
+    for folder in map(Path, config.evals):
+        names = config.runs or sorted(path.stem for path in folder.glob("*.json"))
+        for name in names:
+            path = folder / f"{name}.json"
+            if config.runs and not path.exists() and len(config.evals) > 1:
+                continue  # a run need not be evaluated on every split
+            try:
+                evaluation = json.loads(path.read_text())
+            except OSError as error:
+                raise UserError(f"cannot read evaluation {path}: {error.strerror or error}") from error
+            except json.JSONDecodeError as error:
+                raise UserError(f"evaluation {path} is not valid JSON: {error}") from error
+            results = evaluation.get("seeds", [evaluation])
+            split = evaluation_split(path, results)
+            if (split, name) in found_from:
+                raise UserError(f"run {name} has two evaluations of split {split}: {found_from[split, name]} and "
+                                f"{path}")
+            found_from[split, name] = path
+            by_split.setdefault(split, {})[name] = results
+    missing = [name for name in config.runs if not any(name in runs for runs in by_split.values())]
+    if missing or not by_split:
+        folders = ", ".join(config.evals)
+        first = f"run `richkd evaluate --output {config.evals[0]}/NAME.json` first"
+        raise UserError(f"no evaluation of {', '.join(missing)} in {folders}" if missing else
+                        f"no evaluations in {folders}: {first}")
+    return by_split
+
+
+def open_test_caches(config: ReportConfig) -> dict[str, CacheReader]:
+    """Each held-out cache by the split it was precomputed from."""
+    caches = {}
+    for url in config.test_cache:
+        reader = CacheReader(url)
+        reader.require_complete()
+        split = reader.attrs["dataset"]["split"]
+        if split in caches:
+            raise UserError(f"caches {caches[split].url} and {url} are both of split {split}: give one a split")
+        caches[split] = reader
+    return caches
+
+
+def fused_row_name(config: ReportConfig) -> str:
+    return f"fused targets (alpha {config.alpha}, {STANDARDIZED if config.standardize else config.clip_scale})"
+
+
+def target_rows(config: ReportConfig, reader: CacheReader) -> tuple[dict[str, dict], dict]:
+    """CLIP and fused-target rows from a held-out cache, and everything measured on its targets."""
+    class_names = reader.attrs["dataset"]["class_names"]
+    superclasses = read_superclasses(config.superclasses, class_names) if config.superclasses else None
     quality = target_quality(reader, alpha=config.alpha, clip_scale=config.clip_scale,
-                             confidence_threshold=config.confidence_threshold)
-    clip = reader.attrs["clip"]
+                             standardized=config.standardize, confidence_threshold=config.confidence_threshold,
+                             superclasses=superclasses)
     rows = {
-        f"CLIP zero-shot ({len(clip['templates'])} prompts)": quality["clip"],
-        f"fused targets (alpha {config.alpha}, {config.clip_scale})": quality["fused"],
+        f"CLIP zero-shot ({len(reader.attrs['clip']['templates'])} prompts)": quality["clip"],
+        fused_row_name(config): quality["fused"],
     }
-    return rows, quality["alpha_sweep"]
+    return rows, quality
 
 
 def estimate(values: list[float]) -> dict:
@@ -110,7 +185,7 @@ def estimate(values: list[float]) -> dict:
 
 def seed_metrics(result: dict) -> dict[str, float | None]:
     """One seed's value of each metric the report compares, the robustness ones when they were measured."""
-    metrics = {key: result[key] for key, _ in COLUMNS}
+    metrics = {key: result.get(key) for key, _ in COLUMNS}
     if "robustness" in result:
         metrics.update({key: result["robustness"][key] for key in ROBUSTNESS_METRICS})
     return metrics
@@ -149,12 +224,22 @@ def pair_name(name: str, baseline: str) -> str:
     return f"{name}{PAIR_SEPARATOR}{baseline}"
 
 
+def baseline_of(template: str, results: list[dict]) -> str | None:
+    """A baseline's name, its {setting} fields filled from a run's recorded training settings; None when the run
+    records no such setting (a run of another tool, or a teacher)."""
+    try:
+        return template.format(**results[0].get("training", {}))
+    except (KeyError, IndexError, ValueError):
+        return None
+
+
 def comparisons(config: ReportConfig, runs: dict[str, list[dict]], targets: set[str]) -> list[tuple[str, str]]:
     """(run, baseline) of each paired difference: every student against every baseline in the report, then
     --pairs."""
     students = [name for name in runs if name not in targets]
-    pairs = [(name, baseline) for name in students for baseline in config.baselines
-             if baseline in runs and baseline != name]
+    pairs = [(name, baseline) for name in students for template in config.baselines
+             if (baseline := baseline_of(template, runs[name])) in runs and baseline != name]
+    pairs = list(dict.fromkeys(pairs))  # two templates may name the same baseline
     pairs = [pair for i, pair in enumerate(pairs) if pair[::-1] not in pairs[:i]]  # kd-vs-x says what x-vs-kd says
     for entry in config.pairs:
         pair = tuple(entry.split(PAIR_SEPARATOR))
@@ -197,18 +282,25 @@ def difference_text(key: str, value: dict | None) -> str:
     return f"**{text}**" if low > 0 or high < 0 else text
 
 
+def present_columns(columns: tuple[tuple[str, str], ...], rows: Iterable[dict]) -> list[tuple[str, str]]:
+    """The columns that some row has a value of."""
+    rows = list(rows)
+    return [(key, label) for key, label in columns if any(key in row for row in rows)]
+
+
 def markdown_table(estimates: dict[str, dict], targets: set[str]) -> str:
-    lines = ["| run | " + " | ".join(label for _, label in COLUMNS) + " | n |",
-             "|---|" + "---:|" * (len(COLUMNS) + 1)]
+    columns = present_columns(COLUMNS, estimates.values())
+    lines = ["| run | " + " | ".join(label for _, label in columns) + " | n |",
+             "|---|" + "---:|" * (len(columns) + 1)]
     for name, metrics in estimates.items():
-        cells = [estimate_text(key, metrics[key]) for key, _ in COLUMNS]
+        cells = [estimate_text(key, metrics.get(key)) for key, _ in columns]
         lines.append(f"| {'*' + name + '*' if name in targets else name} | " + " | ".join(cells)
                      + f" | {metrics['top1']['n_seeds']} |")
     return "\n".join(lines)
 
 
-def paired_section(pairs: list[tuple[str, str]], paired: dict[str, dict]) -> str:
-    columns = [(key, label) for key, label in PAIRED_COLUMNS if any(key in metrics for metrics in paired.values())]
+def paired_section(pairs: list[tuple[str, str]], paired: dict[str, dict], heading: str) -> str:
+    columns = present_columns(PAIRED_COLUMNS, paired.values())
     lines = ["| run vs baseline | n | " + " | ".join(label for _, label in columns) + " |",
              "|---|" + "---:|" * (len(columns) + 1)]
     for name, baseline in pairs:
@@ -216,11 +308,11 @@ def paired_section(pairs: list[tuple[str, str]], paired: dict[str, dict]) -> str
         cells = [difference_text(key, metrics.get(key)) for key, _ in columns]
         lines.append(f"| {name} vs {baseline} | {metrics['top1']['n_seeds']} | " + " | ".join(cells) + " |")
     return "\n\n".join([
-        "## Paired differences",
+        f"{heading} Paired differences",
         "Run minus baseline, seed by seed over the seeds both have (the same seed: the same initialisation and data "
         "order): the mean difference and, in brackets, its Student-t 95% interval over seeds (n-1 degrees of "
         "freedom) of the per-seed difference; an interval that excludes 0 is a difference at the 5% level, "
-        "shown in bold. Lower NLL and ECE are better.",
+        "shown in bold. Lower NLL, ECE and confidently-wrong are better.",
         "\n".join(lines),
     ])
 
@@ -236,7 +328,7 @@ def colours(rows: dict[str, dict], targets: set[str]) -> list[str]:
     return [TARGET_COLOUR if name in targets else STUDENT_COLOUR for name in rows]
 
 
-def plot_accuracy(estimates: dict[str, dict], targets: set[str], path: Path) -> None:
+def plot_accuracy(estimates: dict[str, dict], targets: set[str], split: str, path: Path) -> None:
     """Mean top-1 of each run, with its 95% interval over seeds as an error bar."""
     names = list(estimates)
     figure = new_figure(figsize=(7, 0.45 * len(names) + 1.2))
@@ -248,7 +340,7 @@ def plot_accuracy(estimates: dict[str, dict], targets: set[str], path: Path) -> 
     highs = [100 * value["mean"] if value["ci95"] is None else 100 * value["ci95"][1] for value in top1]
     bars = axis.barh(names[::-1], values[::-1], xerr=errors[::-1], capsize=3, color=colours(estimates, targets)[::-1])
     axis.bar_label(bars, fmt="%.1f%%", padding=3)
-    axis.set_xlabel("top-1 on the held-out split (%): mean over seeds, 95% interval")
+    axis.set_xlabel(f"top-1 on {split} (%): mean over seeds, 95% interval")
     axis.set_xlim(0, max(*highs, 1.0) * 1.15)  # room for the labels, even when every run scores 0%
     axis.set_title("accuracy (grey: targets, blue: students)")
     figure.tight_layout()
@@ -319,23 +411,53 @@ def plot_confidence(estimates: dict[str, dict], targets: set[str], threshold: fl
     figure.savefig(path, dpi=120)
 
 
-def plot_alpha_sweep(sweep: list[dict], path: Path) -> None:
+def plot_alpha_sweep(sweep: list[dict], split: str, path: Path) -> None:
     figure = new_figure(figsize=(12, 3.6))
     axes = figure.subplots(1, 3)
     for axis, (key, label) in zip(axes, (("top1", "top-1 (%)"), ("nll", "NLL"), ("ece", "ECE (%)"))):
-        for scale in CLIP_SCALES:
+        for scale in SWEEP_FUSIONS:
             points = [row for row in sweep if row["clip_scale"] == scale]
             factor = 1 if key == "nll" else 100
             axis.plot([row["alpha"] for row in points], [factor * row[key] for row in points], marker="o",
-                      label=f"CLIP scale {scale}")
+                      label=scale if scale == STANDARDIZED else f"CLIP scale {scale}")
         axis.set_xlabel("alpha (1 = teacher only, 0 = CLIP only)")
-        axis.set_title(f"fused targets: {label}")
+        axis.set_title(f"fused targets on {split}: {label}")
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
+def plot_paired_differences(pairs: list[tuple[str, str]], paired: dict[str, dict], split: str, path: Path) -> None:
+    """Every paired difference with its 95% interval, a panel a metric: green where the interval shows the run
+    better than its baseline, red where worse, grey where it includes 0."""
+    columns = present_columns(PAIRED_COLUMNS, paired.values())
+    figure = new_figure(figsize=(2.6 * len(columns) + 2.5, 0.3 * len(pairs) + 1.6))
+    axes = figure.subplots(1, len(columns), sharey=True, squeeze=False)[0]
+    labels = [f"{name} vs {baseline}" for name, baseline in pairs]
+    for axis, (key, label) in zip(axes, columns):
+        scale = metric_unit(key)[0]
+        for row, (name, baseline) in enumerate(pairs):
+            value = paired[pair_name(name, baseline)].get(key)
+            if value is None:
+                continue
+            mean, interval = scale * value["mean"], value["ci95"]
+            colour = TARGET_COLOUR
+            if interval is not None and (interval[0] > 0 or interval[1] < 0):
+                colour = BETTER_COLOUR if (mean < 0) == (key in LOWER_IS_BETTER) else WORSE_COLOUR
+            error = None if interval is None else [[mean - scale * interval[0]], [scale * interval[1] - mean]]
+            axis.errorbar(mean, row, xerr=error, fmt="o", color=colour, markersize=4, capsize=2, linewidth=1.2)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_title(f"{label}{' (lower is better)' if key in LOWER_IS_BETTER else ''}"
+                       f"{' (points)' if scale == 100 else ''}", fontsize=9)
+        axis.tick_params(labelsize=7)
+        axis.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0].set_ylim(len(labels) - 0.5, -0.5)
+    figure.suptitle(f"paired differences on {split}: run minus baseline, mean over seeds and 95% interval "
+                    "(green: better, red: worse, grey: interval includes 0)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def describe_robustness(robustness: dict) -> str:
@@ -371,10 +493,10 @@ def robustness_table(robustness: dict[str, list[dict]], estimates: dict[str, dic
     return "\n".join(lines)
 
 
-def robustness_section(robustness: dict[str, list[dict]], estimates: dict[str, dict]) -> str:
+def robustness_section(robustness: dict[str, list[dict]], estimates: dict[str, dict], heading: str) -> str:
     settings = sorted({describe_robustness(seed) for seeds in robustness.values() for seed in seeds})
     return "\n\n".join([
-        "## Robustness",
+        f"{heading} Robustness",
         "Top-1 under the common corruptions of CIFAR-10-C / ImageNet-C (" + "; ".join(settings) + "). The mean "
         "corruption accuracy is the mean over every corruption x severity cell, the relative drop is (clean - "
         "mean corruption accuracy) / clean, and each corruption's row is its mean over the severities. Every cell "
@@ -427,53 +549,183 @@ def plot_robustness(robustness: dict[str, list[dict]], targets: set[str], path: 
     figure.savefig(path, dpi=110)
 
 
-def run(config: ReportConfig) -> dict:
-    evaluations = load_evaluations(config)
+@dataclass
+class SplitReport:
+    """One split's rows (targets first), their estimates and paired differences, and what its cache's targets
+    measured (None without a cache)."""
+
+    split: str
+    runs: dict[str, list[dict]]
+    targets: set[str]
+    pairs: list[tuple[str, str]]
+    estimates: dict[str, dict]
+    paired: dict[str, dict]
+    quality: dict | None
+
+
+def split_report(config: ReportConfig, split: str, evaluations: dict[str, list[dict]],
+                 cache: CacheReader | None) -> SplitReport:
     runs: dict[str, list[dict]] = {}
     targets: set[str] = set()
-    sweep: list[dict] = []
+    evaluations = dict(evaluations)
     if "teacher" in evaluations:
         runs["teacher"] = evaluations.pop("teacher")
         targets.add("teacher")
-    if config.test_cache:
-        cache_rows, sweep = target_rows(config)
+    quality = None
+    if cache is not None:
+        cache_rows, quality = target_rows(config, cache)
         runs.update({name: [metrics] for name, metrics in cache_rows.items()})
         targets.update(cache_rows)
     runs.update(evaluations)
     pairs = comparisons(config, runs, targets)
     estimates = {name: run_estimates(results) for name, results in runs.items()}
     paired = {pair_name(name, baseline): paired_estimates(runs, name, baseline) for name, baseline in pairs}
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    figures = {"accuracy": "accuracy.png"}
-    plot_accuracy(estimates, targets, out / figures["accuracy"])
+    return SplitReport(split, runs, targets, pairs, estimates, paired, quality)
+
+
+def overlap_text(quality: dict) -> str:
+    overlap = quality["error_overlap"]
+    return (f"Teacher and CLIP on the {quality['samples_evaluated']} images of the cache: both right "
+            f"{percent(overlap['both_right'])}, only the teacher wrong {percent(overlap['only_teacher_wrong'])}, only "
+            f"CLIP wrong {percent(overlap['only_clip_wrong'])}, both wrong {percent(overlap['both_wrong'])}.")
+
+
+def split_sections(config: ReportConfig, report: SplitReport, out: Path, heading: str, suffix: str) -> list[str]:
+    """The markdown of one split: its table, its paired differences and its figures (drawn into `out`, their file
+    names ending in `suffix`)."""
+    runs, estimates, targets, split = report.runs, report.estimates, report.targets, report.split
+    figures = {"accuracy": f"accuracy{suffix}.png"}
+    plot_accuracy(estimates, targets, split, out / figures["accuracy"])
+    if report.paired:
+        figures["paired differences"] = f"paired_differences{suffix}.png"
+        plot_paired_differences(report.pairs, report.paired, split, out / figures["paired differences"])
     binned = {name: results for name, results in runs.items() if all("reliability" in result for result in results)}
     if binned:  # evaluations written by hand may have no bins
-        figures["reliability"] = "reliability.png"
+        figures["reliability"] = f"reliability{suffix}.png"
         plot_reliability(binned, estimates, out / figures["reliability"])
-    figures["confidence"] = "confidence.png"
+    figures["confidence"] = f"confidence{suffix}.png"
     plot_confidence(estimates, targets, config.confidence_threshold, out / figures["confidence"])
-    if sweep:
-        figures["alpha sweep"] = "alpha_sweep.png"
-        plot_alpha_sweep(sweep, out / figures["alpha sweep"])
-    sections = [
-        "# RichKD report",
-        f"Held-out split; *italic* rows are targets, the rest students. Each cell is the mean over the run's n seeds "
-        f"± the half-width of its Student-t 95% interval (the value alone for one seed). Confident: probability >= "
-        f"{config.confidence_threshold}; confident-correct and confidently-wrong are shares of all samples.",
-        markdown_table(estimates, targets),
-    ]
-    if paired:
-        sections.append(paired_section(pairs, paired))
+    if report.quality is not None and report.quality["alpha_sweep"]:
+        figures["alpha sweep"] = f"alpha_sweep{suffix}.png"
+        plot_alpha_sweep(report.quality["alpha_sweep"], split, out / figures["alpha sweep"])
+    sections = [markdown_table(estimates, targets)]
+    if report.quality is not None:
+        sections.append(overlap_text(report.quality))
+    if report.paired:
+        sections.append(paired_section(report.pairs, report.paired, heading))
     sections += [f"![{name}]({file})" for name, file in figures.items()]
     robustness = {name: [result["robustness"] for result in results if "robustness" in result]
                   for name, results in runs.items() if any("robustness" in result for result in results)}
     if robustness:
-        plot_robustness(robustness, targets, out / "robustness.png")
-        sections += [robustness_section(robustness, estimates), "![robustness](robustness.png)"]
+        plot_robustness(robustness, targets, out / f"robustness{suffix}.png")
+        sections += [robustness_section(robustness, estimates, heading), f"![robustness](robustness{suffix}.png)"]
+    return sections
+
+
+# The preconditions of RichKD's regime (docs/study.md): bounds on the targets and the label-only run.
+TEACHER_TOP1_RANGE = (0.55, 0.85)
+TEACHER_OVER_LABEL_ONLY = 0.03
+CLIP_WITHIN_TEACHER = 0.10
+FUSED_OVER_BETTER_SOURCE = 0.03
+
+
+def preconditions(config: ReportConfig, reports: dict[str, SplitReport]) -> list[dict]:
+    """Each precondition: what it measures, the measured value, the requirement and whether it is met. In
+    distribution is the first split besides the shifted one that has a cache."""
+    shifted = reports.get(config.shifted_split)
+    if shifted is None or shifted.quality is None:
+        raise UserError(f"--shifted-split {config.shifted_split}: the preconditions need a --test-cache of that split")
+    in_dist = next((report for split, report in reports.items()
+                    if split != config.shifted_split and report.quality is not None), None)
+    if in_dist is None:
+        raise UserError("the preconditions need a --test-cache of an in-distribution split besides the shifted one")
+    if config.label_only not in in_dist.estimates:
+        raise UserError(f"--label-only {config.label_only}: no evaluation of that run on {in_dist.split}")
+    label_only = in_dist.estimates[config.label_only]["top1"]["mean"]
+    (teacher, clip, fused), (teacher_shifted, clip_shifted, fused_shifted) = (
+        [report.quality[name] for name in ("teacher", "clip", "fused")] for report in (in_dist, shifted))
+    fused_name = fused_row_name(config).removeprefix("fused targets ")
+    low, high = TEACHER_TOP1_RANGE
+
+    def points(value: float) -> str:
+        return f"{100 * value:+.1f} points"
+
+    def check(what: str, value: float, shown: str, required: str, met: bool) -> dict:
+        return {"check": what, "value": value, "measured": shown, "required": required, "met": bool(met)}
+
+    gain = fused_shifted["top1"] - max(teacher_shifted["top1"], clip_shifted["top1"])
+    return [
+        check(f"teacher top-1 on {in_dist.split}", teacher["top1"], percent(teacher["top1"]),
+              f"{percent(low, 0)} to {percent(high, 0)}", low <= teacher["top1"] <= high),
+        check(f"teacher minus {config.label_only} (mean over seeds), top-1 on {in_dist.split}",
+              teacher["top1"] - label_only, points(teacher["top1"] - label_only),
+              f"at least {points(TEACHER_OVER_LABEL_ONLY)}", teacher["top1"] - label_only >= TEACHER_OVER_LABEL_ONLY),
+        check(f"CLIP minus teacher, top-1 on {shifted.split}", clip_shifted["top1"] - teacher_shifted["top1"],
+              points(clip_shifted["top1"] - teacher_shifted["top1"]), "at least +0.0 points",
+              clip_shifted["top1"] >= teacher_shifted["top1"]),
+        check(f"CLIP minus teacher, top-1 on {in_dist.split}", clip["top1"] - teacher["top1"],
+              points(clip["top1"] - teacher["top1"]), f"within ±{100 * CLIP_WITHIN_TEACHER:.1f} points",
+              abs(clip["top1"] - teacher["top1"]) <= CLIP_WITHIN_TEACHER),
+        check(f"fused {fused_name} minus the better of teacher and CLIP, top-1 on {shifted.split}",
+              gain, points(gain), f"at least {points(FUSED_OVER_BETTER_SOURCE)}", gain >= FUSED_OVER_BETTER_SOURCE),
+        check(f"fused minus teacher, top-1 on {in_dist.split}", fused["top1"] - teacher["top1"],
+              points(fused["top1"] - teacher["top1"]), "at least +0.0 points", fused["top1"] >= teacher["top1"]),
+        *(check(f"fused minus teacher, NLL on {report.split}", fused_nll - teacher_nll,
+                f"{fused_nll - teacher_nll:+.3f}", "below 0", fused_nll < teacher_nll)
+          for report, fused_nll, teacher_nll in ((in_dist, fused["nll"], teacher["nll"]),
+                                                 (shifted, fused_shifted["nll"], teacher_shifted["nll"]))),
+    ]
+
+
+def preconditions_section(checks: list[dict]) -> str:
+    lines = ["| precondition | measured | required | met |", "|---|---:|---|---|"]
+    lines += [f"| {row['check']} | {row['measured']} | {row['required']} | {'yes' if row['met'] else '**no**'} |"
+              for row in checks]
+    return "\n\n".join([
+        "## Preconditions of RichKD's regime",
+        "Measured on the targets of the held-out caches (the teacher's and CLIP's logits on the centre views) and on "
+        "the label-only run, before the other students are read: a teacher that knows more than the students' "
+        "architecture learns from the labels, a CLIP about as good in distribution and better under shift, and fused "
+        "targets better than either under shift.",
+        "\n".join(lines),
+    ])
+
+
+def run(config: ReportConfig) -> dict:
+    evaluations = load_evaluations(config)
+    caches = open_test_caches(config)
+    splits = list(dict.fromkeys([*evaluations, *caches]))
+    reports = {split: split_report(config, split, evaluations.get(split, {}), caches.get(split))
+               for split in splits}
+    checks = preconditions(config, reports) if config.shifted_split is not None else None
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [
+        "# RichKD report",
+        f"Held-out {'splits' if len(splits) > 1 else 'split'} {', '.join(splits)}; *italic* rows are targets, the rest "
+        "students. Each cell is the mean over the run's n seeds ± the half-width of its Student-t 95% interval (the "
+        f"value alone for one seed). Confident: probability >= {config.confidence_threshold}; confident-correct and "
+        "confidently-wrong are shares of all samples; the superclass share is the share of the probability off the "
+        "true class that falls on the other classes of its superclass (mean over samples).",
+    ]
+    if checks is not None:
+        sections.append(preconditions_section(checks))
+    for number, (split, report) in enumerate(reports.items()):
+        heading = "##" if len(splits) == 1 else "###"
+        if len(splits) > 1:
+            sections.append(f"## {split}")
+        sections += split_sections(config, report, out, heading, "" if number == 0 else f"_{split}")
     (out / "report.md").write_text("\n\n".join(sections) + "\n")
-    summary = {"runs": estimates, "paired": paired}
+    summary = {"splits": {split: {"runs": report.estimates, "paired": report.paired,
+                                  **({"error_overlap": report.quality["error_overlap"]} if report.quality else {})}
+                          for split, report in reports.items()}}
+    if checks is not None:
+        summary["preconditions"] = checks
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    unmet = [row["check"] for row in checks or () if not row["met"]]
+    if config.require_preconditions and unmet:
+        raise UserError(f"{len(unmet)} of the {len(checks)} preconditions are not met ({'; '.join(unmet)}): see "
+                        f"{out / 'report.md'}")
     if config.json:
         print_json(summary)
     else:

@@ -197,8 +197,8 @@ def test_malformed_params_file(tiny_world, tmp_path, capsys):
     params.write_text("precompute: 3\n")
     assert_user_error(["precompute", "--config", str(params)], capsys,
                       f"params file {params}: section 'precompute' must be a mapping, found int")
-    params.write_text("report:\n  runs: kd\n")
-    assert_user_error(["report", "--config", str(params)], capsys, "'runs' must be a list of names, got 'kd'")
+    params.write_text("report:\n  runs: [kd, 3]\n")
+    assert_user_error(["report", "--config", str(params)], capsys, "'runs' must be a list of names, got ['kd', 3]")
 
 
 def test_debug_shows_the_traceback(tiny_world, tmp_path):

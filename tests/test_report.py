@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import zarr
 from test_bad_input import assert_user_error
 
 from richkd.cli import run_cli
@@ -96,6 +97,8 @@ def test_report_groups_seeds_and_compares_with_the_baselines(tmp_path, capsys):
     summary = json.loads(printed.out)
     assert "report written" not in printed.err
     assert summary == json.loads((out / "metrics.json").read_text())
+    assert list(summary) == ["splits"] and list(summary["splits"]) == ["test"]
+    summary = summary["splits"]["test"]
     assert list(summary) == ["runs", "paired"]
     assert list(summary["runs"]) == ["teacher", "kd", "richkd_L", "teacher_shrink"]
 
@@ -111,6 +114,7 @@ def test_report_groups_seeds_and_compares_with_the_baselines(tmp_path, capsys):
                                          for key in keys}
     teacher = evaluation(None, 0.9, 0.5)
     assert summary["runs"]["teacher"] == {key: {"mean": teacher[key], "ci95": None, "n_seeds": 1} for key in METRICS}
+    assert "superclass_share" not in summary["paired"]["richkd_L-vs-kd"]
 
     assert list(summary["paired"]) == ["kd-vs-teacher_shrink", "richkd_L-vs-kd", "richkd_L-vs-teacher_shrink"]
     for baseline in ("kd", "teacher_shrink"):
@@ -136,7 +140,9 @@ def test_report_groups_seeds_and_compares_with_the_baselines(tmp_path, capsys):
     assert lines["| richkd_L vs kd"].startswith(f"| richkd_L vs kd | 3 | **{100 * paired['mean']:+.1f} "
                                                 f"[{low:+.1f}, {high:+.1f}]%** |")
     assert lines["| kd vs teacher_shrink"].startswith("| kd vs teacher_shrink | 3 | -0.7 [")
-    assert "| run vs baseline | n | top-1 | NLL | ECE | mean corruption accuracy |" in text
+    assert "| run vs baseline | n | top-1 | NLL | ECE | confident-correct | confidently-wrong | mean corruption " \
+           "accuracy |" in text
+    assert (out / "paired_differences.png").stat().st_size > 10_000
     assert "## Robustness" in text and lines["| **mean corruption accuracy**"].count(" ± ") == 3
 
     # Without --json: nothing on stdout, where the report is on the console.
@@ -153,7 +159,7 @@ def test_explicit_pairs_and_their_errors(tmp_path, capsys):
     report = ["report", "--evals", str(evals), "--out", str(tmp_path / "report"), "--json"]
     capsys.readouterr()
     assert run_cli([*report, "--pairs", "ce_long-vs-ce", "--baselines", "kd"]) == 0
-    paired = json.loads(capsys.readouterr().out)["paired"]
+    paired = json.loads(capsys.readouterr().out)["splits"]["test"]["paired"]
     assert paired["ce_long-vs-ce"]["top1"] == {"mean": pytest.approx(0.02), "ci95": None, "n_seeds": 1}
     assert "richkd_L-vs-kd" in paired and "richkd_L-vs-teacher_shrink" not in paired
 
@@ -218,7 +224,7 @@ def test_target_rows_from_the_test_cache_are_single_values_and_never_paired(tiny
     capsys.readouterr()
     assert run_cli(["report", "--evals", str(tmp_path / "evals"), "--test-cache", str(cache),
                     "--out", str(tmp_path / "report"), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capsys.readouterr().out)["splits"]["test"]
     assert list(summary["runs"]) == ["teacher", "CLIP zero-shot (12 prompts)", "fused targets (alpha 0.7, raw)",
                                      "kd", "richkd_L", "teacher_shrink"]
     for name in ("CLIP zero-shot (12 prompts)", "fused targets (alpha 0.7, raw)"):
@@ -226,3 +232,95 @@ def test_target_rows_from_the_test_cache_are_single_values_and_never_paired(tiny
         assert all(value["ci95"] is None and value["n_seeds"] == 1 for value in summary["runs"][name].values())
     assert list(summary["paired"]) == ["kd-vs-teacher_shrink", "richkd_L-vs-kd", "richkd_L-vs-teacher_shrink"]
     assert "| *CLIP zero-shot (12 prompts)* |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def study_evaluation(seed: int, top1: float, split: str, variant: str, alpha: float) -> dict:
+    return {**evaluation(seed, top1), "split": split, "superclass_share": 0.2 + top1 / 10,
+            "training": {"variant": variant, "alpha": alpha, "clip_scale": "clip", "epochs": 10}}
+
+
+def test_baselines_named_by_each_students_settings_on_every_split(tmp_path, capsys):
+    runs = {"kd": ("L", 1.0, 0.70), "shrink_0.3": ("shrink", 0.3, 0.72), "shrink_0.5": ("shrink", 0.5, 0.71),
+            "L_0.3": ("L", 0.3, 0.76), "L_0.5": ("L", 0.5, 0.74)}
+    for split, shift in (("test", 0.0), ("shifted", -0.2)):
+        (tmp_path / split).mkdir()
+        for name, (variant, alpha, top1) in runs.items():
+            seeds = [study_evaluation(seed, top1 + shift + 0.01 * seed * (name == "L_0.3"), split, variant, alpha)
+                     for seed in (0, 1, 2)]
+            (tmp_path / split / f"{name}.json").write_text(json.dumps({"seeds": seeds}))
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert run_cli(["report", "--evals", str(tmp_path / "test"), "--evals", str(tmp_path / "shifted"),
+                    "--baselines", "kd", "--baselines", "shrink_{alpha}", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary["splits"]) == ["test", "shifted"]
+    for split, shift in (("test", 0.0), ("shifted", -0.2)):
+        paired = summary["splits"][split]["paired"]
+        # Each L against kd and the shrink control of its own alpha, never another alpha's.
+        assert list(paired) == ["L_0.3-vs-kd", "L_0.3-vs-shrink_0.3", "L_0.5-vs-kd", "L_0.5-vs-shrink_0.5",
+                                "shrink_0.3-vs-kd", "shrink_0.5-vs-kd"]
+        assert paired["L_0.3-vs-shrink_0.3"]["top1"] == expected_estimate([0.04, 0.05, 0.06])
+        assert paired["L_0.5-vs-shrink_0.5"]["superclass_share"]["mean"] == pytest.approx(0.003)
+        assert summary["splits"][split]["runs"]["kd"]["top1"]["mean"] == pytest.approx(0.70 + shift)
+    text = (out / "report.md").read_text()
+    assert "## test" in text and "## shifted" in text and text.count("### Paired differences") == 2
+    assert "| run | top-1 | top-5 | NLL | ECE | confident-correct | confidently-wrong | superclass share | n |" in text
+    for figure in ("paired_differences.png", "paired_differences_shifted.png", "accuracy_shifted.png"):
+        assert f"]({figure})" in text and (out / figure).stat().st_size > 10_000
+
+    (tmp_path / "test" / "mixed.json").write_text(json.dumps({"seeds": [
+        study_evaluation(0, 0.5, "test", "L", 0.5), study_evaluation(1, 0.5, "shifted", "L", 0.5)]}))
+    assert_user_error(["report", "--evals", str(tmp_path / "test"), "--out", str(out)], capsys,
+                      f"evaluation {tmp_path / 'test' / 'mixed.json'} holds results of several splits (shifted, test)")
+    (tmp_path / "test" / "mixed.json").unlink()
+    shutil.copy(tmp_path / "test" / "kd.json", tmp_path / "shifted" / "kd.json")
+    assert_user_error(["report", "--evals", str(tmp_path / "test"), "--evals", str(tmp_path / "shifted"),
+                       "--out", str(out)], capsys, f"run kd has two evaluations of split test: "
+                      f"{tmp_path / 'test' / 'kd.json'} and {tmp_path / 'shifted' / 'kd.json'}")
+
+
+def test_preconditions_are_measured_on_the_targets_and_the_label_only_run(tiny_world, tmp_path, capsys):
+    caches = {}
+    for split in ("test", "train"):  # the tiny world has no shifted split: its train split stands in for one
+        caches[split] = tmp_path / f"{split}.zarr"
+        assert run_cli(tiny_world.precompute_args(caches[split], "--split", split, "--views", "1",
+                                                  "--view-policy", "center")) == 0
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "ce.json").write_text(json.dumps({"seeds": [evaluation(0, 0.01), evaluation(1, 0.02)]}))
+    report = ["report", "--evals", str(evals), "--test-cache", str(caches["test"]), "--test-cache",
+              str(caches["train"]), "--alpha", "0.5", "--clip-scale", "clip", "--out", str(tmp_path / "report"),
+              "--shifted-split", "train", "--label-only", "ce"]
+    capsys.readouterr()
+    assert run_cli([*report, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    quality = {split: summary["splits"][split]["runs"] for split in ("test", "train")}
+
+    def top1(split: str, row: str) -> float:
+        name = {"clip": "CLIP zero-shot (12 prompts)", "fused": "fused targets (alpha 0.5, clip)"}[row]
+        return quality[split][name]["top1"]["mean"]
+
+    group = zarr.open_group(caches["train"], mode="r")
+    teacher_train = np.mean(group["teacher/logits"][0].astype(np.float32).argmax(1) == group["labels"][:])
+    checks = {row["check"]: row for row in summary["preconditions"]}
+    assert list(checks) == [
+        "teacher top-1 on test", "teacher minus ce (mean over seeds), top-1 on test",
+        "CLIP minus teacher, top-1 on train", "CLIP minus teacher, top-1 on test",
+        "fused (alpha 0.5, clip) minus the better of teacher and CLIP, top-1 on train",
+        "fused minus teacher, top-1 on test", "fused minus teacher, NLL on test", "fused minus teacher, NLL on train"]
+    assert checks["CLIP minus teacher, top-1 on train"]["value"] == pytest.approx(top1("train", "clip") - teacher_train)
+    gain = checks["fused (alpha 0.5, clip) minus the better of teacher and CLIP, top-1 on train"]
+    assert gain["value"] == pytest.approx(top1("train", "fused") - max(teacher_train, top1("train", "clip")))
+    assert gain["met"] == (gain["value"] >= 0.03)
+    assert checks["teacher top-1 on test"]["met"] is False  # a random teacher of 100 classes: near 1%
+    assert summary["splits"]["test"]["error_overlap"]["both_wrong"] > 0.5
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Preconditions of RichKD's regime" in text and "| teacher top-1 on test |" in text
+    assert "Teacher and CLIP on the 20 images of the cache: both right" in text
+
+    assert_user_error([*report, "--require-preconditions"], capsys, "of the 8 preconditions are not met (teacher top-1 "
+                      "on test;", f"see {tmp_path / 'report' / 'report.md'}")
+    assert (tmp_path / "report" / "report.md").exists()
+    assert_user_error([*report[:-4], "--label-only", "ce"], capsys,
+                      "--shifted-split and --label-only go together: the preconditions need both")
+    assert_user_error([*report[:-2], "--label-only", "kd"], capsys, "--label-only kd: no evaluation of that run on test")
