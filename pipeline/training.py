@@ -298,10 +298,10 @@ class Trainer:
         for line in self.announce:
             console.print(line, soft_wrap=True)
         epoch_seconds = []
+        # No live.log_params: the resolved config is config.yaml, and dvclive parses its params.yaml again at every
+        # step (30 ms, as long as a small epoch).
         with Live(str(self.run_dir / "dvclive"), resume=first_epoch > 0, save_dvc_exp=False, dvcyaml=None,
                   report=None) as live, progress_bar("img") as progress:
-            if first_epoch == 0:
-                live.log_params(to_dict(self.options))
             for epoch in range(first_epoch, self.options.epochs):
                 lr = self.optimizer.param_groups[0]["lr"]
                 task = progress.add_task(f"epoch {epoch + 1}/{self.options.epochs}", total=None)

@@ -142,9 +142,9 @@ def run(config: TrainClipConfig) -> dict:
 
     out = Path(config.out)
     history = []
+    # The config is in the bundle's metrics.json, not dvclive's params.yaml (which dvclive parses at every step).
     with Live(str(out.with_name(out.name + "_dvclive")), save_dvc_exp=False, dvcyaml=None, report=None) as live, \
             progress_bar("img") as progress:
-        live.log_params(to_dict(config))
         for epoch in range(config.epochs):
             order = torch.randperm(len(dataset), generator=seeded_generator(config.seed, epoch, ORDER)).tolist()
             loader = data_loader(train_views, config.batch_size, config.num_workers, device, sampler=order)
