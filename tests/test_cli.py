@@ -44,25 +44,37 @@ def test_unknown_flag_is_a_usage_error(capsys):
 
 
 def test_shipped_params_files_fill_valid_configs():
-    """params.yaml (the demo) and the recipes name only real fields with valid values."""
+    """params.yaml (the demo), the study's and the recipes name only real fields and flags with valid values."""
+    import shlex
+
+    import typer
     import yaml
 
-    from richkd.cli import STAGE_COMMANDS
+    from richkd.cli import STAGE_COMMANDS, app
     from richkd.pipeline.config import build_config
     from richkd.stages import distill
 
     configs = {name.replace("-", "_"): config_class for name, config_class, _, _ in STAGE_COMMANDS}
+    distill_command = typer.main.get_command(app).commands["distill"]
+    defaults = {parameter.name: parameter.default for parameter in distill_command.params}
     root = Path(__file__).parents[1]
-    for path in (root / "params.yaml", *sorted((root / "recipes").glob("*.yaml"))):
+    for path in (root / "params.yaml", root / "study" / "params.yaml", *sorted((root / "recipes").glob("*.yaml"))):
         sections = yaml.safe_load(path.read_text())
         for section in set(sections) & set(configs):
             overrides = {"checkpoint": "x.pt"} if section == "evaluate" else {}
             config = build_config(configs[section], section, path, overrides)
             for key, value in sections[section].items():
-                assert getattr(config, key) == value, (path.name, section, key)
-        for name, student in sections.get("students", {}).items():
-            config = build_config(distill.DistillConfig, "distill", path, student)
-            for key, value in student.items():
+                # One name where a list is expected is the list of that name, as the flag given once.
+                assert getattr(config, key) in (value, [value]), (path.name, section, key)
+        for name, student in [*sections.get("students", {}).items(), ("label_only", sections.get("label_only"))]:
+            if student is None:
+                continue
+            # A student's flags (the study's) are distill's own command-line flags.
+            given = distill_command.make_context("distill", shlex.split(student.get("flags", ""))).params
+            flags = {key: value for key, value in given.items() if value != defaults[key]}
+            fields = {key: value for key, value in student.items() if key != "flags"}
+            config = build_config(distill.DistillConfig, "distill", path, {**fields, **flags})
+            for key, value in {**fields, **flags}.items():
                 assert getattr(config, key) == value, (path.name, name, key)
 
 
