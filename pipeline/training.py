@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +48,24 @@ def same_setting(now, saved) -> bool:
 # The best checkpoint before any epoch, or of a run that keeps no validation samples.
 NO_BEST = {"epoch": None, "top1": None, "selected_on": None}
 
+# Taken by a run's dvclive log to end: a lock shared by the seed processes of --jobs, set in each as it starts.
+LIVE_END = {"lock": threading.Lock()}
+
+
+def live_log(directory: Path, resume: bool = False):
+    """dvclive's Live, logging to `directory`. Inside a DVC repository every Live ends by removing one signal file of
+    the repository after checking that it exists, so seed processes ending together race and the loser fails (seen
+    with --jobs 2 under `dvc repro`): their ends take turns."""
+    from dvclive import Live  # imported here: dvclive is slow to import, and only runs that log need it
+
+    class TurnTakingLive(Live):
+        def end(self) -> None:
+            with LIVE_END["lock"]:
+                super().end()
+
+    return TurnTakingLive(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+
 def run_per_seed(options: TrainingOptions, train_one: Callable[[TrainingOptions], dict]) -> dict:
     """`train_one(options)`, or with --seeds one run per seed in <out>/seed-<seed>: {"seed-<seed>": summary},
     --jobs of them at once."""
@@ -59,16 +78,19 @@ def run_per_seed(options: TrainingOptions, train_one: Callable[[TrainingOptions]
         return {f"seed-{seed}": train_one(run) for seed, run in runs.items()}
     threads = max(1, torch.get_num_threads() // jobs)
     # Forked, not spawned: a worker starts at once instead of importing torch again.
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=start_seed_worker,
-                             initargs=(threads,)) as pool:
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(jobs, mp_context=fork, initializer=start_seed_worker,
+                             initargs=(threads, fork.Lock())) as pool:
         futures = {seed: pool.submit(train_one, run) for seed, run in runs.items()}
         return {f"seed-{seed}": future.result() for seed, future in futures.items()}
 
 
-def start_seed_worker(threads: int) -> None:
-    """A process training seeds beside others: its share of the threads, and no progress bar to share a terminal."""
+def start_seed_worker(threads: int, live_end) -> None:
+    """A process training seeds beside others: its share of the threads, no progress bar to share a terminal, and
+    the lock its dvclive log ends under."""
     torch.set_num_threads(threads)
     hide_progress_bars()
+    LIVE_END["lock"] = live_end
 
 
 def optimize(loader: Iterable, batch_losses: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -287,8 +309,6 @@ class Trainer:
             return self.run_epochs(step, first_epoch, best)
 
     def run_epochs(self, step: nn.Module, first_epoch: int, best: dict) -> dict:
-        from dvclive import Live
-
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.options), sort_keys=False))
         (self.run_dir / "run.json").write_text(json.dumps(self.checkpoint_info, indent=2))
         keys = getattr(self.dataset, "keys", None)
@@ -300,8 +320,7 @@ class Trainer:
         epoch_seconds = []
         # No live.log_params: the resolved config is config.yaml, and dvclive parses its params.yaml again at every
         # step (30 ms, as long as a small epoch).
-        with Live(str(self.run_dir / "dvclive"), resume=first_epoch > 0, save_dvc_exp=False, dvcyaml=None,
-                  report=None) as live, progress_bar("img") as progress:
+        with live_log(self.run_dir / "dvclive", first_epoch > 0) as live, progress_bar("img") as progress:
             for epoch in range(first_epoch, self.options.epochs):
                 lr = self.optimizer.param_groups[0]["lr"]
                 task = progress.add_task(f"epoch {epoch + 1}/{self.options.epochs}", total=None)

@@ -30,7 +30,7 @@ from richkd.pipeline.metrics import ClassificationMeter, percent
 from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.runtime import console, progress_bar, resolve_device
 from richkd.pipeline.seeding import ORDER, seeded_generator
-from richkd.pipeline.training import optimize
+from richkd.pipeline.training import live_log, optimize
 from richkd.pipeline.views import make_view_policy
 
 BUNDLE_WEIGHTS = "open_clip_model.safetensors"
@@ -94,8 +94,6 @@ def save_bundle(clip: ClipTeacher, model_config: dict, out: Path, metrics: dict)
 
 
 def run(config: TrainClipConfig) -> dict:
-    from dvclive import Live
-
     device = resolve_device(config.device)
     dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
     eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
@@ -143,8 +141,7 @@ def run(config: TrainClipConfig) -> dict:
     out = Path(config.out)
     history = []
     # The config is in the bundle's metrics.json, not dvclive's params.yaml (which dvclive parses at every step).
-    with Live(str(out.with_name(out.name + "_dvclive")), save_dvc_exp=False, dvcyaml=None, report=None) as live, \
-            progress_bar("img") as progress:
+    with live_log(out.with_name(out.name + "_dvclive")) as live, progress_bar("img") as progress:
         for epoch in range(config.epochs):
             order = torch.randperm(len(dataset), generator=seeded_generator(config.seed, epoch, ORDER)).tolist()
             loader = data_loader(train_views, config.batch_size, config.num_workers, device, sampler=order)

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from richkd.cli import run_cli
 from richkd.pipeline.data import read_captions
@@ -118,3 +124,50 @@ def test_superclasses_file_must_name_every_class(tmp_path):
     path.write_text('["animal"]')
     with pytest.raises(UserError, match="must map each class name to its superclass's name"):
         read_superclasses(path, ["cat"])
+
+
+def tiny_study_params(root: Path) -> dict:
+    """study/params.yaml at a size the suite can afford: every stage kept, four students, two seeds, two epochs."""
+    params = yaml.safe_load((root / "study" / "params.yaml").read_text())
+    params["demo"].update(train=48, test=24, shifted=24, pool=96)
+    params["train_clip"].update(epochs=2, batch_size=32)
+    params["train"].update(epochs=1)
+    params["precompute"].update(views=2, shard_size=24, batch_size=24)
+    params["distill"].update(epochs=2, seeds="0,1", jobs=2, nce_k=20)
+    params["label_only"]["epochs"] = 2
+    params["students"] = {name: {**student, "epochs": 2} for name, student in params["students"].items()
+                          if name in ("ce_long", "kd", "shrink_0.5", "L_clip_0.5")}
+    params["report"].update(runs=["teacher", "ce", "ce_long", "kd", "shrink_0.5", "L_clip_0.5"],
+                            require_preconditions=False)
+    return params
+
+
+def test_a_tiny_study_runs_end_to_end(tmp_path):
+    """study/dvc.yaml as shipped, with tiny params: data, CLIP, teacher, the caches, the label-only run, the
+    preconditions, the students and their evaluations on both splits, and the report."""
+    root = Path(__file__).parents[1]
+    study = tmp_path / "study"
+    study.mkdir()
+    shutil.copy(root / "study" / "dvc.yaml", study / "dvc.yaml")
+    (study / "params.yaml").write_text(yaml.safe_dump(tiny_study_params(root), sort_keys=False))
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in (["dvc", "init", "--no-scm", "-q"], ["dvc", "repro"]):
+        finished = subprocess.run(command, cwd=study, env=environment, capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stdout + finished.stderr
+
+    summary = json.loads((study / "report" / "metrics.json").read_text())
+    assert list(summary["splits"]) == ["test", "shifted"]
+    assert len(summary["preconditions"]) == 8
+    for split in ("test", "shifted"):
+        runs, paired = summary["splits"][split]["runs"], summary["splits"][split]["paired"]
+        assert list(runs) == ["teacher", "CLIP zero-shot (12 prompts)", "fused targets (alpha 0.5, clip)", "ce",
+                              "ce_long", "kd", "shrink_0.5", "L_clip_0.5"]
+        assert runs["L_clip_0.5"]["top1"]["n_seeds"] == 2 and "superclass_share" in runs["L_clip_0.5"]
+        assert {"L_clip_0.5-vs-kd", "L_clip_0.5-vs-shrink_0.5", "shrink_0.5-vs-kd", "ce_long-vs-ce"} <= set(paired)
+    assert "mean_corruption_accuracy" in summary["splits"]["test"]["paired"]["L_clip_0.5-vs-shrink_0.5"]
+    # The gate wrote its own report of the targets and the label-only run before any other student trained.
+    gate = json.loads((study / "preconditions" / "metrics.json").read_text())
+    assert gate["preconditions"] == summary["preconditions"]
+    assert list(gate["splits"]["test"]["runs"])[-1] == "ce"
+    for figure in ("paired_differences.png", "paired_differences_shifted.png", "robustness.png"):
+        assert (study / "report" / figure).stat().st_size > 10_000
