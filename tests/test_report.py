@@ -323,4 +323,5 @@ def test_preconditions_are_measured_on_the_targets_and_the_label_only_run(tiny_w
     assert (tmp_path / "report" / "report.md").exists()
     assert_user_error([*report[:-4], "--label-only", "ce"], capsys,
                       "--shifted-split and --label-only go together: the preconditions need both")
-    assert_user_error([*report[:-2], "--label-only", "kd"], capsys, "--label-only kd: no evaluation of that run on test")
+    assert_user_error([*report[:-2], "--label-only", "kd"], capsys,
+                      "--label-only kd: no evaluation of that run on test")
