@@ -132,12 +132,13 @@ def load_evaluations(config: ReportConfig) -> dict[str, dict[str, list[dict]]]:
                                 f"{path}")
             found_from[split, name] = path
             by_split.setdefault(split, {})[name] = results
+    folders = ", ".join(config.evals)
     missing = [name for name in config.runs if not any(name in runs for runs in by_split.values())]
-    if missing or not by_split:
-        folders = ", ".join(config.evals)
-        first = f"run `richkd evaluate --output {config.evals[0]}/NAME.json` first"
-        raise UserError(f"no evaluation of {', '.join(missing)} in {folders}" if missing else
-                        f"no evaluations in {folders}: {first}")
+    if missing:
+        raise UserError(f"no evaluation of {', '.join(missing)} in {folders}")
+    if not by_split:
+        raise UserError(f"no evaluations in {folders}: run `richkd evaluate --output {config.evals[0]}/NAME.json` "
+                        "first")
     return by_split
 
 

@@ -325,3 +325,10 @@ def test_preconditions_are_measured_on_the_targets_and_the_label_only_run(tiny_w
                       "--shifted-split and --label-only go together: the preconditions need both")
     assert_user_error([*report[:-2], "--label-only", "kd"], capsys,
                       "--label-only kd: no evaluation of that run on test")
+    without_test_cache = [*report[:4], *report[6:]]
+    assert_user_error(without_test_cache, capsys, "the preconditions need a --test-cache of an in-distribution split "
+                      "besides the shifted one")
+    assert_user_error([*report[:-4], "--shifted-split", "shifted", "--label-only", "ce"], capsys,
+                      "--shifted-split shifted: the preconditions need a --test-cache of that split")
+    assert_user_error([*report, "--test-cache", str(caches["test"])], capsys,
+                      f"caches {caches['test']} and {caches['test']} are both of split test: give one a split")

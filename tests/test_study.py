@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from test_bad_input import assert_user_error
+
 from richkd.cli import run_cli
 from richkd.pipeline.data import read_captions
 from richkd.pipeline.datasets import open_dataset
@@ -76,8 +78,11 @@ def test_the_shifted_split_shows_colours_the_labelled_splits_never_show(tmp_path
 
 
 def test_only_the_study_preset_has_a_shifted_split(tmp_path, capsys):
-    assert run_cli(["demo", "--out", str(tmp_path / "d"), "--train", "4", "--test", "4", "--shifted", "4"]) == 2
-    assert "preset shapes has no shifted split: use --preset study for one" in capsys.readouterr().err
+    demo = ["demo", "--out", str(tmp_path / "d"), "--train", "4", "--test", "4"]
+    assert_user_error([*demo, "--shifted", "4"], capsys, "preset shapes has no shifted split: use --preset study for one")
+    assert_user_error([*demo, "--preset", "cifar"], capsys, "--preset must be one of shapes, study, got 'cifar'")
+    assert_user_error([*demo, "--preset", "study", "--shifted", "-1"], capsys, "--shifted must be 0 or more, got -1")
+    assert not (tmp_path / "d").exists()
 
 
 def shares_by_hand(logits: np.ndarray, labels: np.ndarray, superclasses: list[int]) -> list[float]:
@@ -119,10 +124,16 @@ def test_superclasses_file_must_name_every_class(tmp_path):
     path = tmp_path / "superclasses.json"
     path.write_text(json.dumps({"cat": "animal", "dog": "animal", "car": "vehicle"}))
     assert read_superclasses(path, ["car", "cat", "dog"]) == [1, 0, 0]
-    with pytest.raises(UserError, match=r"names no superclass for 1 of the 3 classes \(e.g. bus\)"):
+    with pytest.raises(UserError) as raised:
         read_superclasses(path, ["car", "cat", "bus"])
+    assert str(raised.value) == f"superclasses file {path} names no superclass for 1 of the 3 classes (e.g. bus)"
     path.write_text('["animal"]')
     with pytest.raises(UserError, match="must map each class name to its superclass's name"):
+        read_superclasses(path, ["cat"])
+    with pytest.raises(UserError, match=f"cannot read superclasses file {tmp_path / 'none.json'}: No such file"):
+        read_superclasses(tmp_path / "none.json", ["cat"])
+    path.write_text("{")
+    with pytest.raises(UserError, match="is not valid JSON"):
         read_superclasses(path, ["cat"])
 
 

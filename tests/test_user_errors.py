@@ -234,6 +234,12 @@ def test_report_errors(tmp_path, capsys):
                       f"cannot read evaluation {evals / 'kd.json'}: No such file or directory")
     (evals / "kd.json").write_text('{"top1": 0.8,')
     assert_user_error(["report", "--evals", str(evals)], capsys, f"evaluation {evals / 'kd.json'} is not valid JSON")
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    assert_user_error(["report", "--evals", str(shifted), "--evals", str(tmp_path / "nowhere"), "--runs", "kd"],
+                      capsys, f"no evaluation of kd in {shifted}, {tmp_path / 'nowhere'}")
+    assert_user_error(["report", "--evals", str(evals), "--require-preconditions"], capsys,
+                      "--require-preconditions needs --shifted-split and --label-only")
 
 
 def test_distilling_one_class_with_crd(tiny_world, tmp_path, capsys):
