@@ -19,6 +19,7 @@ better under shift, and fused targets better than both under shift.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -87,6 +88,10 @@ class ReportConfig:
     require_preconditions: bool = option(
         False, "Exit with status 2, after writing the report, when a precondition is not met (a pipeline's gate "
         "before the students train).", "Preconditions")
+    preconditions_only: bool = option(
+        False, "Report only what the preconditions are measured on, the teacher, the targets and the --label-only "
+        "run, without --runs, --baselines or --pairs: the report a pipeline can make before the other students "
+        "exist.", "Preconditions")
     out: str = option("report", "Directory for report.md, metrics.json and the figures.", "Output")
     json: bool = option(False, "Print the splits' means, intervals and paired differences and the preconditions as "
                         "JSON (what metrics.json holds) instead of saying where the report is.", "Output")
@@ -96,8 +101,8 @@ class ReportConfig:
         clip_scale_value(self.clip_scale, logit_scale=1.0)
         require((self.shifted_split is None) == (self.label_only is None),
                 "--shifted-split and --label-only go together: the preconditions need both")
-        require(not self.require_preconditions or self.shifted_split is not None,
-                "--require-preconditions needs --shifted-split and --label-only")
+        require(not (self.require_preconditions or self.preconditions_only) or self.shifted_split is not None,
+                "--require-preconditions and --preconditions-only need --shifted-split and --label-only")
 
 
 def evaluation_split(path: Path, results: list[dict]) -> str:
@@ -693,6 +698,8 @@ def preconditions_section(checks: list[dict]) -> str:
 
 
 def run(config: ReportConfig) -> dict:
+    if config.preconditions_only:
+        config = dataclasses.replace(config, runs=["teacher", config.label_only], baselines=[], pairs=[])
     evaluations = load_evaluations(config)
     caches = open_test_caches(config)
     splits = list(dict.fromkeys([*evaluations, *caches]))

@@ -332,3 +332,14 @@ def test_preconditions_are_measured_on_the_targets_and_the_label_only_run(tiny_w
                       "--shifted-split shifted: the preconditions need a --test-cache of that split")
     assert_user_error([*report, "--test-cache", str(caches["test"])], capsys,
                       f"caches {caches['test']} and {caches['test']} are both of split test: give one a split")
+
+    # Only what the preconditions are measured on, whatever else the evaluations hold and the comparisons ask for.
+    write_evaluations(tmp_path / "students")
+    shutil.copytree(tmp_path / "students", evals, dirs_exist_ok=True)
+    assert run_cli([*report, "--preconditions-only", "--pairs", "kd-vs-teacher_shrink", "--json"]) == 0
+    gate = json.loads(capsys.readouterr().out)
+    assert gate["preconditions"] == summary["preconditions"]
+    assert list(gate["splits"]["test"]["runs"]) == ["teacher", "CLIP zero-shot (12 prompts)",
+                                                    "fused targets (alpha 0.5, clip)", "ce"]
+    assert not gate["splits"]["test"]["paired"]
+

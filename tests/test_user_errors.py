@@ -239,7 +239,7 @@ def test_report_errors(tmp_path, capsys):
     assert_user_error(["report", "--evals", str(shifted), "--evals", str(tmp_path / "nowhere"), "--runs", "kd"],
                       capsys, f"no evaluation of kd in {shifted}, {tmp_path / 'nowhere'}")
     assert_user_error(["report", "--evals", str(evals), "--require-preconditions"], capsys,
-                      "--require-preconditions needs --shifted-split and --label-only")
+                      "--require-preconditions and --preconditions-only need --shifted-split and --label-only")
 
 
 def test_distilling_one_class_with_crd(tiny_world, tmp_path, capsys):
