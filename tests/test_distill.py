@@ -95,7 +95,7 @@ def test_report_compares_targets_and_students(demo_cache, tiny_world):
     assert run_cli(["report", "--evals", str(evals), "--runs", "teacher", "--runs", "none", "--runs", "LF",
                     "--test-cache", str(test_cache), "--out", str(out)]) == 0
 
-    metrics = json.loads((out / "metrics.json").read_text())["runs"]
+    metrics = json.loads((out / "metrics.json").read_text())["splits"]["test"]["runs"]
     assert list(metrics) == ["teacher", "CLIP zero-shot (12 prompts)", "fused targets (alpha 0.7, raw)", "none", "LF"]
     teacher = json.loads((evals / "teacher.json").read_text())
     assert metrics["teacher"]["top1"] == {"mean": teacher["top1"], "ci95": None, "n_seeds": 1}

@@ -63,5 +63,5 @@ def test_the_imagenet_recipe_runs_end_to_end(tiny_world, tmp_path, capsys):
     capsys.readouterr()
     assert run_cli(["report", "--config", RECIPE, "--evals", str(evals), "--test-cache", str(val_store),
                     "--out", str(tmp_path / "report"), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert {"kd", "ce"} <= report["runs"].keys() and any("clip" in name.lower() for name in report["runs"])
+    runs = json.loads(capsys.readouterr().out)["splits"]["val"]["runs"]
+    assert {"kd", "ce"} <= runs.keys() and any("clip" in name.lower() for name in runs)
