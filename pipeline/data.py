@@ -10,7 +10,6 @@ Row `i` of every per-sample array in the cache is dataset index `i`; `keys[i]` i
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import struct
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -274,12 +273,7 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 def read_captions(path: str | Path, keys: list[str]) -> list[str]:
     """One caption per sample from a JSON file mapping each sample key to its caption."""
-    try:
-        captions = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise UserError(f"cannot read captions file {path}: {error.strerror or error}") from error
-    except json.JSONDecodeError as error:
-        raise UserError(f"captions file {path} is not valid JSON: {error}") from error
+    captions = read_json(path, "captions file")
     if not isinstance(captions, dict):
         raise UserError(f"captions file {path} must map each sample key to its caption, "
                         f"found {type(captions).__name__}")

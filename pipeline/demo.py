@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,23 +140,23 @@ def demo_sample(seed: int, split: str, index: int, side: int = SIDE) -> DemoSamp
     small = picture.resize((side, side), Image.Resampling.LANCZOS)
     noisy = np.asarray(small, dtype=np.float32) + rng.normal(0, rng.uniform(3, 15), (side, side, 3))
     image = np.clip(noisy, 0, 255).astype(np.uint8)
-    caption = _caption(rng, name.replace("_", " "), size_name, colour_name, _position_words(cx, cy, side),
-                       background_name)
+    # Since only the name is always there, matching captions to images needs the shape, not just the colours.
+    caption = _caption(rng, name.replace("_", " "), [(size_name, 0.3), (colour_name, 0.3)],
+                       _position_words(cx, cy, side), background_name, 0.15)
     return DemoSample(image, label, caption, {"shape": name, "colour": colour_name, "background": background_name,
                                               "size": size_name})
 
 
-def _caption(rng: np.random.Generator, name: str, size: str, colour: str, position: str, background: str) -> str:
-    """The object's name, and each other attribute only some of the time, as people caption pictures.
-
-    Since only the name is always there, matching captions to images needs the shape, not just the colours.
-    """
-    words = [word for word, keep in ((size, rng.random() < 0.3), (colour, rng.random() < 0.3)) if keep]
+def _caption(rng: np.random.Generator, name: str, attributes: Sequence[tuple[str, float]], position: str,
+             background: str, background_chance: float) -> str:
+    """The object's name, and each attribute with its chance (and the position and background less often), as
+    people caption pictures."""
+    words = [word for word, chance in attributes if rng.random() < chance]
     noun = " ".join([*words, name])
     article = "an" if noun[0] in "aeiou" else "a"
     prefix = str(rng.choice(["", "a photo of ", "a picture of ", "an image of "]))
-    tail = [part for part, keep in ((position, rng.random() < 0.2), (f"on a {background} background",
-                                                                      rng.random() < 0.15)) if keep]
+    tail = [part for part, chance in ((position, 0.2), (f"on a {background} background", background_chance))
+            if rng.random() < chance]
     return " ".join([f"{prefix}{article} {noun}", *tail])
 
 
@@ -223,23 +223,11 @@ def study_sample(seed: int, split: str, index: int, side: int = SIDE) -> DemoSam
     small = Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).resize((side, side), Image.Resampling.LANCZOS)
     noisy = np.asarray(small, dtype=np.float32) + rng.normal(0, rng.uniform(3, 12), (side, side, 3))
     image = np.clip(noisy, 0, 255).astype(np.uint8)
-    caption = _study_caption(rng, shape.replace("_", " "), pattern, size_name, colour_name,
-                             _position_words(cx, cy, side), background_name)
+    # The shape always, the pattern nearly always, the colour half the time ("a photo of a green striped star").
+    caption = _caption(rng, shape.replace("_", " "), [(size_name, 0.3), (colour_name, 0.5), (pattern, 0.9)],
+                       _position_words(cx, cy, side), background_name, 0.2)
     return DemoSample(image, label, caption, {"shape": shape, "pattern": pattern, "colour": colour_name,
                                               "background": background_name, "size": size_name})
-
-
-def _study_caption(rng: np.random.Generator, shape: str, pattern: str, size: str, colour: str, position: str,
-                   background: str) -> str:
-    """The shape always, the pattern nearly always, the colour half the time ("a photo of a green striped star")."""
-    words = [word for word, keep in ((size, rng.random() < 0.3), (colour, rng.random() < 0.5),
-                                     (pattern, rng.random() < 0.9)) if keep]
-    noun = " ".join([*words, shape])
-    article = "an" if noun[0] in "aeiou" else "a"
-    prefix = str(rng.choice(["", "a photo of ", "a picture of ", "an image of "]))
-    tail = [part for part, keep in ((position, rng.random() < 0.2), (f"on a {background} background",
-                                                                      rng.random() < 0.2)) if keep]
-    return " ".join([f"{prefix}{article} {noun}", *tail])
 
 
 @dataclass(frozen=True)

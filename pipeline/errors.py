@@ -2,7 +2,9 @@
 
 import contextlib
 import errno
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 # Errors of a full disk or an exhausted quota: the user frees space and runs the same command again.
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -25,6 +27,16 @@ def one_line(error: UserError) -> str:
     """
     last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     return last.removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """The JSON in the file at `path`, which the user names `what` (e.g. "captions file"), or the one-line error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path}: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"{what} {path} is not valid JSON: {error}") from error
 
 
 def is_out_of_space(error: BaseException) -> bool:

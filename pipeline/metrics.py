@@ -3,14 +3,13 @@ superclass of each class the share of the non-target probability that falls on t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, read_json
 
 ECE_BINS = 15
 # Confidence at or above which a prediction counts as confident.
@@ -113,12 +112,7 @@ def superclass_share(logits: torch.Tensor, labels: torch.Tensor, superclasses: t
 def read_superclasses(path: str | Path, class_names: Sequence[str]) -> list[int]:
     """Each class's superclass number, from a JSON file mapping every class name to its superclass's name
     (numbered in sorted order of the names)."""
-    try:
-        mapping = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise UserError(f"cannot read superclasses file {path}: {error.strerror or error}") from error
-    except json.JSONDecodeError as error:
-        raise UserError(f"superclasses file {path} is not valid JSON: {error}") from error
+    mapping = read_json(path, "superclasses file")
     if not isinstance(mapping, dict) or not all(isinstance(value, str) for value in mapping.values()):
         raise UserError(f"superclasses file {path} must map each class name to its superclass's name")
     missing = [name for name in class_names if name not in mapping]

@@ -30,7 +30,7 @@ from pathlib import Path
 from richkd.cache.reader import CacheReader
 from richkd.pipeline.config import option, require
 from richkd.pipeline.corruptions import CATEGORIES, CORRUPTIONS
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, read_json
 from richkd.pipeline.fusion import DEFAULT_ALPHA, clip_scale_value
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, percent, read_superclasses
 from richkd.pipeline.runtime import console, print_json
@@ -124,12 +124,7 @@ def load_evaluations(config: ReportConfig) -> dict[str, dict[str, list[dict]]]:
             path = folder / f"{name}.json"
             if config.runs and not path.exists() and len(config.evals) > 1:
                 continue  # a run need not be evaluated on every split
-            try:
-                evaluation = json.loads(path.read_text())
-            except OSError as error:
-                raise UserError(f"cannot read evaluation {path}: {error.strerror or error}") from error
-            except json.JSONDecodeError as error:
-                raise UserError(f"evaluation {path} is not valid JSON: {error}") from error
+            evaluation = read_json(path, "evaluation")
             results = evaluation.get("seeds", [evaluation])
             split = evaluation_split(path, results)
             if (split, name) in found_from:
