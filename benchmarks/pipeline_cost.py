@@ -71,7 +71,8 @@ def main() -> None:
     total = time.perf_counter() - started
     groups: dict[str, list[float]] = {}
     for name, seconds in stages:
-        groups.setdefault(name.split("@")[0], []).append(seconds)
+        # DVC names a stage of a pipeline outside the root "study/dvc.yaml:distill@kd"
+        groups.setdefault(name.rpartition(":")[2].split("@")[0], []).append(seconds)
     print(f"\n{args.pipeline}: dvc repro took {minutes(total)} (exit status {status}), {len(stages)} stages")
     print("| stage | runs | wall time | share |")
     print("|---|---:|---:|---:|")
