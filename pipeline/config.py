@@ -58,7 +58,7 @@ def _type_and_optional(config_class: type, name: str) -> tuple[type, bool]:
 
 
 def read_params_section(path: str | Path, section: str) -> dict[str, Any]:
-    """The `section:` mapping of a YAML params file (empty when the file has no such section)."""
+    """The `section:` mapping of a YAML params file (empty when the section is)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -72,7 +72,10 @@ def read_params_section(path: str | Path, section: str) -> dict[str, Any]:
         raise UserError(f"params file {path} is not valid YAML{line}: {getattr(error, 'problem', error)}") from error
     if not isinstance(params, dict):
         raise UserError(f"params file {path} must be a mapping of stage sections, found {type(params).__name__}")
-    values = params.get(section) or {}
+    if section not in params:  # a misspelt section would otherwise leave every option at its default unseen
+        found = ", ".join(f"'{name}'" for name in params) or "none: the file is empty"
+        raise UserError(f"params file {path} has no '{section}:' section (sections: {found})")
+    values = params[section] or {}
     if not isinstance(values, dict):
         raise UserError(f"params file {path}: section '{section}' must be a mapping, found {type(values).__name__}")
     return values
@@ -94,6 +97,11 @@ def coerce(config_class: type, name: str, value: Any, source: str) -> Any:
         return value
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if wanted is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if wanted is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):

@@ -271,6 +271,19 @@ def load_teacher(arch: str, checkpoint: str, num_classes: int, device: torch.dev
     return teacher.to(device).eval(), saved
 
 
+def require_same_classes(trained: list[str] | None, class_names: list[str], checkpoint: str, split: str) -> None:
+    """Refuse a teacher whose recorded classes are not the split's, in the same order: its logits would be stored
+    under other class ids (a renamed class folder shifts them all)."""
+    if trained is None or list(trained) == list(class_names):
+        return
+    differ = (i for i, (a, b) in enumerate(zip(trained, class_names)) if a != b)
+    index = next(differ, min(len(trained), len(class_names)))
+    there = f"'{trained[index]}'" if index < len(trained) else "absent"
+    here = f"'{class_names[index]}'" if index < len(class_names) else "absent"
+    raise UserError(f"{checkpoint} was trained on other classes than {split} (class {index} is {there} there and "
+                    f"{here} here): its logits would be stored under the wrong classes")
+
+
 def run(config: PrecomputeConfig) -> PrecomputeResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -284,6 +297,8 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     if not Path(config.teacher_checkpoint).is_file():
         raise UserError(f"teacher checkpoint {config.teacher_checkpoint} does not exist")
     teacher, saved = load_teacher(config.teacher, config.teacher_checkpoint, len(dataset.class_names), device)
+    require_same_classes(saved.get("class_names"), dataset.class_names,
+                         f"teacher checkpoint {config.teacher_checkpoint}", f"{dataset.name} / {config.split}")
     normalization = choose_normalization(config.normalize, dataset, saved.get("normalization"),
                                          f"teacher checkpoint {config.teacher_checkpoint}", binding=True)
     dataset = normalized(dataset, normalization)

@@ -15,8 +15,10 @@ import zarr
 from PIL import Image
 
 from richkd.cli import run_cli
+from richkd.pipeline.config import build_config
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.models import create_model
+from richkd.stages.train import TrainConfig
 
 RICHKD = str(Path(sys.executable).parent / "richkd")
 
@@ -199,6 +201,23 @@ def test_malformed_params_file(tiny_world, tmp_path, capsys):
                       f"params file {params}: section 'precompute' must be a mapping, found int")
     params.write_text("report:\n  runs: [kd, 3]\n")
     assert_user_error(["report", "--config", str(params)], capsys, "'runs' must be a list of names, got ['kd', 3]")
+    # A misspelt section, or an empty file, would leave every option at its default unseen.
+    params.write_text("distil:\n  epochs: 3\nreport: {}\n")
+    assert_user_error(["distill", "--config", str(params)], capsys,
+                      f"params file {params} has no 'distill:' section (sections: 'distil', 'report')")
+    params.write_text("")
+    assert_user_error(["distill", "--config", str(params)], capsys,
+                      f"params file {params} has no 'distill:' section (sections: none: the file is empty)")
+
+
+def test_params_file_floats_written_without_a_dot(tmp_path, capsys):
+    """YAML 1.1 (PyYAML) reads 1e-3 as text; it is the float a user means."""
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\n")
+    config = build_config(TrainConfig, "train", params)
+    assert config.lr == 0.001 and config.weight_decay == 0.0005
+    params.write_text("train:\n  lr: fast\n")
+    assert_user_error(["train", "--config", str(params)], capsys, f"{params} [train]: 'lr' must be float, got 'fast'")
 
 
 def test_debug_shows_the_traceback(tiny_world, tmp_path):

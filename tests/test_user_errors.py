@@ -20,7 +20,7 @@ from test_bad_input import assert_user_error, replace_flag
 
 from richkd.cli import run_cli
 from richkd.pipeline.data import write_cifar
-from richkd.pipeline.models import create_model
+from richkd.pipeline.models import create_model, read_checkpoint
 
 PROJECT = Path(__file__).parents[1]
 CODE_SPAN = re.compile(r"(`+) ?(.+?) ?\1")
@@ -208,6 +208,23 @@ def test_checkpoint_that_weights_only_loading_refuses(tiny_world, tmp_path, caps
     args = ["evaluate", "--data-root", str(tiny_world.data_root), "--checkpoint", str(checkpoint), "--arch", "resnet8"]
     assert_user_error(args, capsys, f"checkpoint {checkpoint}: holds a argparse.Namespace object, "
                       "which weights-only loading refuses")
+
+
+def test_precompute_refuses_a_teacher_trained_on_other_classes(tiny_world, tmp_path, capsys):
+    """A renamed class folder shifts the class ids: the teacher's recorded class names must match the split's."""
+    state, _ = read_checkpoint(tiny_world.teacher_checkpoint)
+    trained = list(tiny_world.class_names)
+    trained[3], trained[4] = trained[4], trained[3]
+    checkpoint = tmp_path / "other_classes.pth"
+    torch.save({"model": state, "class_names": trained}, checkpoint)
+    store = tmp_path / "store.zarr"
+    args = replace_flag(tiny_world.precompute_args(store), "--teacher-checkpoint", str(checkpoint))
+    assert_user_error(args, capsys, f"teacher checkpoint {checkpoint} was trained on other classes than cifar100 / "
+                      f"train (class 3 is '{trained[3]}' there and '{tiny_world.class_names[3]}' here): its logits "
+                      "would be stored under the wrong classes")
+    assert not store.exists()
+    torch.save({"model": state, "class_names": list(tiny_world.class_names)}, checkpoint)
+    assert run_cli(args) == 0
 
 
 def test_devices(tiny_world, capsys):
