@@ -8,6 +8,7 @@ against it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -182,6 +183,12 @@ def require(condition: bool, message: str) -> None:
     """Raise a UserError with `message` unless `condition` holds."""
     if not condition:
         raise UserError(message)
+
+
+def require_positive(value: float, flag: str) -> None:
+    """A positive, finite number: inf passes `> 0` and would fail later, mid-run."""
+    require(value > 0, f"{flag} must be positive, got {value}")
+    require(math.isfinite(value), f"{flag} must be finite, got {value}")
 
 
 class Options:

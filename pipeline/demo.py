@@ -303,7 +303,10 @@ def _write_samples(root: Path, seed: int, split: str, indices: range, side: int,
 @register_dataset("demo")
 def open_demo(root: Path, split: str, download: bool) -> ImageDataset:
     """The demo as written by `richkd demo`: an image folder of square images of one side (its native size)."""
-    if download or not (root / split).is_dir():
+    splits = sorted(folder.name for folder in root.iterdir() if folder.is_dir()) if root.is_dir() else []
+    if download or not splits:
         raise UserError(f"no demo data under {root}: generate it with `richkd demo --out {root}` "
                         "(it is generated, never downloaded)")
+    if split not in splits:
+        raise UserError(f"the demo under {root} has no split '{split}'; splits: {', '.join(splits)}")
     return dataclasses.replace(open_image_folder(root, split), name="demo")

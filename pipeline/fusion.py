@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ def clip_scale_value(scale: str, logit_scale: float) -> float:
         raise UserError(f"--clip-scale must be raw, clip or a positive number, got '{scale}'") from None
     if not value > 0:
         raise UserError(f"--clip-scale must be positive, got {scale}")
+    if not math.isfinite(value):
+        raise UserError(f"--clip-scale must be finite, got {scale}")
     return value
 
 

@@ -309,6 +309,11 @@ class Trainer:
             return self.run_epochs(step, first_epoch, best)
 
     def run_epochs(self, step: nn.Module, first_epoch: int, best: dict) -> dict:
+        summary_path = self.run_dir / "summary.json"
+        if first_epoch >= self.options.epochs and summary_path.exists():  # resumed after its last epoch
+            console.print(f"seed {self.options.seed}: trained already ({self.options.epochs} epochs), "
+                          f"{summary_path} stands", soft_wrap=True)
+            return json.loads(summary_path.read_text())
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.options), sort_keys=False))
         (self.run_dir / "run.json").write_text(json.dumps(self.checkpoint_info, indent=2))
         keys = getattr(self.dataset, "keys", None)
@@ -365,7 +370,7 @@ class Trainer:
             "train_seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
             "epoch_train_seconds": epoch_seconds,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary_path.write_text(json.dumps(summary, indent=2))
         return summary
 
 

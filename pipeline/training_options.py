@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from richkd.pipeline.config import ExecutionOptions, StreamOptions, option, require
+from richkd.pipeline.config import ExecutionOptions, StreamOptions, option, require, require_positive
 from richkd.pipeline.distributed import torchrun_part
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.normalization import NormalizeOptions
@@ -69,7 +69,7 @@ class TrainingOptions(StreamOptions, NormalizeOptions, ExecutionOptions):
         require(self.batch_size % processes == 0, f"--batch-size (the whole batch, split over the processes) must "
                 f"be a multiple of the number of processes, {processes}; got {self.batch_size}")
         require(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
-        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require_positive(self.lr, "--lr")
         require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
         require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "

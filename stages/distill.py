@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from richkd.cache.reader import CacheReader
-from richkd.pipeline.config import Options, option, parse_size, require
+from richkd.pipeline.config import Options, option, parse_size, require, require_positive
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import DEFAULT_ALPHA, VARIANTS, Fusion, clip_scale_value
@@ -54,7 +54,7 @@ class LossOptions(Options):
         super().validate()
         require(self.logit_loss in LOGIT_LOSSES,
                 f"--logit-loss must be {' or '.join(LOGIT_LOSSES)}, got '{self.logit_loss}'")
-        require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        require_positive(self.temperature, "--temperature")
         for name in ("ce_weight", "logit_weight", "feature_weight", "dkd_alpha", "dkd_beta"):
             value = getattr(self, name)
             require(value is None or value >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {value}")
@@ -111,7 +111,7 @@ class DistillConfig(LossOptions, TrainingOptions):
         require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
         require(self.lam is None or 0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
         require(self.nce_k >= 1, f"--nce-k must be at least 1, got {self.nce_k}")
-        require(self.nce_temperature > 0, f"--nce-temperature must be positive, got {self.nce_temperature}")
+        require_positive(self.nce_temperature, "--nce-temperature")
         require(0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), got {self.nce_momentum}")
         require(self.embed_dim >= 1, f"--embed-dim must be at least 1, got {self.embed_dim}")
         clip_scale_value(self.clip_scale, logit_scale=1.0)  # checks the flag; the store supplies the real scale

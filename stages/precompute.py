@@ -30,7 +30,15 @@ from richkd.pipeline.clip import (
     read_class_names,
     read_templates,
 )
-from richkd.pipeline.config import ExecutionOptions, StreamOptions, ViewOptions, option, require, to_dict
+from richkd.pipeline.config import (
+    ExecutionOptions,
+    StreamOptions,
+    ViewOptions,
+    option,
+    require,
+    require_positive,
+    to_dict,
+)
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import (
@@ -114,10 +122,10 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.topk >= 0, f"--topk must be 0 (dense) or positive, got {self.topk}")
-        require(self.topk_temperature > 0, f"--topk-temperature must be positive, got {self.topk_temperature}")
+        require_positive(self.topk_temperature, "--topk-temperature")
         require(self.dtype in PRECISIONS, f"--dtype must be one of {', '.join(PRECISIONS)}, got '{self.dtype}'")
         require(self.teacher_checkpoint is not None, "--teacher-checkpoint is required")
-        require(self.lock_timeout > 0, f"--lock-timeout must be positive, got {self.lock_timeout}")
+        require_positive(self.lock_timeout, "--lock-timeout")
         if self.part is not None:
             parse_part(self.part)
             require(torchrun_part().count == 1, "--part is for separate jobs; under torchrun the ranks share the work")

@@ -22,7 +22,7 @@ from richkd.pipeline.clip import (
     open_clip_library,
     prompt_class_name,
 )
-from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, to_dict
+from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, require_positive, to_dict
 from richkd.pipeline.data import read_captions
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.loading import LabelledViews, data_loader
@@ -61,7 +61,7 @@ class TrainClipConfig(DataOptions, ExecutionOptions):
         super().validate()
         require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         require(self.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch), got {self.batch_size}")
-        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require_positive(self.lr, "--lr")
         require(0 <= self.warmup_epochs < self.epochs,
                 f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
 

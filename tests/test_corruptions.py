@@ -334,8 +334,8 @@ def test_evaluate_reports_every_corruption_and_severity_and_the_report_shows_the
     assert lines["| relative drop"].endswith(" | 20.0% |")
     assert lines["| clean"].startswith(f"| clean | {100 * clean:.1f}% |")
     assert "![robustness](robustness.png)" in text
-    assert json.loads((out / "metrics.json").read_text())["splits"]["test"]["runs"]["student"]["mean_corruption_accuracy"] == {
-        "mean": 0.4, "ci95": None, "n_seeds": 1}
+    runs = json.loads((out / "metrics.json").read_text())["splits"]["test"]["runs"]
+    assert runs["student"]["mean_corruption_accuracy"] == {"mean": 0.4, "ci95": None, "n_seeds": 1}
     with Image.open(out / "robustness.png") as figure:
         assert figure.size[0] > 800 and figure.size[1] > 400
 

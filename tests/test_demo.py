@@ -64,6 +64,12 @@ def test_missing_demo_data_says_how_to_make_it(tmp_path, capsys):
     assert run_cli(["train", "--dataset", "demo", "--data-root", str(tmp_path / "nowhere"),
                     "--out", str(tmp_path / "run")]) == 2
     assert "generate it with `richkd demo --out" in capsys.readouterr().err
+    assert run_cli(["demo", "--out", str(tmp_path / "demo"), "--train", "8", "--test", "4"]) == 0
+    capsys.readouterr()
+    assert run_cli(["train", "--dataset", "demo", "--data-root", str(tmp_path / "demo"), "--split", "validation",
+                    "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: the demo under {tmp_path / 'demo'} has no split 'validation'; "
+                                               "splits: test, train")
 
 
 def test_captions_file_must_cover_every_sample(tmp_path, capsys):

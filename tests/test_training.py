@@ -132,6 +132,13 @@ def test_a_run_is_not_replaced_or_resumed_with_other_settings(world, tmp_path, c
     shutil.move(tmp_path / "run", tmp_path / "moved")
     assert run_cli([*respelled, *run[2:], "--out", f"{tmp_path}/./moved/", "--resume", "--epochs", "2"]) == 0
     assert read_checkpoint(tmp_path / "moved" / "checkpoints" / "last.pt")[1]["epoch"] == 2
+    # Resumed once finished: nothing to train, and the summary with its timings stands.
+    summary = (tmp_path / "moved" / "summary.json").read_bytes()
+    assert len(json.loads(summary)["epoch_train_seconds"]) == 1
+    capsys.readouterr()
+    assert run_cli([*respelled, *run[2:], "--out", f"{tmp_path}/moved", "--resume", "--epochs", "2"]) == 0
+    assert (tmp_path / "moved" / "summary.json").read_bytes() == summary
+    assert f"seed 0: trained already (2 epochs), {tmp_path}/moved/summary.json stands" in capsys.readouterr().err
     assert run_cli([*distill, *run, "--overwrite", "--alpha", "0.5"]) == 0
 
 
