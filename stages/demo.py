@@ -28,6 +28,7 @@ class DemoConfig:
         require(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got '{self.preset}'")
         require(self.train >= 1 and self.test >= 1, "--train and --test must be at least 1")
         require(self.pool >= 0, f"--pool must be 0 or more, got {self.pool}")
+        require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
         require(self.shifted >= 0, f"--shifted must be 0 or more, got {self.shifted}")
         require(not self.shifted or "shifted" in PRESETS[self.preset].splits,
                 f"preset {self.preset} has no shifted split: use --preset study for one")

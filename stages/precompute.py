@@ -119,6 +119,7 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
     def validate(self) -> None:
         super().validate()
         require(self.views >= 1, f"--views must be at least 1, got {self.views}")
+        require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.topk >= 0, f"--topk must be 0 (dense) or positive, got {self.topk}")

@@ -62,6 +62,8 @@ class TrainClipConfig(DataOptions, ExecutionOptions):
         require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         require(self.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch), got {self.batch_size}")
         require_positive(self.lr, "--lr")
+        require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
+        require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
         require(0 <= self.warmup_epochs < self.epochs,
                 f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
 

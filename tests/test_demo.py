@@ -72,6 +72,12 @@ def test_missing_demo_data_says_how_to_make_it(tmp_path, capsys):
                                                "splits: test, train")
 
 
+def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path, capsys):
+    assert run_cli(["demo", "--out", str(tmp_path / "demo"), "--seed", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --seed must be 0 or more, got -1"
+    assert not (tmp_path / "demo").exists()
+
+
 def test_captions_file_must_cover_every_sample(tmp_path, capsys):
     assert run_cli(["demo", "--out", str(tmp_path), "--train", "8", "--test", "4"]) == 0
     captions = json.loads((tmp_path / "train" / "captions.json").read_text())
