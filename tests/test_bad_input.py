@@ -184,30 +184,23 @@ def test_float16_overflow_asks_for_float32(tiny_world, tmp_path, capsys):
 def test_malformed_params_file(tiny_world, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     assert_user_error(["precompute", "--config", str(params)], capsys, f"cannot read params file {params}")
-    params.write_text("precompute:\n  views: [1,\n")
-    assert_user_error(["precompute", "--config", str(params)], capsys, f"params file {params} is not valid YAML")
-    params.write_text("precompute:\n  viewz: 3\n")
-    assert_user_error(["precompute", "--config", str(params)], capsys, "unknown field 'viewz'")
-    params.write_text("precompute:\n  views: many\n")
-    assert_user_error(["precompute", "--config", str(params)], capsys, "'views' must be int, got 'many'")
-    params.write_text("precompute:\n  views: null\n")
-    assert_user_error(["precompute", "--config", str(params)], capsys,
-                      "'views' must be int, got null (leave the field out for its default)")
-    params.write_text("- precompute\n")
-    assert_user_error(["precompute", "--config", str(params)], capsys,
-                      f"params file {params} must be a mapping of stage sections, found list")
-    params.write_text("precompute: 3\n")
-    assert_user_error(["precompute", "--config", str(params)], capsys,
-                      f"params file {params}: section 'precompute' must be a mapping, found int")
-    params.write_text("report:\n  runs: [kd, 3]\n")
-    assert_user_error(["report", "--config", str(params)], capsys, "'runs' must be a list of names, got ['kd', 3]")
-    # A misspelt section, or an empty file, would leave every option at its default unseen.
-    params.write_text("distil:\n  epochs: 3\nreport: {}\n")
-    assert_user_error(["distill", "--config", str(params)], capsys,
-                      f"params file {params} has no 'distill:' section (sections: 'distil', 'report')")
-    params.write_text("")
-    assert_user_error(["distill", "--config", str(params)], capsys,
-                      f"params file {params} has no 'distill:' section (sections: none: the file is empty)")
+    cases = [
+        ("precompute", "precompute:\n  views: [1,\n", f"params file {params} is not valid YAML"),
+        ("precompute", "precompute:\n  viewz: 3\n", "unknown field 'viewz'"),
+        ("precompute", "precompute:\n  views: many\n", "'views' must be int, got 'many'"),
+        ("precompute", "precompute:\n  views: null\n",
+         "'views' must be int, got null (leave the field out for its default)"),
+        ("precompute", "- precompute\n", f"params file {params} must be a mapping of stage sections, found list"),
+        ("precompute", "precompute: 3\n", f"params file {params}: section 'precompute' must be a mapping, found int"),
+        ("report", "report:\n  runs: [kd, 3]\n", "'runs' must be a list of names, got ['kd', 3]"),
+        # A misspelt section, or an empty file, would leave every option at its default unseen.
+        ("distill", "distil:\n  epochs: 3\nreport: {}\n",
+         f"params file {params} has no 'distill:' section (sections: 'distil', 'report')"),
+        ("distill", "", f"params file {params} has no 'distill:' section (sections: none: the file is empty)"),
+    ]
+    for command, text, message in cases:
+        params.write_text(text)
+        assert_user_error([command, "--config", str(params)], capsys, message)
 
 
 def test_params_file_floats_written_without_a_dot(tmp_path, capsys):
