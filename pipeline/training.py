@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -52,13 +53,25 @@ NO_BEST = {"epoch": None, "top1": None, "selected_on": None}
 LIVE_END = {"lock": threading.Lock()}
 
 
+def uses_dvc(folder: Path) -> bool:
+    """Whether `folder` is in a DVC repository, or a DVC pipeline runs this process."""
+    return "DVC_ROOT" in os.environ or any((parent / ".dvc").is_dir() for parent in (folder, *folder.parents))
+
+
 def live_log(directory: Path, resume: bool = False):
     """dvclive's Live, logging to `directory`. Inside a DVC repository every Live ends by removing one signal file of
     the repository after checking that it exists, so seed processes ending together race and the loser fails (seen
-    with --jobs 2 under `dvc repro`): their ends take turns."""
+    with --jobs 2 under `dvc repro`): their ends take turns. Outside one, it only writes `directory`: dvclive would
+    run `dvc init` in the Git repository around it, and a user's repository is not richkd's to change."""
     from dvclive import Live  # imported here: dvclive is slow to import, and only runs that log need it
 
     class TurnTakingLive(Live):
+        def _init_dvc(self) -> None:
+            if uses_dvc(Path.cwd()):
+                super()._init_dvc()
+            else:  # what dvclive itself sets up outside any Git repository
+                self._dvc_file = self._init_dvc_file()
+
         def end(self) -> None:
             with LIVE_END["lock"]:
                 super().end()

@@ -272,3 +272,22 @@ def test_milestones_are_fractions_of_the_epochs_and_a_late_one_is_a_warning(caps
     late.validate()
     assert capsys.readouterr().err == \
         "warning: --milestones 150,180 at or after the last epoch (10): the learning rate never decays there\n"
+
+
+def test_training_in_a_users_git_repository_leaves_it_as_it_was(tiny_world, tmp_path, monkeypatch):
+    """dvclive alone would `dvc init` a Git repository that does not use DVC and stage its files in the index."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=user", "-c", "user.email=user@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "notes.txt").write_text("mine\n")
+    subprocess.run([*git, "add", "notes.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "mine"], check=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert run_cli(["train", "--data-root", str(tiny_world.data_root), "--arch", "resnet8", "--epochs", "1",
+                    "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "dvclive" / "metrics.json").exists()
+    assert sorted(path.name for path in repo.iterdir()) == [".git", "notes.txt"]
+    status = subprocess.run([*git, "status", "--porcelain"], check=True, capture_output=True, text=True).stdout
+    assert status == ""
