@@ -46,7 +46,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from richkd.pipeline.data import IMAGE_DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, preview
 from richkd.pipeline.runtime import progress_bar
 
 SPLIT_PLACEHOLDER = "{split}"
@@ -218,7 +218,13 @@ def read_class_names(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> li
     except FileNotFoundError as error:
         raise UserError(f"no class names for the shards: {shown} does not exist (one class name per line, in "
                         "class-id order; `richkd pack` writes it)") from error
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"class names file {shown} is empty: one class name per line, in class-id order")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"class names file {shown} names {preview(repeated)} more than once: each class once")
+    return names
 
 
 def read_normalization(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> tuple[tuple[float, ...], ...]:

@@ -85,6 +85,8 @@ class TrainingOptions(StreamOptions, NormalizeOptions, ExecutionOptions):
                 "(no best.pt is then kept)")
         require(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
+        require(self.seeds is None or self.seed == 0,  # 0 is --seed's default: it cannot be told from not given
+                f"--seed {self.seed} and --seeds {self.seeds} exclude each other: --seeds trains one run per seed")
         require(self.jobs >= 1, f"--jobs must be at least 1, got {self.jobs}")
         require(self.jobs == 1 or torchrun_part().count == 1,
                 "--jobs runs seeds in processes of its own: under torchrun, leave it at 1")

@@ -87,6 +87,8 @@ class EvaluateConfig(StreamOptions, NormalizeOptions, ExecutionOptions):
         require(0 < self.confidence_threshold <= 1,
                 f"--confidence-threshold must be in (0, 1], got {self.confidence_threshold}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.image_size is None or self.image_size >= 1,
+                f"--image-size must be positive, got {self.image_size}")
         require(self.corruption_seed >= 0, f"--corruption-seed must be 0 or more, got {self.corruption_seed}")
         require(self.corruption_samples is None or self.corruption_samples >= 1,
                 f"--corruption-samples must be at least 1, got {self.corruption_samples}")
@@ -123,6 +125,9 @@ def run(config: EvaluateConfig) -> dict:
         normalization = choose_normalization(config.normalize, dataset, saved.get("normalization"),
                                              f"checkpoint {path}", binding=True)
         arch = saved.get("arch") or config.arch
+        if config.arch is not None and arch != config.arch:
+            raise UserError(f"checkpoint {path} is a {arch}, not a {config.arch}: leave --arch out for "
+                            "checkpoints that record their architecture")
         if arch is None:
             raise UserError(f"checkpoint {path} does not record its architecture: pass --arch")
         model = create_model(arch, saved.get("num_classes") or len(dataset.class_names))

@@ -222,6 +222,13 @@ def test_bad_shards(tmp_path, capsys):
                       f"no class names for the shards: {tmp_path}/one/classes.txt does not exist",
                       "one class name per line, in class-id order")
 
+    (tmp_path / "one" / "classes.txt").write_text("\n")
+    assert_user_error(read(str(tmp_path / "one" / "train-000000.tar")), capsys,
+                      f"class names file {tmp_path}/one/classes.txt is empty: one class name per line, "
+                      "in class-id order")
+    (tmp_path / "one" / "classes.txt").write_text("zero\none\nzero\n")
+    assert_user_error(read(str(tmp_path / "one" / "train-000000.tar")), capsys,
+                      f"class names file {tmp_path}/one/classes.txt names zero more than once: each class once")
     (tmp_path / "one" / "classes.txt").write_text("zero\none\n")
     (tmp_path / "one" / "normalization.json").write_text('{"mean": [0.5], "std": [0.2, 0.2, 0.2]}')
     assert_user_error(read(str(tmp_path / "one" / "train-000000.tar")), capsys,

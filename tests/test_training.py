@@ -17,6 +17,7 @@ import pytest
 import torch
 import zarr
 from conftest import write_cifar100
+from test_bad_input import assert_user_error, replace_flag
 
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
 from richkd.cli import run_cli
@@ -247,7 +248,7 @@ def test_cache_of_another_dataset_split_or_class_list_or_incomplete(tiny_world, 
     assert "is incomplete: 1 of 14 blocks are not written" in capsys.readouterr().err
 
 
-def test_evaluate_a_teacher_checkpoint_needs_its_architecture(tiny_world, capsys):
+def test_evaluate_a_teacher_checkpoint_needs_its_architecture(tiny_world, tmp_path, capsys):
     args = ["evaluate", "--data-root", str(tiny_world.data_root), "--checkpoint", str(tiny_world.teacher_checkpoint),
             "--num-workers", "0", "--device", "cpu", "--json"]
     assert run_cli(args) == 2
@@ -255,6 +256,13 @@ def test_evaluate_a_teacher_checkpoint_needs_its_architecture(tiny_world, capsys
     assert run_cli([*args, "--arch", "resnet8"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 20 and report["arch"] == "resnet8"
+    # A checkpoint that records its architecture is evaluated as that, never as another --arch.
+    recorded = tmp_path / "recorded.pt"
+    state, _ = read_checkpoint(tiny_world.teacher_checkpoint)
+    torch.save({"model": state, "arch": "resnet8"}, recorded)
+    args = replace_flag(args, "--checkpoint", str(recorded))
+    assert_user_error([*args, "--arch", "resnet20"], capsys, f"checkpoint {recorded} is a resnet8, not a resnet20: "
+                      "leave --arch out for checkpoints that record their architecture")
 
 
 def test_milestones_are_fractions_of_the_epochs_and_a_late_one_is_a_warning(capsys):
