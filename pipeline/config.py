@@ -237,7 +237,8 @@ class ViewOptions(Options):
         "auto", "auto, pad_crop (RandomCrop + flip, for 32 x 32 images), resized_crop (RandomResizedCrop + flip) "
         "or center (no augmentation, for a held-out split).", "Views")
     image_size: int | None = option(
-        None, "Side of each view (default: the images' side, or 224 for resized crops).", "Views")
+        None, "Side of each view (default: the images' side, or 224 for resized crops); pad_crop below the images' "
+        "side cuts a patch of that side from each image, it does not resize.", "Views")
     augment: str = option(
         "none", "Strong augmentation after the crop: none, randaugment, trivialaugment or autoaugment (torchvision's, "
         "at their defaults); precompute draws it once per view and stores it, train afresh each epoch.", "Views")

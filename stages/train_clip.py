@@ -105,7 +105,9 @@ def run(config: TrainClipConfig) -> dict:
     open_clip = open_clip_library()
     model_config = open_clip.get_model_config(config.model)
     tokens = clip.tokenizer(captions)
-    policy = make_view_policy("auto", dataset.native_size, clip.image_size[0])
+    # Each image as precompute shows it to CLIP: its centre view at the dataset's own size, resized to CLIP's input
+    # by clip.preprocess (a view cut at CLIP's smaller size would be a patch of the image, not the image).
+    policy = make_view_policy("auto", dataset.native_size, None)
     # Captions name positions ("on the left"), so images are shown as they are: no crops, no flips.
     train_views = LabelledViews(dataset, policy, center=True)
     eval_loader = data_loader(LabelledViews(eval_dataset, policy, center=True), config.batch_size,

@@ -107,9 +107,11 @@ def test_captions_file_must_cover_every_sample(tmp_path, capsys):
 
 
 def test_train_clip_writes_a_bundle_that_precompute_loads(tmp_path):
+    """On images larger than CLIP's input (32 px for a 16 px model), train-clip must show CLIP each whole image
+    resized, as precompute does, not a patch of it."""
     from richkd.pipeline.clip import load_clip
 
-    assert run_cli(["demo", "--out", str(tmp_path / "demo"), "--train", "96", "--test", "32"]) == 0
+    assert run_cli(["demo", "--out", str(tmp_path / "demo"), "--train", "96", "--test", "32", "--side", "32"]) == 0
     bundle = tmp_path / "clip"
     assert run_cli(["train-clip", "--data-root", str(tmp_path / "demo"), "--epochs", "2", "--batch-size", "32",
                     "--num-workers", "0", "--device", "cpu", "--out", str(bundle)]) == 0
