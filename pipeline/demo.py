@@ -282,6 +282,13 @@ def write_demo(root: str | Path, train: int, test: int, pool: int = 0, seed: int
         (root / SUPERCLASSES_FILE).write_text(json.dumps(chosen.superclasses, indent=1))
 
 
+def holds_only_a_demo(root: Path) -> bool:
+    """Whether `root` holds nothing but what write_demo writes (its split folders, superclasses.json): a demo that
+    may be replaced by another, when a user's own files must never be."""
+    splits = {split for preset in PRESETS.values() for split in preset.splits} | {POOL_SPLIT}
+    return all(child.name in splits if child.is_dir() else child.name == SUPERCLASSES_FILE for child in root.iterdir())
+
+
 # Samples a worker draws and writes at a time.
 DEMO_CHUNK = 500
 

@@ -3,10 +3,14 @@ offline: the demo's shapes, or the study's patterned shapes with a shifted test 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from richkd.pipeline.config import option, require
-from richkd.pipeline.demo import PRESETS, SIDE, write_demo
+from richkd.pipeline.demo import PRESETS, SIDE, holds_only_a_demo, write_demo
+from richkd.pipeline.errors import UserError
+from richkd.pipeline.runtime import console
 
 
 @dataclass
@@ -23,6 +27,8 @@ class DemoConfig:
                        "more image-text pairs than there are labels.", "Output")
     side: int = option(SIDE, "Image side in pixels (objects scale with it).", "Output")
     seed: int = option(0, "Seed: the same seed writes the same images, byte for byte.", "Output")
+    overwrite: bool = option(False, "Replace the demo already in --out (a folder holding anything else is never "
+                             "replaced).", "Output")
 
     def validate(self) -> None:
         require(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got '{self.preset}'")
@@ -36,7 +42,18 @@ class DemoConfig:
 
 
 def run(config: DemoConfig) -> dict:
+    out = Path(config.out)
+    if out.is_dir() and any(out.iterdir()):  # new images beside old ones of other sizes would mix two demos
+        if not config.overwrite:
+            raise UserError(f"--out {out} is not empty: pass --overwrite to replace the demo there")
+        if not holds_only_a_demo(out):
+            raise UserError(f"--out {out} holds files that are not a richkd demo: not replacing them")
+        shutil.rmtree(out)
     write_demo(config.out, config.train, config.test, config.pool, config.seed, config.side, config.preset,
                config.shifted)
+    counts = ", ".join(f"{count:,} {split}" for split, count in
+                       (("train", config.train), ("test", config.test), ("shifted", config.shifted),
+                        ("pool", config.pool)) if count)
+    console.print(f"{config.preset} demo written to {out}: {counts} images", soft_wrap=True)
     return {"out": config.out, "preset": config.preset, "classes": list(PRESETS[config.preset].class_names),
             "train": config.train, "test": config.test, "shifted": config.shifted, "pool": config.pool}

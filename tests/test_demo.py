@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import zarr
+from test_bad_input import assert_user_error
 
 from richkd.cli import run_cli
 from richkd.pipeline.data import read_captions
@@ -76,6 +77,26 @@ def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path, capsys)
     assert run_cli(["demo", "--out", str(tmp_path / "demo"), "--seed", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --seed must be 0 or more, got -1"
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_demo_over_another_is_replaced_only_when_asked(tmp_path, capsys):
+    """New images beside an older demo's of other sizes would mix the two, its captions listing only the new."""
+    out = tmp_path / "demo"
+    assert run_cli(["demo", "--out", str(out), "--train", "8", "--test", "4", "--side", "32"]) == 0
+    assert f"shapes demo written to {out}: 8 train, 4 test images" in capsys.readouterr().err
+    again = ["demo", "--out", str(out), "--train", "6", "--test", "3"]
+    assert_user_error(again, capsys, f"--out {out} is not empty: pass --overwrite to replace the demo there")
+    assert run_cli([*again, "--overwrite"]) == 0
+    capsys.readouterr()
+    train = open_dataset("demo", out, "train")
+    assert len(train) == 6 and train.native_size == 16
+    assert len(read_captions(out / "train" / "captions.json", train.keys)) == 6
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    assert_user_error(["demo", "--out", str(mine), "--overwrite"], capsys,
+                      f"--out {mine} holds files that are not a richkd demo: not replacing them")
+    assert (mine / "thesis.tex").read_text() == "mine"
 
 
 def test_captions_file_must_cover_every_sample(tmp_path, capsys):
