@@ -26,7 +26,7 @@ from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import Part
 from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, Fusion, clip_scale_value, fuse_logits
 from richkd.pipeline.loading import training_mask
-from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter
+from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter, percent
 from richkd.pipeline.normalization import choose_normalization
 from richkd.pipeline.runtime import progress_bar
 from richkd.pipeline.seeding import ORDER, seeded_generator
@@ -208,12 +208,19 @@ class CachedTargets(Dataset):
 STANDARDIZED = "standardized"
 # The fusions the alpha sweep evaluates: each named CLIP scale, and both sources z-scored.
 SWEEP_FUSIONS = (*CLIP_SCALES, STANDARDIZED)
+# Where the teacher's and CLIP's errors fall, with how each is said.
+ERROR_OVERLAP = {"both_right": "both right", "only_teacher_wrong": "only the teacher wrong",
+                 "only_clip_wrong": "only CLIP wrong", "both_wrong": "both wrong"}
 
 
 def sweep_fusions(logit_scale: float) -> dict[str, tuple[float, bool]]:
     """Each of SWEEP_FUSIONS as (CLIP scale, standardized)."""
     return {**{name: (clip_scale_value(name, logit_scale), False) for name in CLIP_SCALES}, STANDARDIZED: (1.0, True)}
-ERROR_OVERLAP = ("both_right", "only_teacher_wrong", "only_clip_wrong", "both_wrong")
+
+
+def describe_overlap(overlap: dict[str, float]) -> str:
+    """target_quality's error overlap as words: "both right 68.2%, only the teacher wrong 11.1%, ..."."""
+    return ", ".join(f"{words} {percent(overlap[name])}" for name, words in ERROR_OVERLAP.items())
 
 
 def target_quality(reader: CacheReader, max_views: int | None = None, alpha: float = DEFAULT_ALPHA,

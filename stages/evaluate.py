@@ -337,7 +337,7 @@ def print_report(report: dict) -> None:
                   title_justify="left")
     shares = ("superclass_share",) if "superclass_share" in report else ()
     for column in ("top-1", "top-5", "NLL", "ECE", f"confident-correct (>= {report['confidence_threshold']})",
-                   "confidently-wrong", *(("superclass share",) * bool(shares))):
+                   "confidently-wrong", *(["superclass share"] if shares else [])):
         table.add_column(column, justify="right")
     table.add_row(*(percent(report[key], 2) for key in ("top1", "top5")), f"{report['nll']:.4f}",
                   percent(report['ece'], 2),

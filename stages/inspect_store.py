@@ -19,7 +19,7 @@ from richkd.pipeline.errors import UserError
 from richkd.pipeline.metrics import percent
 from richkd.pipeline.models import file_sha256
 from richkd.pipeline.runtime import DEVICE_CHOICES, print_json, progress_bar, resolve_device, results
-from richkd.pipeline.targets import ALPHAS, SWEEP_FUSIONS, target_quality
+from richkd.pipeline.targets import ALPHAS, SWEEP_FUSIONS, describe_overlap, target_quality
 from richkd.pipeline.views import augmentation_summary, image_for_views, policy_from_description, rebuild_view
 from richkd.stages.precompute import load_teacher
 
@@ -198,10 +198,7 @@ def print_report(report: dict, console: Console) -> None:
                   f"CLIP {percent(quality['clip']['top1'], 2)}, "
                   f"fused (alpha {quality['fused_alpha']}, {quality['fused_clip_scale']}) "
                   f"{percent(quality['fused']['top1'], 2)}")
-    overlap = quality["error_overlap"]
-    console.print(f"errors    both right {percent(overlap['both_right'])}, only the teacher wrong "
-                  f"{percent(overlap['only_teacher_wrong'])}, only CLIP wrong {percent(overlap['only_clip_wrong'])}, "
-                  f"both wrong {percent(overlap['both_wrong'])}")
+    console.print(f"errors    {describe_overlap(quality['error_overlap'])}")
     sweep = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C; standardized: each z-scored)",
                   title_justify="left")
     sweep.add_column("alpha", justify="right")

@@ -34,7 +34,7 @@ from richkd.pipeline.errors import UserError, read_json
 from richkd.pipeline.fusion import DEFAULT_ALPHA, clip_scale_value
 from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, percent, read_superclasses
 from richkd.pipeline.runtime import console, print_json
-from richkd.pipeline.targets import STANDARDIZED, SWEEP_FUSIONS, target_quality
+from richkd.pipeline.targets import STANDARDIZED, SWEEP_FUSIONS, describe_overlap, target_quality
 
 COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
            ("confident_correct", "confident-correct"), ("confidently_wrong", "confidently-wrong"),
@@ -585,10 +585,8 @@ def split_report(config: ReportConfig, split: str, evaluations: dict[str, list[d
 
 
 def overlap_text(quality: dict) -> str:
-    overlap = quality["error_overlap"]
-    return (f"Teacher and CLIP on the {quality['samples_evaluated']} images of the cache: both right "
-            f"{percent(overlap['both_right'])}, only the teacher wrong {percent(overlap['only_teacher_wrong'])}, only "
-            f"CLIP wrong {percent(overlap['only_clip_wrong'])}, both wrong {percent(overlap['both_wrong'])}.")
+    return (f"Teacher and CLIP on the {quality['samples_evaluated']} images of the cache: "
+            f"{describe_overlap(quality['error_overlap'])}.")
 
 
 def split_sections(config: ReportConfig, report: SplitReport, out: Path, heading: str, suffix: str) -> list[str]:
