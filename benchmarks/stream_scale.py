@@ -39,11 +39,12 @@ import webdataset
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
 from richkd.cache.schema import Layout
 from richkd.cache.writer import CacheWriter
-from richkd.pipeline.distributed import Part
 from richkd.pipeline.models import create_model
+from richkd.pipeline.runtime import Part
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.streaming import HELD_CHUNKS, ShardStream, StoreRows
-from richkd.pipeline.training_options import OPTIMIZERS, TrainingOptions
+from richkd.pipeline.training import make_optimizer
+from richkd.pipeline.training_options import TrainingOptions
 from richkd.stages.distill import DistillConfig
 
 CLASSES, TEACHER_DIM, CLIP_DIM, VIEW_PARAMS = 1000, 2048, 768, 5
@@ -174,7 +175,7 @@ def student_step_seconds(model: torch.nn.Module, classes: int, batch_size: int, 
     torch.manual_seed(0)
     model = model.to(memory_format=torch.channels_last).train()
     options = TrainingOptions()
-    optimizer = OPTIMIZERS[options.optimizer](model.parameters(), options)
+    optimizer = make_optimizer(model.parameters(), options)
     images = torch.randn(batch_size, 3, side, side).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, classes, (batch_size,))
     times = []

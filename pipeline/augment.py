@@ -18,7 +18,6 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import autoaugment as torchvision_augment
 from torchvision.transforms.v2 import functional as TF
 
-AUGMENTS = ("none", "randaugment", "trivialaugment", "autoaugment")
 # Op slots stored per view: RandAugment's 2 ops, AutoAugment's sub-policy of 2, TrivialAugment's 1.
 OP_SLOTS = 2
 SLOT_PARAMS = ("op", "bin", "negate")  # op -1: no op in the slot; bin -1 (unused): an op without magnitude
@@ -138,7 +137,6 @@ def strong_augment(augment: str, erase: float, size: int) -> StrongAugment | Non
     return StrongAugment(augment, erase, size)
 
 
-MIXES = ("none", "mixup", "cutmix", "both")
 MIX_PARAMS = ("mix", "partner", "lambda_bits", "box_top", "box_left", "box_height", "box_width")
 MIXUP, CUTMIX = 1, 2
 

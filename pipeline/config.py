@@ -8,6 +8,7 @@ against it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -15,16 +16,36 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
-from richkd.pipeline.augment import AUGMENTS, MIXES
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.runtime import DEVICE_CHOICES
 
-# The names `open_dataset` knows (kept here so that help texts need not import the datasets).
+
+class DemoPreset(NamedTuple):
+    """A preset of `richkd demo` as its options name it: what it shows, and its splits with labels."""
+
+    description: str
+    labelled_splits: tuple[str, ...]
+
+
+# The names the options accept, kept here so that neither help texts nor the checks of options import the code
+# behind them (torch, torchvision): `richkd --help` answers at once.
 DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "demo", "webdataset")
+AUGMENTS = ("none", "randaugment", "trivialaugment", "autoaugment")
+MIXES = ("none", "mixup", "cutmix", "both")
+# Confidence at or above which a prediction counts as confident (evaluate's and report's default).
+CONFIDENCE_THRESHOLD = 0.9
+# The demo's image side, and its presets (`richkd.pipeline.demo` draws them): what each shows, and its labelled
+# splits (the captioned pool is every preset's).
+DEMO_SIDE = 16
+DEMO_PRESETS = {
+    "shapes": DemoPreset("eight kinds of object, the class in the shape alone", ("train", "test")),
+    "study": DemoPreset("24 patterned shapes in superclasses by shape; a test split in colours the labels never show",
+                        ("train", "test", "shifted")),
+}
 
 Config = TypeVar("Config")
 
@@ -51,8 +72,14 @@ def accepts_none(config_class: type, name: str) -> bool:
     return _type_and_optional(config_class, name)[1]
 
 
+@functools.cache
+def type_hints(config_class: type) -> dict[str, Any]:
+    """The fields' types, evaluated once a class (each evaluation compiles every annotation of the class)."""
+    return typing.get_type_hints(config_class)
+
+
 def _type_and_optional(config_class: type, name: str) -> tuple[type, bool]:
-    hint = typing.get_type_hints(config_class)[name]
+    hint = type_hints(config_class)[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return next(arg for arg in typing.get_args(hint) if arg is not type(None)), type(None) in typing.get_args(hint)
     return hint, False
@@ -270,3 +297,37 @@ class ExecutionOptions(Options):
     def validate(self) -> None:
         super().validate()
         require(self.num_workers >= 0, f"--num-workers must be 0 or more, got {self.num_workers}")
+
+
+NAMED_NORMALIZATIONS = ("imagenet", "clip")
+# Images, evenly spaced over the split, whose pixels give `--normalize dataset`'s statistics.
+MEASURED_IMAGES = 1000
+NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
+
+
+def normalization_numbers(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of `--normalize MEAN,STD`, each for three channels."""
+    parts = spec.split(",")
+    require(len(parts) in (2, 6) and all(re.fullmatch(NUMBER, part) for part in parts),
+            f"--normalize must be auto, dataset, {', '.join(NAMED_NORMALIZATIONS)} or MEAN,STD numbers (2 or 6 of "
+            f"them), got '{spec}'")
+    numbers = [float(part) for part in parts]
+    mean, std = (numbers[:1] * 3, numbers[1:] * 3) if len(numbers) == 2 else (numbers[:3], numbers[3:])
+    require(all(value > 0 for value in std), f"--normalize {spec}: every std must be positive")
+    return tuple(mean), tuple(std)
+
+
+@dataclass
+class NormalizeOptions(Options):
+    """How a model's inputs are normalised."""
+
+    normalize: str = option(
+        "auto", "Input normalisation: auto (what the model or store records, else the dataset's own statistics: "
+        "CIFAR's, the shards' normalization.json, ImageNet's for image folders), imagenet, clip (OpenAI CLIP's), "
+        f"dataset (measured on up to {MEASURED_IMAGES:,} images of --split) or MEAN,STD as numbers, one of each for "
+        "every channel or three of each (r,g,b,r,g,b).", "Data")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.normalize not in ("auto", "dataset", *NAMED_NORMALIZATIONS):
+            normalization_numbers(self.normalize)

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from richkd.pipeline.config import DEMO_PRESETS, DEMO_SIDE
 from richkd.pipeline.data import ImageDataset, open_image_folder, register_dataset
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.runtime import progress_bar
+from richkd.pipeline.execution import progress_bar
 
 CLASS_NAMES = ("ball", "box", "tent", "kite", "plus_sign", "star", "ring", "moon")
 COLOURS = {
@@ -46,7 +47,6 @@ SIZES = {"small": (0.22, 0.28), "medium": (0.28, 0.34), "large": (0.34, 0.40)}
 SPLITS = {"train": 0, "test": 1, "pool": 2, "shifted": 3}
 # The pool's images carry captions but no labels: one folder, so an image folder reader sees one class.
 POOL_SPLIT, POOL_FOLDER = "pool", "unlabelled"
-SIDE = 16
 SUPERSAMPLE = 4
 
 
@@ -99,7 +99,7 @@ def _position_words(cx: float, cy: float, side: int) -> str:
     return f"on the {column}" if column else "in the centre"
 
 
-def demo_sample(seed: int, split: str, index: int, side: int = SIDE) -> DemoSample:
+def demo_sample(seed: int, split: str, index: int, side: int = DEMO_SIDE) -> DemoSample:
     """Sample `index` of `split`: the same pixels and caption on every machine."""
     rng = np.random.default_rng((seed, SPLITS[split], index))
     unit = side / 32  # geometry is drawn in a 32-pixel image's units
@@ -177,7 +177,7 @@ STUDY_COLOURS = {"train": LABELLED_COLOURS, "test": LABELLED_COLOURS, "shifted":
 STUDY_STREAM = 1
 
 
-def study_sample(seed: int, split: str, index: int, side: int = SIDE) -> DemoSample:
+def study_sample(seed: int, split: str, index: int, side: int = DEMO_SIDE) -> DemoSample:
     """Sample `index` of `split` of the study preset. Classes take turns (index mod 24), so every split is balanced;
     the object's colour, and the distractor blob's, come from the split's colours alone."""
     rng = np.random.default_rng((seed, SPLITS[split], index, STUDY_STREAM))
@@ -234,7 +234,6 @@ def study_sample(seed: int, split: str, index: int, side: int = SIDE) -> DemoSam
 class Preset:
     """A built-in dataset: its classes, its labelled splits (the pool is every preset's) and how a sample is drawn."""
 
-    description: str
     class_names: tuple[str, ...]
     splits: tuple[str, ...]
     draw: Callable[[int, str, int, int], DemoSample]
@@ -243,16 +242,14 @@ class Preset:
 
 
 PRESETS = {
-    "shapes": Preset("eight kinds of object, the class in the shape alone", CLASS_NAMES, ("train", "test"),
-                     demo_sample),
-    "study": Preset("24 patterned shapes in superclasses by shape; a test split in colours the labels never show",
-                    STUDY_CLASS_NAMES, ("train", "test", "shifted"), study_sample,
+    "shapes": Preset(CLASS_NAMES, DEMO_PRESETS["shapes"].labelled_splits, demo_sample),
+    "study": Preset(STUDY_CLASS_NAMES, DEMO_PRESETS["study"].labelled_splits, study_sample,
                     {name: name.split("_", 1)[1] for name in STUDY_CLASS_NAMES}),
 }
 SUPERCLASSES_FILE = "superclasses.json"
 
 
-def write_demo(root: str | Path, train: int, test: int, pool: int = 0, seed: int = 0, side: int = SIDE,
+def write_demo(root: str | Path, train: int, test: int, pool: int = 0, seed: int = 0, side: int = DEMO_SIDE,
                preset: str = "shapes", shifted: int = 0) -> None:
     """A preset as an image folder (`root/<split>/<class>/<index>.png`) with `root/<split>/captions.json` and
     `attributes.json` (what each image shows); the unlabelled pool's images are all in `root/pool/unlabelled/`.

@@ -1,48 +1,17 @@
-"""Several processes at once: torchrun's ranks and process group, and `--part i/n` jobs on separate machines."""
+"""Several processes at once: torchrun's process group (`richkd.pipeline.runtime` says which part of the work a
+process does, for torchrun's ranks and `--part i/n` jobs on separate machines)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from richkd.pipeline.errors import UserError
-
-
-@dataclass(frozen=True)
-class Part:
-    """Process `index` of `count`: it owns every `count`-th work item, starting at `index`."""
-
-    index: int = 0
-    count: int = 1
-
-    def owns(self, position: int) -> bool:
-        return position % self.count == self.index
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-
-def parse_part(text: str) -> Part:
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match or not int(match[1]) < int(match[2]):
-        raise UserError(f"--part must be i/n with 0 <= i < n (e.g. 0/4), got '{text}'")
-    return Part(int(match[1]), int(match[2]))
-
-
-def torchrun_part() -> Part:
-    """This process's rank and the world size when started by torchrun; Part(0, 1) otherwise."""
-    return Part(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+from richkd.pipeline.runtime import Part, torchrun_part
 
 
 def is_main_process() -> bool:

@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from richkd.pipeline.data import ImageDataset, normalize
+from richkd.pipeline.execution import autocast
 from richkd.pipeline.metrics import ClassificationMeter
-from richkd.pipeline.runtime import autocast
 from richkd.pipeline.views import image_for_views, mix_params, mixed_label, mixing, rebuild_view, sample_view
 
 

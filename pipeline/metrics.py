@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from richkd.pipeline.config import CONFIDENCE_THRESHOLD
 from richkd.pipeline.errors import UserError, read_json
 
 ECE_BINS = 15
 # Confidence at or above which a prediction counts as confident.
-CONFIDENCE_THRESHOLD = 0.9
 
 
 class ClassificationMeter:

@@ -8,25 +8,13 @@ checkpoint, `precompute` records the teacher's in the store, and `--normalize au
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from richkd.pipeline.config import Options, option, require
+from richkd.pipeline.config import MEASURED_IMAGES, normalization_numbers, require
 from richkd.pipeline.data import IMAGENET_MEAN, IMAGENET_STD
 from richkd.pipeline.errors import UserError
-
-NAMED = ("imagenet", "clip")
-# Images, evenly spaced over the split, whose pixels give `--normalize dataset`'s statistics.
-MEASURED_IMAGES = 1000
-NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
-
-NORMALIZE_HELP = (
-    "Input normalisation: auto (what the model or store records, else the dataset's own statistics: CIFAR's, "
-    "the shards' normalization.json, ImageNet's for image folders), imagenet, clip (OpenAI CLIP's), dataset "
-    f"(measured on up to {MEASURED_IMAGES:,} images of --split) or MEAN,STD as numbers, one of each for every "
-    "channel or three of each (r,g,b,r,g,b).")
 
 
 @dataclass(frozen=True)
@@ -50,18 +38,6 @@ def format_channels(values) -> str:
     return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
 
 
-@dataclass
-class NormalizeOptions(Options):
-    """How a model's inputs are normalised."""
-
-    normalize: str = option("auto", NORMALIZE_HELP, "Data")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.normalize not in ("auto", "dataset", *NAMED):
-            given_normalization(self.normalize)
-
-
 def given_normalization(spec: str) -> Normalization:
     """`--normalize imagenet`, `clip` or numbers."""
     if spec == "imagenet":
@@ -70,14 +46,8 @@ def given_normalization(spec: str) -> Normalization:
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
         return Normalization(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, "OpenAI CLIP's")
-    parts = spec.split(",")
-    require(len(parts) in (2, 6) and all(re.fullmatch(NUMBER, part) for part in parts),
-            f"--normalize must be auto, dataset, {', '.join(NAMED)} or MEAN,STD numbers (2 or 6 of them), "
-            f"got '{spec}'")
-    numbers = [float(part) for part in parts]
-    mean, std = (numbers[:1] * 3, numbers[1:] * 3) if len(numbers) == 2 else (numbers[:3], numbers[3:])
-    require(all(value > 0 for value in std), f"--normalize {spec}: every std must be positive")
-    return Normalization(tuple(mean), tuple(std), "as given")
+    mean, std = normalization_numbers(spec)
+    return Normalization(mean, std, "as given")
 
 
 def measured_normalization(dataset) -> Normalization:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from richkd.pipeline.clip import ClipTeacher, open_clip_library
-from richkd.pipeline.runtime import progress_bar
+from richkd.pipeline.execution import progress_bar
 
 PROMPTS_PER_BATCH = 256
 # Stands in for the class name when a template is cut around it (format() has resolved its {{ and }}).

@@ -1,26 +1,17 @@
-"""Where and how a stage runs: device, progress display, software versions."""
+"""Where a stage runs: its output channels, and which part of the work this process does.
+
+Light to import, so that the command line answers `--help` at once; `richkd.pipeline.execution` has the rest.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import platform
-from importlib import metadata
+import os
+import re
+from dataclasses import dataclass
 
-import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
-from richkd.pipeline.distributed import local_rank
 from richkd.pipeline.errors import UserError
 
 # The two channels of every command: messages and progress on stderr, results (tables, JSON) on stdout.
@@ -32,72 +23,35 @@ def print_json(data) -> None:
     """A machine-readable result on stdout, as it is: no wrapping, no markup."""
     results.out(json.dumps(data, indent=2), highlight=False)
 
+
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU."""
-    if name == "auto":  # under torchrun, each process on a node takes its own GPU
-        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UserError(f"unknown device '{name}'; use {DEVICE_CHOICES}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available here; use --device cpu or auto")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported device '{name}'; use {DEVICE_CHOICES}")
-    return device
+@dataclass(frozen=True)
+class Part:
+    """Process `index` of `count`: it owns every `count`-th work item, starting at `index`."""
+
+    index: int = 0
+    count: int = 1
+
+    def owns(self, position: int) -> bool:
+        return position % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 on the CPU, where results must be reproducible bit for bit."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def parse_part(text: str) -> Part:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise UserError(f"--part must be i/n with 0 <= i < n (e.g. 0/4), got '{text}'")
+    return Part(int(match[1]), int(match[2]))
 
 
-def software_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("richkd", "torch", "torchvision", "open_clip_torch", "timm", "zarr", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+def torchrun_part() -> Part:
+    """This process's rank and the world size when started by torchrun; Part(0, 1) otherwise."""
+    return Part(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
-class RateColumn(ProgressColumn):
-    """Items per second over the task's lifetime."""
-
-    def __init__(self, unit: str):
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task) -> Text:
-        rate = task.completed / task.elapsed if task.elapsed else 0.0
-        return Text(f"{rate:,.1f} {self.unit}/s", style="progress.data.speed")
-
-
-# False in a process that shares its terminal with others running at the same time.
-progress_bars_shown = True
-
-
-def hide_progress_bars() -> None:
-    global progress_bars_shown
-    progress_bars_shown = False
-
-
-def progress_bar(unit: str, disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(unit),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        # Gone when done: a run's summary line follows, and an error stays the last (only) line.
-        transient=True,
-        disable=disable or not progress_bars_shown,
-    )
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))

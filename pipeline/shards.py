@@ -47,7 +47,7 @@ from webdataset.tariterators import base_plus_ext
 
 from richkd.pipeline.data import IMAGE_DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
 from richkd.pipeline.errors import UserError, preview
-from richkd.pipeline.runtime import progress_bar
+from richkd.pipeline.execution import progress_bar
 
 SPLIT_PLACEHOLDER = "{split}"
 CLASSES_FILE = "classes.txt"

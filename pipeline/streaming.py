@@ -34,8 +34,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from richkd.cache.reader import CacheReader, KeyIndex, as_tensor
 from richkd.pipeline.data import ImageDataset
-from richkd.pipeline.distributed import Part
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.runtime import Part
 from richkd.pipeline.seeding import ORDER, SHUFFLE, seeded_generator
 from richkd.pipeline.shards import decode_image, shard_starts, stream_shard
 from richkd.pipeline.views import image_for_views, sample_view

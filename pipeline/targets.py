@@ -20,19 +20,20 @@ import torch
 from torch.utils.data import Dataset
 
 from richkd.cache.reader import CacheReader, as_tensor, block_shuffled_order, shard_share
-from richkd.pipeline.config import require
+from richkd.pipeline.config import CONFIDENCE_THRESHOLD, require
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
-from richkd.pipeline.distributed import Part
-from richkd.pipeline.fusion import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, Fusion, clip_scale_value, fuse_logits
+from richkd.pipeline.execution import progress_bar
+from richkd.pipeline.fusion import Fusion, fuse_logits
 from richkd.pipeline.loading import training_mask
-from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter, percent
+from richkd.pipeline.metrics import ClassificationMeter, percent
 from richkd.pipeline.normalization import choose_normalization
-from richkd.pipeline.runtime import progress_bar
+from richkd.pipeline.runtime import Part
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.shards import ShardSet
 from richkd.pipeline.streaming import ShardStream, epoch_shard_order
 from richkd.pipeline.topk import as_dense
+from richkd.pipeline.variants import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, clip_scale_value
 from richkd.pipeline.views import (
     ViewPolicy,
     image_for_views,

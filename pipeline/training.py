@@ -27,15 +27,16 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from richkd.pipeline.config import to_dict
 from richkd.pipeline.data import ImageDataset, normalize
-from richkd.pipeline.distributed import Part, is_main_process, main_process_first, process_group
+from richkd.pipeline.distributed import is_main_process, main_process_first, process_group
 from richkd.pipeline.errors import UserError, preview
+from richkd.pipeline.execution import autocast, hide_progress_bars, progress_bar, resolve_device
 from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model, training_mask
 from richkd.pipeline.metrics import ClassificationMeter, percent
 from richkd.pipeline.models import read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
-from richkd.pipeline.runtime import autocast, console, hide_progress_bars, progress_bar, resolve_device
+from richkd.pipeline.runtime import Part, console
 from richkd.pipeline.seeding import ORDER, restore_rng_states, rng_states, seeded_generator
 from richkd.pipeline.shards import CenterViewStream, ShardSet
-from richkd.pipeline.training_options import OPTIMIZERS, TrainingOptions, learning_rate_factor
+from richkd.pipeline.training_options import TrainingOptions, learning_rate_factor
 from richkd.pipeline.views import mixing
 
 
@@ -77,6 +78,13 @@ def live_log(directory: Path, resume: bool = False):
                 super().end()
 
     return TurnTakingLive(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def make_optimizer(parameters, options: TrainingOptions) -> torch.optim.Optimizer:
+    """The optimizer --optimizer names, at the run's learning rate and weight decay."""
+    if options.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=options.lr, weight_decay=options.weight_decay)
+    return torch.optim.SGD(parameters, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
 
 
 def run_per_seed(options: TrainingOptions, train_one: Callable[[TrainingOptions], dict]) -> dict:
@@ -200,7 +208,7 @@ class Trainer:
         self.step = StudentStep(self.model, self.objective, self.device)
         self.part = Part()
         parameters = [*self.model.parameters(), *self.objective.parameters()]
-        self.optimizer = OPTIMIZERS[options.optimizer](parameters, options)
+        self.optimizer = make_optimizer(parameters, options)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, learning_rate_factor(options))
 
     def checkpoint_payload(self, epoch: int, best: dict) -> dict:

@@ -6,18 +6,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from richkd.pipeline.config import ExecutionOptions, StreamOptions, option, require, require_positive
-from richkd.pipeline.distributed import torchrun_part
+from richkd.pipeline.config import ExecutionOptions, NormalizeOptions, StreamOptions, option, require, require_positive
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.normalization import NormalizeOptions
-from richkd.pipeline.runtime import console
+from richkd.pipeline.runtime import console, torchrun_part
 
-OPTIMIZERS = {
-    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
-    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay),
-}
+# What --optimizer names (`richkd.pipeline.training.make_optimizer` builds them): this module stays free of torch,
+# so that the command line reads the options at once.
+OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("multistep", "cosine")
 # Config fields that may change when a run is resumed (`out`: a run directory may be moved).
 RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "num_workers", "device", "eval_batch_size", "jobs", "out"}

@@ -4,41 +4,12 @@ offline: the demo's shapes, or the study's patterned shapes with a shifted test 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-from richkd.pipeline.config import option, require
-from richkd.pipeline.demo import PRESETS, SIDE, holds_only_a_demo, write_demo
+from richkd.pipeline.demo import PRESETS, holds_only_a_demo, write_demo
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.runtime import console
-
-
-@dataclass
-class DemoConfig:
-    out: str = option("data/demo", "Directory to write <split>/<class>/<index>.png, <split>/captions.json and "
-                      "<split>/attributes.json (and superclasses.json for a preset that has them).", "Output")
-    preset: str = option(
-        "shapes", "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items()) + ".", "Output")
-    train: int = option(1000, "Labelled training images.", "Output")
-    test: int = option(2000, "Labelled test images.", "Output")
-    shifted: int = option(0, "Labelled test images under distribution shift (the study preset: objects in colours "
-                          "the train and test splits never show, the pool does).", "Output")
-    pool: int = option(0, "Unlabelled images with captions (<out>/pool/unlabelled/), for training a CLIP on "
-                       "more image-text pairs than there are labels.", "Output")
-    side: int = option(SIDE, "Image side in pixels (objects scale with it).", "Output")
-    seed: int = option(0, "Seed: the same seed writes the same images, byte for byte.", "Output")
-    overwrite: bool = option(False, "Replace the demo already in --out (a folder holding anything else is never "
-                             "replaced).", "Output")
-
-    def validate(self) -> None:
-        require(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got '{self.preset}'")
-        require(self.train >= 1 and self.test >= 1, "--train and --test must be at least 1")
-        require(self.pool >= 0, f"--pool must be 0 or more, got {self.pool}")
-        require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
-        require(self.shifted >= 0, f"--shifted must be 0 or more, got {self.shifted}")
-        require(not self.shifted or "shifted" in PRESETS[self.preset].splits,
-                f"preset {self.preset} has no shifted split: use --preset study for one")
-        require(self.side >= 8, f"--side must be at least 8 pixels, got {self.side}")
+from richkd.stages.options import DemoConfig
 
 
 def run(config: DemoConfig) -> dict:

@@ -7,7 +7,6 @@ written, and its targets are those models' outputs on exactly those pixels.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,135 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from richkd.cache.reader import CacheReader
-from richkd.pipeline.config import Options, option, parse_size, require, require_positive
+from richkd.cache.schema import stored_arrays
+from richkd.pipeline.config import parse_size, require
 from richkd.pipeline.datasets import open_dataset
-from richkd.pipeline.distributed import Part
-from richkd.pipeline.fusion import DEFAULT_ALPHA, VARIANTS, Fusion, clip_scale_value
+from richkd.pipeline.fusion import Fusion
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 from richkd.pipeline.normalization import choose_normalization, normalized
-from richkd.pipeline.runtime import console
+from richkd.pipeline.runtime import Part, console
 from richkd.pipeline.seeding import CRD_MEMORY, NEGATIVES, holdout_split, seeded_generator, seeded_model
 from richkd.pipeline.shards import ShardSet, open_shard_set
 from richkd.pipeline.streaming import ShardStream
 from richkd.pipeline.targets import EpochTargets
 from richkd.pipeline.topk import SparseLogits, as_dense, sparse_kd_loss
 from richkd.pipeline.training import Trainer, run_per_seed
-from richkd.pipeline.training_options import TrainingOptions
 from richkd.pipeline.views import mixing, policy_from_description
-
-
-@dataclass
-class LossOptions(Options):
-    """The weights and settings of distill's losses: all that DistillObjective reads of a run's options."""
-
-    logit_loss: str = option("kd", "Loss on fused logits: kd or dkd.", "Distillation")
-    temperature: float = option(3.0, "Distillation temperature T.", "Distillation")
-    ce_weight: float = option(1.0, "Weight of cross-entropy on labels.", "Loss weights")
-    logit_weight: float | None = option(None, "Weight of the logit loss (default: 3 for kd, 1 for dkd).",
-                                        "Loss weights")
-    feature_weight: float = option(0.8, "Weight of the CRD feature loss.", "Loss weights")
-    dkd_alpha: float = option(1.0, "DKD: weight of target-class KD.", "Loss weights")
-    dkd_beta: float = option(8.0, "DKD: weight of non-target-class KD.", "Loss weights")
-    dkd_warmup: int = option(20, "DKD: epochs over which its weight ramps up linearly.", "Loss weights")
-    feature_start_epoch: int = option(
-        0, "CRD: epochs before the feature loss counts (its memory bank fills meanwhile).", "CRD")
-    feature_warmup_epochs: int = option(
-        0, "CRD: epochs over which the feature loss's weight then ramps up linearly to --feature-weight.", "CRD")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.logit_loss in LOGIT_LOSSES,
-                f"--logit-loss must be {' or '.join(LOGIT_LOSSES)}, got '{self.logit_loss}'")
-        require_positive(self.temperature, "--temperature")
-        for name in ("ce_weight", "logit_weight", "feature_weight", "dkd_alpha", "dkd_beta"):
-            value = getattr(self, name)
-            require(value is None or value >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {value}")
-        require(self.dkd_warmup >= 0, f"--dkd-warmup must be 0 or more, got {self.dkd_warmup}")
-        require(self.feature_start_epoch >= 0,
-                f"--feature-start-epoch must be 0 or more, got {self.feature_start_epoch}")
-        require(self.feature_warmup_epochs >= 0,
-                f"--feature-warmup-epochs must be 0 or more, got {self.feature_warmup_epochs}")
-
-    @property
-    def logit_loss_weight(self) -> float:
-        if self.logit_weight is not None:
-            return self.logit_weight
-        return LOGIT_LOSSES[self.logit_loss].default_weight
-
-    def feature_schedule(self, epoch: int) -> float:
-        """Factor of the feature loss's weight in `epoch`: 0 before the start, then a linear ramp to 1."""
-        if epoch < self.feature_start_epoch:
-            return 0.0
-        if not self.feature_warmup_epochs:
-            return 1.0
-        return min((epoch - self.feature_start_epoch + 1) / self.feature_warmup_epochs, 1.0)
-
-
-@dataclass
-class DistillConfig(LossOptions, TrainingOptions):
-    cache: str = option("cache/teachers.zarr", "The cache store written by `richkd precompute`.", "Cache")
-    cache_memory: str = option(
-        "4GiB", "Memory for cached targets: views that fit are read whole, larger ones streamed.", "Cache")
-    variant: str = option(
-        "LF", "; ".join(f"{name}: {variant.description}" for name, variant in VARIANTS.items()) + ".",
-        "Distillation")
-    alpha: float = option(DEFAULT_ALPHA, "Logit fusion weight: z_F = alpha z_T + (1 - alpha) z_C; 1 is plain KD.",
-                          "Distillation")
-    lam: float | None = option(None, "Feature fusion weight of the teacher (default: alpha).", "Distillation")
-    clip_scale: str = option(
-        "raw", "CLIP logits z_C = scale * cosine: raw (1), clip (exp(logit_scale)) or a number.", "Distillation")
-    standardize: bool = option(False, "z-score each sample's teacher and CLIP logits before fusing.",
-                               "Distillation")
-    nce_k: int = option(16384, "CRD: negatives per sample (clamped below the number of training samples).", "CRD")
-    nce_temperature: float = option(0.07, "CRD: NCE temperature.", "CRD")
-    nce_momentum: float = option(0.5, "CRD: memory bank momentum.", "CRD")
-    embed_dim: int = option(128, "CRD: dimension of the contrastive embedding.", "CRD")
-    stream: bool = option(
-        False, "Stream the training tar shards (--dataset webdataset) front to back, each sample's cache row read "
-        "alongside, instead of reading both by index: sequential reads for shards and stores on slow or remote "
-        "storage; `pipe:` URLs work. Precompute from the same shards, so that both run in the same order.",
-        "Streaming")
-    out: str = option("runs/student", "Run directory: checkpoints, metrics, resolved config.", "Run")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.variant in VARIANTS, f"--variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
-        require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
-        require(self.lam is None or 0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
-        require(self.nce_k >= 1, f"--nce-k must be at least 1, got {self.nce_k}")
-        require_positive(self.nce_temperature, "--nce-temperature")
-        require(0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), got {self.nce_momentum}")
-        require(self.embed_dim >= 1, f"--embed-dim must be at least 1, got {self.embed_dim}")
-        clip_scale_value(self.clip_scale, logit_scale=1.0)  # checks the flag; the store supplies the real scale
-        parse_size(self.cache_memory, "--cache-memory")
-
-    @property
-    def feature_lam(self) -> float:
-        return self.alpha if self.lam is None else self.lam
-
-    @property
-    def uses_logits(self) -> bool:
-        return VARIANTS[self.variant].logits and self.logit_loss_weight > 0
-
-    @property
-    def uses_features(self) -> bool:
-        return VARIANTS[self.variant].features and self.feature_weight > 0
-
-    def cached_arrays(self, topk: int = 0) -> tuple[str, ...]:
-        """The per-view arrays this run reads from a store of `topk`: nothing a zero weight makes irrelevant."""
-        names = VARIANTS[self.variant].logit_arrays(self.alpha, topk) if self.uses_logits else ()
-        if self.uses_features:
-            names += ("teacher/features",) * (self.feature_lam > 0) + ("clip/image_embeds",) * (self.feature_lam < 1)
-        return names
-
-
-@dataclass(frozen=True)
-class LogitLoss:
-    """A loss between the student's logits and the fused target: `compute(logits, fused, labels, options, epoch)`,
-    weighted by --logit-weight, `default_weight` unless given. A new one is a function and a registry entry."""
-
-    compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossOptions, int], torch.Tensor]
-    default_weight: float
+from richkd.stages.options import DistillConfig, LossOptions
 
 
 def kd_term(logits, fused, labels, options: LossOptions, epoch: int) -> torch.Tensor:
@@ -160,8 +45,10 @@ def dkd_term(logits, fused, labels, options: LossOptions, epoch: int) -> torch.T
                              options.temperature)
 
 
-# DKD carries its own alpha and beta, so it is weighted 1 unless told otherwise (as in DKD's paper).
-LOGIT_LOSSES = {"kd": LogitLoss(kd_term, 3.0), "dkd": LogitLoss(dkd_term, 1.0)}
+# The losses between the student's logits and the fused target, `loss(logits, fused, labels, options, epoch)`,
+# each weighted by --logit-weight or its entry in LOGIT_LOSS_WEIGHTS: a new one is a function and two entries.
+LOGIT_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossOptions, int], torch.Tensor]] = {
+    "kd": kd_term, "dkd": dkd_term}
 
 
 def sample_negatives(labels: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, k: int,
@@ -203,7 +90,7 @@ class DistillObjective(nn.Module):
             targets = self.targets.gather(rows)
         targets = {name: values.to(device, non_blocking=True) for name, values in targets.items()}
         if self.fusion is not None:
-            terms["logit"] = options.logit_loss_weight * LOGIT_LOSSES[options.logit_loss].compute(
+            terms["logit"] = options.logit_loss_weight * LOGIT_LOSSES[options.logit_loss](
                 logits, self.fusion.fuse(targets), labels, options, epoch)
         if self.crd is not None:
             negatives = sample_negatives(self.targets.labels[rows.numpy()], self.targets.training_rows,
@@ -223,7 +110,7 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
     """The objective of `config`'s run on `reader`'s targets; `rows`, `training_rows`, `shards` and `policy` as
     EpochTargets takes them."""
     layout = reader.layout
-    targets = EpochTargets(reader, config.cached_arrays(layout.topk), rows, training_rows,
+    targets = EpochTargets(reader, stored_arrays(config.cached_arrays(), layout.topk), rows, training_rows,
                            parse_size(config.cache_memory), config.seed, config.epochs, shards, policy,
                            config.num_workers, config.shuffle_buffer)
     fusion = (Fusion.of(config.variant, config.alpha, config.clip_scale, reader.attrs["clip"]["logit_scale"],

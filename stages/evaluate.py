@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,88 +19,27 @@ import torch
 from rich.table import Table
 from torchvision.transforms.v2 import functional as TF
 
-from richkd.pipeline.config import ExecutionOptions, StreamOptions, option, require
 from richkd.pipeline.corruptions import (
     PublishedCorruptions,
     corrupt,
     parameter_set,
-    parse_corruptions,
     parse_severities,
 )
 from richkd.pipeline.data import ImageDataset
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.execution import autocast, progress_bar, resolve_device
 from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model
-from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, ClassificationMeter, percent, read_superclasses
+from richkd.pipeline.metrics import ClassificationMeter, percent, read_superclasses
 from richkd.pipeline.models import create_model, load_checkpoint, read_checkpoint
-from richkd.pipeline.normalization import Normalization, NormalizeOptions, choose_normalization
-from richkd.pipeline.runtime import autocast, print_json, progress_bar, resolve_device, results
+from richkd.pipeline.normalization import Normalization, choose_normalization
+from richkd.pipeline.runtime import print_json, results
 from richkd.pipeline.shards import CenterViewStream, ShardSet, open_shard_set, pipe_command, shard_urls
 from richkd.pipeline.views import ViewPolicy, make_view_policy, policy_from_description
+from richkd.stages.options import EvaluateConfig
 
 # The uncorrupted images, evaluated with the corrupted ones.
 CLEAN = ("clean", 0)
-
-
-@dataclass
-class EvaluateConfig(StreamOptions, NormalizeOptions, ExecutionOptions):
-    checkpoint: str | None = option(
-        None, "Checkpoint from train or distill, or a teacher checkpoint (required); or a glob pattern such as "
-        "'runs/kd/seed-*/checkpoints/last.pt' to evaluate every seed of a run in one process.", "Model")
-    arch: str | None = option(None, "Architecture, for checkpoints that do not record it (e.g. mdistiller's).",
-                              "Model")
-    split: str = option("test", "Split to evaluate.", "Data")
-    stream: bool = option(
-        False, "Read the split's tar shards (--dataset webdataset) front to back, each sample once, instead of by "
-        "index, so that pipe: and object-store URLs work (class names and normalisation as the checkpoint records "
-        "them, or from the shards' classes.txt and normalization.json).", "Streaming")
-    image_size: int | None = option(None, "Evaluation image side, for checkpoints that do not record it.", "Data")
-    confidence_threshold: float = option(
-        CONFIDENCE_THRESHOLD, "Confidence at or above which a prediction counts as confident.", "Metrics")
-    superclasses: str | None = option(
-        None, "JSON file mapping each class name to its superclass's name (e.g. CIFAR-100's 20 coarse classes, or the "
-        "study's shapes): adds the superclass share, the mean share of the probability off the true class that "
-        "falls on the other classes of its superclass.", "Metrics")
-    output: str | None = option(
-        None, "Write the metrics to this JSON file (several checkpoints: {\"seeds\": [one result each]}).", "Output")
-    json: bool = option(False, "Print the metrics as JSON instead of a table.", "Output")
-    batch_size: int = option(256, "Images per forward pass.", "Execution")
-    corruptions: str | None = option(
-        None, "Also evaluate under common corruptions: all, a category (noise, blur, weather, digital) or a "
-        "comma list of names such as gaussian_noise,fog (default with --corrupted-root: all).", "Robustness")
-    severities: str = option("1-5", "Corruption severities, 1 to 5: a range or list such as 1-5 or 1,3,5.",
-                             "Robustness")
-    corruption_seed: int = option(
-        0, "Seed of the corruptions' random draws (an image's draws depend on it and the image's index alone).",
-        "Robustness")
-    corrupted_root: str | None = option(
-        None, "Read the corrupted images from the published CIFAR-10-C / CIFAR-100-C files in this folder "
-        "(<corruption>.npy and labels.npy) instead of corrupting the centre views.", "Robustness")
-    corruption_samples: int | None = option(
-        None, "Evaluate the corruptions on this many images of the split, evenly spaced (default: all).",
-        "Robustness")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.checkpoint is not None, "--checkpoint is required")
-        require(0 < self.confidence_threshold <= 1,
-                f"--confidence-threshold must be in (0, 1], got {self.confidence_threshold}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.image_size is None or self.image_size >= 1,
-                f"--image-size must be positive, got {self.image_size}")
-        require(self.corruption_seed >= 0, f"--corruption-seed must be 0 or more, got {self.corruption_seed}")
-        require(self.corruption_samples is None or self.corruption_samples >= 1,
-                f"--corruption-samples must be at least 1, got {self.corruption_samples}")
-        corrupted = self.corruption_names()
-        require(not (self.stream and corrupted), "--stream reads each sample once, front to back, and "
-                "corruptions are evaluated on samples by index: evaluate them without --stream")
-        parse_severities(self.severities)
-
-    def corruption_names(self) -> list[str]:
-        """The corruptions to evaluate: none unless --corruptions or --corrupted-root is given."""
-        if self.corruptions is None and self.corrupted_root is None:
-            return []
-        return parse_corruptions(self.corruptions or "all")
 
 
 def run(config: EvaluateConfig) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
@@ -16,11 +15,13 @@ from richkd.cache.schema import DONE, read_done_flags
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.execution import progress_bar, resolve_device
 from richkd.pipeline.metrics import percent
 from richkd.pipeline.models import file_sha256
-from richkd.pipeline.runtime import DEVICE_CHOICES, print_json, progress_bar, resolve_device, results
+from richkd.pipeline.runtime import print_json, results
 from richkd.pipeline.targets import ALPHAS, SWEEP_FUSIONS, describe_overlap, target_quality
 from richkd.pipeline.views import augmentation_summary, image_for_views, policy_from_description, rebuild_view
+from richkd.stages.options import VIEW_TOLERANCE
 from richkd.stages.precompute import load_teacher
 
 
@@ -65,12 +66,6 @@ def verify(reader: CacheReader) -> tuple[int, list[str]]:
             except UserError as error:
                 damaged.append(str(error).removeprefix(f"cache {reader.url}: ").split(";")[0])
     return len(reads), damaged
-
-
-# The largest |stored - recomputed| teacher logit, relative to max(1, |logit|), a rebuilt view may show: float16
-# rounds to 5e-4 of a value, and a GPU's kernels differ from the CPU's by less than 1e-2; a view whose parameters
-# do not rebuild its pixels differs by far more.
-VIEW_TOLERANCE = 1e-2
 
 
 def verify_views(reader: CacheReader, count: int, data_root: str | None, teacher_checkpoint: str | None,
@@ -214,25 +209,9 @@ def print_report(report: dict, console: Console) -> None:
     console.print(sweep)
 
 
-def command(
-    store: Annotated[str, typer.Argument(help="The cache store (a path or fsspec URL).")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    views: Annotated[int | None, typer.Option(help="Only evaluate the first N views (default: all).", min=1)] = None,
-    verify_chunks: Annotated[bool, typer.Option(
-        "--verify", help="Read every written chunk, check its checksum, and list every damaged or missing "
-        "block (exit status 1 if there is one).")] = False,
-    verify_view_count: Annotated[int | None, typer.Option(
-        "--verify-views", min=1, help="Rebuild N stored views from the dataset (crop, flip, stored augmentation and "
-        "mixing), "
-        "run the teacher on them and print the largest difference from the stored logits (exit status 1 above "
-        f"{VIEW_TOLERANCE:g} of a logit's size: float16 rounding is 5e-4).")] = None,
-    data_root: Annotated[str | None, typer.Option(
-        help="With --verify-views: the dataset's root, if not where precompute read it.")] = None,
-    teacher_checkpoint: Annotated[str | None, typer.Option(
-        help="With --verify-views: the teacher checkpoint, if not where precompute read it.")] = None,
-    device: Annotated[str, typer.Option(help=f"With --verify-views: {DEVICE_CHOICES}.")] = "auto",
-) -> None:
-    """Show a cache's provenance, arrays and completeness, and the accuracy of its targets."""
+def run(store: str, json_output: bool, views: int | None, verify_chunks: bool, verify_view_count: int | None,
+        data_root: str | None, teacher_checkpoint: str | None, device: str) -> None:
+    """`richkd inspect` (its flags are defined in `richkd.cli`)."""
     if verify_view_count is not None:
         checked = verify_views(CacheReader(store), verify_view_count, data_root, teacher_checkpoint, device)
         if json_output:

@@ -22,39 +22,21 @@ import io
 import json
 import math
 import posixpath
-from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 from PIL import Image
 from webdataset import TarWriter
 
-from richkd.pipeline.config import DataOptions, option, require
 from richkd.pipeline.data import FolderImages, ImageDataset
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.runtime import console, progress_bar
+from richkd.pipeline.execution import progress_bar
+from richkd.pipeline.runtime import console
 from richkd.pipeline.shards import CLASSES_FILE, NORMALIZATION_FILE
+from richkd.stages.options import PackConfig
 
-FORMATS = ("png", "original")
 PARTIAL = ".partial"
-
-
-@dataclass
-class PackConfig(DataOptions):
-    out: str = option(
-        "data/shards", "Folder (a path or fsspec URL) to write <split>-NNNNNN.tar shards, classes.txt and "
-        "normalization.json into.", "Output")
-    samples_per_shard: int = option(1000, "Samples per shard; the last shard holds the rest.", "Output")
-    format: str = option(
-        "png", "Image encoding: png (lossless, any dataset) or original (the image files' own bytes, for "
-        "imagefolder and demo).", "Output")
-    overwrite: bool = option(False, "Replace the split's shards already in --out.", "Output")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.samples_per_shard >= 1, f"--samples-per-shard must be at least 1, got {self.samples_per_shard}")
-        require(self.format in FORMATS, f"--format must be png or original, got '{self.format}'")
 
 
 def shard_key(key: str) -> str:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from torch.utils.data.dataloader import default_collate
 
 from richkd.cache.locks import BlockLocks
-from richkd.cache.schema import PRECISIONS, TOPK_ARRAYS, Layout
+from richkd.cache.schema import TOPK_ARRAYS, Layout
 from richkd.cache.writer import CacheWriter
 from richkd.pipeline.clip import (
     DEFAULT_TEMPLATES,
@@ -31,30 +31,18 @@ from richkd.pipeline.clip import (
     read_templates,
 )
 from richkd.pipeline.config import (
-    ExecutionOptions,
-    StreamOptions,
-    ViewOptions,
-    option,
     require,
-    require_positive,
     to_dict,
 )
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.datasets import open_dataset
-from richkd.pipeline.distributed import (
-    Part,
-    barrier,
-    is_main_process,
-    main_process_first,
-    parse_part,
-    process_group,
-    torchrun_part,
-)
+from richkd.pipeline.distributed import barrier, is_main_process, main_process_first, process_group
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.execution import autocast, progress_bar, resolve_device, software_versions
 from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
-from richkd.pipeline.normalization import NormalizeOptions, choose_normalization, normalized
+from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.prompts import zero_shot_classifier
-from richkd.pipeline.runtime import autocast, console, progress_bar, resolve_device, software_versions
+from richkd.pipeline.runtime import Part, console, parse_part
 from richkd.pipeline.shards import decode_image, scan_shards, shard_starts, stream_shard, streamed_shard_set
 from richkd.pipeline.topk import top_k_logits
 from richkd.pipeline.views import (
@@ -65,73 +53,7 @@ from richkd.pipeline.views import (
     rebuild_view,
     sample_view,
 )
-
-
-@dataclass
-class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOptions):
-    stream: bool = option(
-        False, "Read the tar shards (--dataset webdataset) front to back instead of by index: once for the keys and "
-        "labels, then each store shard's samples from the tar shards holding them, so that pipe: and object-store "
-        "URLs work. pipe: shards take their class names from --class-names. A --shard-size that is a multiple of "
-        "the tar shards' samples reads each tar shard once.", "Streaming")
-    teacher: str = option(
-        "resnet32x4", "Teacher architecture: a zoo name, tv:<torchvision model> or timm:<model>.", "Teachers")
-    teacher_checkpoint: str | None = option(
-        None, "Teacher weights: an mdistiller, plain or richkd checkpoint (required).", "Teachers")
-    clip: str = option("ViT-L-14", "open_clip model name, hf-hub:ORG/REPO or local-dir:PATH.", "Teachers")
-    clip_pretrained: str | None = option(
-        "openai", "CLIP weights: an open_clip pretrained tag, a checkpoint file, or 'random' (untrained).",
-        "Teachers")
-    templates: str | None = option(
-        None, "Prompt templates file, one per line with {} for the class name.", "Teachers")
-    class_names: str | None = option(
-        None, "Class names file for the prompts, one per line in class order; with --stream, also the names of "
-        "pipe: shards' classes.", "Teachers")
-    raw_class_names: bool = option(
-        False, "Use class names as the dataset spells them (no '_' -> ' ').", "Teachers")
-    views: int = option(8, "Augmented views per sample.", "Views")
-    seed: int = option(0, "Seed of the view parameters.", "Views")
-    out: str = option("cache/teachers.zarr", "The store to write (a path or fsspec URL).", "Store")
-    dtype: str = option("float16", "Precision of stored logits and features: float16 or float32.", "Store")
-    topk: int = option(
-        0, "Store only the K largest logits of the teacher and of CLIP per view, with their class ids and one value "
-        "for every other class (their mass spread evenly): about C/K times smaller logits (0: every logit).",
-        "Store")
-    topk_temperature: float = option(
-        1.0, "With --topk: the temperature at which the other classes' total mass is kept exact; set it to the "
-        "--temperature students distill at (at another T it is approximate).", "Store")
-    shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.", "Store")
-    overwrite: bool = option(False, "Replace an existing store made with another configuration.", "Store")
-    batch_size: int = option(
-        256, "Images per forward pass: every view of batch-size / views samples (at least one sample).",
-        "Execution")
-    part: str | None = option(
-        None, "Write only part i of n of the blocks (e.g. 0/4), for jobs on separate machines writing one store; "
-        "under torchrun each process takes its rank's part.", "Parallel")
-    lock_timeout: float = option(
-        600.0, "Seconds without a heartbeat after which a lock on a block counts as left by a killed process "
-        "(on the same host a lock whose process is gone is taken over at once).", "Parallel")
-
-    def interruption_advice(self) -> str:
-        """What Ctrl-C keeps, and the command (`{command}`, as it was typed) that continues the store."""
-        return f"the finished blocks of {self.out} are kept; the same command computes the rest: {{command}}"
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.views >= 1, f"--views must be at least 1, got {self.views}")
-        require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
-        require(self.topk >= 0, f"--topk must be 0 (dense) or positive, got {self.topk}")
-        require_positive(self.topk_temperature, "--topk-temperature")
-        require(self.dtype in PRECISIONS, f"--dtype must be one of {', '.join(PRECISIONS)}, got '{self.dtype}'")
-        require(self.teacher_checkpoint is not None, "--teacher-checkpoint is required")
-        require_positive(self.lock_timeout, "--lock-timeout")
-        if self.part is not None:
-            parse_part(self.part)
-            require(torchrun_part().count == 1, "--part is for separate jobs; under torchrun the ranks share the work")
-        require(not (self.overwrite and (self.part or torchrun_part().count > 1)),
-                "--overwrite cannot be used by one of several processes writing a store: delete the store first")
+from richkd.stages.options import PrecomputeConfig
 
 
 @dataclass

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from richkd.cache.reader import CacheReader
-from richkd.pipeline.config import option, require
 from richkd.pipeline.corruptions import CATEGORIES, CORRUPTIONS
 from richkd.pipeline.errors import UserError, read_json
-from richkd.pipeline.fusion import DEFAULT_ALPHA, clip_scale_value
-from richkd.pipeline.metrics import CONFIDENCE_THRESHOLD, percent, read_superclasses
+from richkd.pipeline.metrics import percent, read_superclasses
 from richkd.pipeline.runtime import console, print_json
 from richkd.pipeline.targets import STANDARDIZED, SWEEP_FUSIONS, describe_overlap, target_quality
+from richkd.stages.options import ReportConfig
 
 COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
            ("confident_correct", "confident-correct"), ("confidently_wrong", "confidently-wrong"),
@@ -51,58 +50,6 @@ TARGET_COLOUR, STUDENT_COLOUR = "#8c8c8c", "#1f77b4"
 BETTER_COLOUR, WORSE_COLOUR = "#2ca02c", "#d62728"
 # The split of an evaluation that records none (written by hand or by another tool).
 DEFAULT_SPLIT = "test"
-
-
-@dataclass
-class ReportConfig:
-    evals: list[str] = option(
-        ["evals"], "Folders of `richkd evaluate --output` JSON files, one per run; each file goes to the tables of the "
-        "split it records, so one folder a split (e.g. evals/test and evals/shifted).", "Inputs")
-    runs: list[str] = option([], "Runs to show, in order (file names without .json; default: all).", "Inputs")
-    test_cache: list[str] = option(
-        [], "Caches of held-out splits (`precompute --split S --view-policy center`), one a split: that split's CLIP, "
-        "fused-target and alpha-sweep rows and its error overlap.", "Inputs")
-    superclasses: str | None = option(
-        None, "JSON file mapping each class name to its superclass's name: the target rows' superclass share (the "
-        "students' comes from `richkd evaluate --superclasses`).", "Inputs")
-    alpha: float = option(DEFAULT_ALPHA, "alpha of the fused-target row.", "Targets")
-    clip_scale: str = option("raw", "CLIP scale of the fused-target row: raw, clip or a number.", "Targets")
-    standardize: bool = option(False, "The fused-target row z-scores each source first (distill --standardize).",
-                               "Targets")
-    confidence_threshold: float = option(
-        CONFIDENCE_THRESHOLD, "Confidence of a confident prediction, for the target rows.", "Targets")
-    baselines: list[str] = option(
-        ["kd", "teacher_shrink"], "Runs every student is compared with, seed by seed (those not in the report are "
-        "skipped). A name may hold {setting} of the student's own training settings (variant, alpha, clip_scale, "
-        "standardize, logit_loss, epochs, arch): shrink_{alpha} compares each student with run shrink_0.5 when its "
-        "alpha is 0.5.", "Comparisons")
-    pairs: list[str] = option(
-        [], "More paired comparisons, each X-vs-B (e.g. ce_long-vs-ce): run X minus run B, seed by seed.",
-        "Comparisons")
-    shifted_split: str | None = option(
-        None, "The split under distribution shift: with --label-only, check the preconditions of RichKD's regime "
-        "(needs a --test-cache of this split and of the in-distribution one).", "Preconditions")
-    label_only: str | None = option(
-        None, "The run trained on labels alone with the students' architecture, which the teacher must beat by 3 "
-        "points.", "Preconditions")
-    require_preconditions: bool = option(
-        False, "Exit with status 2, after writing the report, when a precondition is not met (a pipeline's gate "
-        "before the students train).", "Preconditions")
-    preconditions_only: bool = option(
-        False, "Report only what the preconditions are measured on, the teacher, the targets and the --label-only "
-        "run, without --runs, --baselines or --pairs: the report a pipeline can make before the other students "
-        "exist.", "Preconditions")
-    out: str = option("report", "Directory for report.md, metrics.json and the figures.", "Output")
-    json: bool = option(False, "Print the splits' means, intervals and paired differences and the preconditions as "
-                        "JSON (what metrics.json holds) instead of saying where the report is.", "Output")
-
-    def validate(self) -> None:
-        require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
-        clip_scale_value(self.clip_scale, logit_scale=1.0)
-        require((self.shifted_split is None) == (self.label_only is None),
-                "--shifted-split and --label-only go together: the preconditions need both")
-        require(not (self.require_preconditions or self.preconditions_only) or self.shifted_split is not None,
-                "--require-preconditions and --preconditions-only need --shifted-split and --label-only")
 
 
 def evaluation_split(path: Path, results: list[dict]) -> str:

@@ -7,27 +7,15 @@ With --stream the tar shards are read once for their keys and labels, then front
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from richkd.pipeline.config import ViewOptions, option
 from richkd.pipeline.datasets import open_dataset
-from richkd.pipeline.distributed import Part
 from richkd.pipeline.normalization import choose_normalization, normalized
+from richkd.pipeline.runtime import Part
 from richkd.pipeline.seeding import holdout_split, seeded_model
 from richkd.pipeline.shards import scan_shards, shard_starts, streamed_shard_set
 from richkd.pipeline.streaming import LabelStream, epoch_shard_order
 from richkd.pipeline.training import SupervisedObjective, Trainer, run_per_seed
-from richkd.pipeline.training_options import TrainingOptions
 from richkd.pipeline.views import describe_policy, make_view_policy, policy_summary
-
-
-@dataclass
-class TrainConfig(TrainingOptions, ViewOptions):
-    """Supervised training: the shared training options, and how each epoch's random views are made."""
-
-    class_names: str | None = option(
-        None, "--stream from pipe: shards: a file of their class names, one per line in class-id order (the "
-        "classes.txt `richkd pack` wrote beside them).", "Streaming")
+from richkd.stages.options import TrainConfig
 
 
 def run(config: TrainConfig) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,50 +21,20 @@ from richkd.pipeline.clip import (
     open_clip_library,
     prompt_class_name,
 )
-from richkd.pipeline.config import DataOptions, ExecutionOptions, option, require, require_positive, to_dict
+from richkd.pipeline.config import to_dict
 from richkd.pipeline.data import read_captions
 from richkd.pipeline.datasets import open_dataset
+from richkd.pipeline.execution import progress_bar, resolve_device
 from richkd.pipeline.loading import LabelledViews, data_loader
 from richkd.pipeline.metrics import ClassificationMeter, percent
 from richkd.pipeline.prompts import zero_shot_classifier
-from richkd.pipeline.runtime import console, progress_bar, resolve_device
+from richkd.pipeline.runtime import console
 from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.training import live_log, optimize
 from richkd.pipeline.views import make_view_policy
+from richkd.stages.options import TrainClipConfig
 
 BUNDLE_WEIGHTS = "open_clip_model.safetensors"
-
-
-@dataclass
-class TrainClipConfig(DataOptions, ExecutionOptions):
-    dataset: str = option("demo", "Dataset name (it needs a caption per image).", "Data")
-    data_root: str = option("data/demo", "Where the dataset is stored.", "Data")
-    eval_split: str = option("test", "Split on which zero-shot accuracy is reported after every epoch.", "Data")
-    captions: str | None = option(
-        None, "JSON file mapping each sample key to its caption (default: <data-root>/<split>/captions.json).",
-        "Data")
-    model: str = option(
-        "richkd-tiny", "open_clip model name to train (richkd-tiny: a small ResNet tower for 32 x 32 images).",
-        "Model")
-    pretrained: str = option("random", "Start from these weights (a tag or checkpoint file) or 'random'.", "Model")
-    epochs: int = option(20, "Training epochs.", "Optimisation")
-    batch_size: int = option(64, "Image-caption pairs per batch (the contrastive loss's negatives).",
-                             "Optimisation")
-    lr: float = option(1e-3, "AdamW learning rate (cosine schedule after warmup).", "Optimisation")
-    weight_decay: float = option(0.1, "AdamW weight decay.", "Optimisation")
-    warmup_epochs: int = option(1, "Epochs of linear warmup.", "Optimisation")
-    seed: int = option(0, "Seed of initialisation and data order.", "Run")
-    out: str = option("models/clip", "Output open_clip bundle directory.", "Run")
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
-        require(self.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch), got {self.batch_size}")
-        require_positive(self.lr, "--lr")
-        require(self.seed >= 0, f"--seed must be 0 or more, got {self.seed}")
-        require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        require(0 <= self.warmup_epochs < self.epochs,
-                f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
 
 
 def zero_shot_top1(clip: ClipTeacher, loader, class_names: list[str], device: torch.device) -> float:

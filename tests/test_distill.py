@@ -112,8 +112,8 @@ def test_teacher_shrink_is_kd_on_the_shrunk_teacher_logits_exactly(demo_cache):
     """The control that separates CLIP's part of z_F from the softening that alpha < 1 brings on its own."""
     from richkd.cache.reader import CacheReader
     from richkd.pipeline.config import build_config
-    from richkd.pipeline.distributed import Part
     from richkd.pipeline.losses import kd_loss
+    from richkd.pipeline.runtime import Part
     from richkd.stages.distill import DistillConfig, distill_objective
 
     root, _ = demo_cache

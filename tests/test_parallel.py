@@ -22,9 +22,10 @@ from test_resume import assert_identical_stores, bundle_args
 from richkd.cache.reader import shard_share
 from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
 from richkd.cli import run_cli
-from richkd.pipeline.distributed import Part, main_process_first
+from richkd.pipeline.distributed import main_process_first
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.runtime import Part
 from richkd.pipeline.seeding import seeded_model
 
 BIN = Path(sys.executable).parent

@@ -25,10 +25,10 @@ from richkd.cache.reader import CacheReader
 from richkd.cache.schema import Layout
 from richkd.cli import run_cli
 from richkd.pipeline.datasets import open_dataset
-from richkd.pipeline.distributed import Part
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.loading import LabelledViews
 from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.runtime import Part
 from richkd.pipeline.shards import open_shard_set, scan_shards
 from richkd.pipeline.streaming import LabelStream, ShardStream, epoch_shard_order
 from richkd.pipeline.views import make_view_policy, policy_from_description
