@@ -31,6 +31,12 @@ class PlainHelpGroup(TyperGroup):
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         click.Command.format_help(self, ctx, formatter)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:  # typer 0.28 raises an error that prints nothing for a bare `richkd`
+            click.echo(ctx.get_help(), color=ctx.color)
+            ctx.exit()
+        return super().parse_args(ctx, args)
+
 
 class SectionedCommand(TyperCommand):
     """A command whose help is plain text, its options in the sections their `rich_help_panel` names."""
@@ -54,7 +60,6 @@ app = typer.Typer(
     name="richkd",
     help="Distil compact image classifiers from a teacher and CLIP at once, from a cache of their outputs.",
     cls=PlainHelpGroup,
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )

@@ -46,8 +46,9 @@ def test_help_and_usage_errors_import_no_heavy_library(argv):
     assert int(status) in (0, 2)
 
 
-def test_top_level_help_lists_the_commands(capsys):
-    assert run_cli(["--help"]) == 0
+@pytest.mark.parametrize("argv", [["--help"], []])
+def test_top_level_help_lists_the_commands(argv, capsys):
+    assert run_cli(argv) == 0
     out = capsys.readouterr().out
     for command in [name for name, *_ in STAGE_COMMANDS] + ["inspect"]:
         assert command in out, command
