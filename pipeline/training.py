@@ -32,7 +32,7 @@ from richkd.pipeline.errors import UserError, preview
 from richkd.pipeline.execution import autocast, hide_progress_bars, progress_bar, resolve_device
 from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model, training_mask
 from richkd.pipeline.metrics import ClassificationMeter, percent
-from richkd.pipeline.models import read_checkpoint, remove_unfinished_checkpoints, save_checkpoint
+from richkd.pipeline.models import read_checkpoint, remove_unfinished_writes, save_checkpoint
 from richkd.pipeline.runtime import Part, console
 from richkd.pipeline.seeding import ORDER, restore_rng_states, rng_states, seeded_generator
 from richkd.pipeline.shards import CenterViewStream, ShardSet
@@ -45,6 +45,44 @@ def same_setting(now, saved) -> bool:
     if isinstance(now, str) and isinstance(saved, str):
         return now == saved or Path(now).resolve() == Path(saved).resolve()
     return now == saved
+
+
+def continues_run(run_dir: Path, has_run: bool, resume: bool, overwrite: bool, held: str = "a run") -> bool:
+    """Whether to continue the run in `run_dir` (--resume) rather than start one; the run or other result it holds
+    (`held`) is replaced only with --overwrite."""
+    if has_run and resume:
+        return True
+    if has_run and not overwrite:
+        raise UserError(f"{run_dir} already holds {held}: pass --resume to continue it or --overwrite")
+    if resume:
+        console.print(f"nothing to resume in {run_dir}: starting from epoch 0")
+    return False
+
+
+def refuse_other_settings(run_dir: Path, saved: dict, options, resumable: set[str]) -> None:
+    """A run continues with the settings it was run with (`saved`), but for the `resumable` ones."""
+    for key, value in saved.items():
+        now = getattr(options, key, None)
+        if key not in resumable and not same_setting(now, value):
+            raise UserError(f"cannot resume {run_dir}: it was run with {key}={value!r}, now {now!r}")
+
+
+def restore_optimization(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                         saved: dict) -> None:
+    """The optimiser, the schedule's position and the global RNG states of a checkpoint."""
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    # The learning rate of the schedule's next step under this run's length, which changes with --epochs.
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    restore_rng_states(saved["rng"])
+
+
+def kept_on_failure(last: Path, epoch: int) -> str:
+    """What a run that stopped during `epoch` (counted from 0) leaves behind: its checkpoint `last`, if any."""
+    if epoch == 0:
+        return "no epoch had ended, so there is no checkpoint"
+    return f"{last} (epoch {epoch}) is kept"
 
 
 # The best checkpoint before any epoch, or of a run that keeps no validation samples.
@@ -224,44 +262,23 @@ class Trainer:
         }
 
     def restore(self) -> tuple[int, dict]:
-        last = self.checkpoints / "last.pt"
-        state, saved = read_checkpoint(last)
-        for key, value in saved["config"].items():
-            now = getattr(self.options, key, None)
-            if key not in self.options.resumable_changes() and not same_setting(now, value):
-                raise UserError(f"cannot resume {self.run_dir}: it was run with {key}={value!r}, now {now!r}")
+        state, saved = read_checkpoint(self.checkpoints / "last.pt")
+        refuse_other_settings(self.run_dir, saved["config"], self.options, self.options.resumable_changes())
         self.model.load_state_dict(state)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        # The learning rate of the next epoch under this run's schedule, which changes with --epochs.
-        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                          self.scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        restore_optimization(self.optimizer, self.scheduler, saved)
         self.objective.load_state_dict(saved["objective"])
-        restore_rng_states(saved["rng"])
         return saved["epoch"], saved["best"]
 
     def prepare_run_dir(self) -> tuple[int, dict]:
         """(first epoch, best so far): a fresh run, or where the last checkpoint left off."""
-        if self.checkpoints.is_dir():
-            remove_unfinished_checkpoints(self.checkpoints)
-        has_run = (self.checkpoints / "last.pt").exists()
-        if has_run and self.options.resume:
+        remove_unfinished_writes(self.checkpoints)
+        if continues_run(self.run_dir, (self.checkpoints / "last.pt").exists(), self.options.resume,
+                         self.options.overwrite):
             return self.restore()
-        if has_run and not self.options.overwrite:
-            raise UserError(f"{self.run_dir} already holds a run: pass --resume to continue it or --overwrite")
-        if self.options.resume:
-            console.print(f"nothing to resume in {self.run_dir}: starting from epoch 0")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("last.pt", "best.pt"):
             (self.checkpoints / stale).unlink(missing_ok=True)
         return 0, NO_BEST
-
-    def kept(self, epoch: int) -> str:
-        """What a run stopped during `epoch` (counted from 0) leaves behind."""
-        if epoch == 0:
-            return "no epoch had ended, so there is no checkpoint"
-        return f"{self.checkpoints / 'last.pt'} (epoch {epoch}) is kept"
 
     def epoch_loader(self, epoch: int) -> tuple[DataLoader, int, Callable[[int], None]]:
         """This process's batches of the epoch, how many samples they hold, and what checks the count."""
@@ -287,7 +304,8 @@ class Trainer:
             return step(x.contiguous(memory_format=torch.channels_last), labels, indices, epoch, *targets)
 
         try:
-            totals, seen = optimize(loader, batch_losses, self.optimizer, progress, task, epoch, self.kept(epoch))
+            totals, seen = optimize(loader, batch_losses, self.optimizer, progress, task, epoch,
+                                    kept_on_failure(self.checkpoints / "last.pt", epoch))
             check_epoch(seen)
         finally:
             self.objective.end_epoch()

@@ -102,7 +102,13 @@ class TrainClipConfig(DataOptions, ExecutionOptions):
     weight_decay: float = option(0.1, "AdamW weight decay.", "Optimisation")
     warmup_epochs: int = option(1, "Epochs of linear warmup.", "Optimisation")
     seed: int = option(0, "Seed of initialisation and data order.", "Run")
-    out: str = option("models/clip", "Output open_clip bundle directory.", "Run")
+    out: str = option(
+        "models/clip", "Output open_clip bundle directory; its checkpoints/ folder holds the checkpoint of the last "
+        "finished epoch, which --resume continues from (the bundle loader does not read it).", "Run")
+    resume: bool = option(
+        False, "Continue the run in --out from its last checkpoint (a finished run keeps its bundle as it is).", "Run")
+    overwrite: bool = option(False, "Start over, replacing the bundle or run in --out (a folder holding anything else "
+                             "is never replaced).", "Run")
 
     def validate(self) -> None:
         super().validate()
@@ -113,6 +119,11 @@ class TrainClipConfig(DataOptions, ExecutionOptions):
         require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
         require(0 <= self.warmup_epochs < self.epochs,
                 f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
+        require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+
+    def interruption_advice(self) -> str:
+        """What Ctrl-C keeps, and the command (`{command}`, as it was typed) that continues the run."""
+        return f"the checkpoint of the last finished epoch in {self.out} is kept; continue with: {{command}} --resume"
 
 
 @dataclass

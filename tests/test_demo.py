@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,10 @@ from richkd.pipeline.data import read_captions
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.demo import CLASS_NAMES, demo_sample
 from richkd.pipeline.errors import UserError
+from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.training import optimize
+from richkd.stages import train_clip
+from richkd.stages.train_clip import BUNDLE_WEIGHTS
 
 
 def test_demo_is_deterministic_and_varied(tmp_path):
@@ -155,3 +162,94 @@ def test_train_clip_writes_a_bundle_that_precompute_loads(tmp_path):
     test_store = zarr.open_group(tmp_path / "test.zarr", mode="r")
     stored = (test_store["clip/logits"][0].argmax(axis=1) == test_store["labels"][:]).mean()
     assert metrics["zero_shot_top1"] == pytest.approx(stored, abs=1e-12)
+
+
+def train_clip_args(demo: Path, out: Path, *flags: str) -> list[str]:
+    """A train-clip run of a few seconds on a small demo."""
+    return ["train-clip", "--data-root", str(demo), "--batch-size", "16", "--num-workers", "0", "--device", "cpu",
+            "--out", str(out), *flags]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory) -> Path:
+    demo = tmp_path_factory.mktemp("clip") / "demo"
+    assert run_cli(["demo", "--out", str(demo), "--train", "64", "--test", "16"]) == 0
+    return demo
+
+
+def test_train_clip_replaces_a_bundle_only_when_asked(small_demo, tmp_path, capsys):
+    bundle = tmp_path / "clip"
+    one_epoch = train_clip_args(small_demo, bundle, "--epochs", "1", "--warmup-epochs", "0")
+    assert run_cli(one_epoch) == 0
+    weights = (bundle / BUNDLE_WEIGHTS).read_bytes()
+    capsys.readouterr()
+    assert_user_error(one_epoch, capsys, f"{bundle} already holds a CLIP bundle: pass --resume to continue it or "
+                                         "--overwrite")
+    assert (bundle / BUNDLE_WEIGHTS).read_bytes() == weights
+    assert run_cli([*one_epoch, "--overwrite", "--seed", "1"]) == 0
+    assert (bundle / BUNDLE_WEIGHTS).read_bytes() != weights
+    assert json.loads((bundle / "metrics.json").read_text())["config"]["seed"] == 1
+    assert sorted(path.name for path in bundle.iterdir()) == [
+        "checkpoints", "metrics.json", "open_clip_config.json", BUNDLE_WEIGHTS]
+    # A bundle without its run's checkpoints (one written before train-clip kept them) is only ever replaced.
+    shutil.rmtree(bundle / "checkpoints")
+    capsys.readouterr()
+    for flags in ((), ("--resume",)):
+        assert_user_error([*one_epoch, *flags], capsys, f"{bundle} already holds a CLIP bundle, without the checkpoint "
+                                                        "to continue its run: pass --overwrite to replace it")
+    # A folder holding anything else is never replaced.
+    (bundle / "notes.txt").write_text("mine")
+    assert_user_error([*one_epoch, "--overwrite"], capsys,
+                      f"--out {bundle} holds files that are not a train-clip bundle or run (notes.txt): not replacing "
+                      "them")
+    assert (bundle / "notes.txt").read_text() == "mine" and (bundle / BUNDLE_WEIGHTS).exists()
+
+
+def test_interrupted_train_clip_resumes_bit_identical(small_demo, tmp_path, capsys, monkeypatch):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert run_cli(train_clip_args(small_demo, straight, "--epochs", "3")) == 0
+    args = train_clip_args(small_demo, interrupted, "--epochs", "3")
+
+    def ctrl_c_in_epoch_2(loader, losses, optimizer, progress, task, epoch, kept, after_step):
+        def step_then_ctrl_c() -> None:  # one step into the second epoch: the weights have moved past the checkpoint
+            after_step()
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+        return optimize(loader, losses, optimizer, progress, task, epoch, kept, step_then_ctrl_c)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_clip, "optimize", ctrl_c_in_epoch_2)
+        capsys.readouterr()
+        assert run_cli(args) == 130
+    last_line = " ".join(capsys.readouterr().err.strip().splitlines()[-1].split())
+    assert last_line == (f"interrupted: the checkpoint of the last finished epoch in {interrupted} is kept; "
+                         f"continue with: {shlex.join(['richkd', *args])} --resume")
+    assert read_checkpoint(interrupted / "checkpoints" / "last.pt")[1]["epoch"] == 1
+    assert not (interrupted / BUNDLE_WEIGHTS).exists()
+    assert_user_error(args, capsys, f"{interrupted} already holds a run: pass --resume to continue it or --overwrite")
+
+    assert run_cli([*args, "--resume"]) == 0
+    assert (interrupted / BUNDLE_WEIGHTS).read_bytes() == (straight / BUNDLE_WEIGHTS).read_bytes()
+    assert (interrupted / "open_clip_config.json").read_bytes() == (straight / "open_clip_config.json").read_bytes()
+    history = json.loads((straight / "metrics.json").read_text())["history"]
+    assert json.loads((interrupted / "metrics.json").read_text())["history"] == history
+    # Resumed once finished: nothing to train, and the bundle stands.
+    written = {path: path.stat().st_mtime_ns for path in interrupted.rglob("*")}
+    capsys.readouterr()
+    assert run_cli([*args, "--resume"]) == 0
+    assert f"trained already (3 epochs), the bundle {interrupted} stands" in " ".join(capsys.readouterr().err.split())
+    assert {path: path.stat().st_mtime_ns for path in interrupted.rglob("*")} == written
+
+
+def test_train_clip_resumes_only_with_its_settings(small_demo, tmp_path, capsys):
+    bundle = tmp_path / "clip"
+    args = train_clip_args(small_demo, bundle, "--warmup-epochs", "0")
+    assert run_cli([*args, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert_user_error([*args, "--epochs", "1", "--resume", "--lr", "0.01"], capsys,
+                      f"cannot resume {bundle}: it was run with lr=0.001, now 0.01")
+    # Its length may change: the finished run goes on for the epochs added.
+    assert run_cli([*args, "--epochs", "2", "--resume"]) == 0
+    assert [entry["epoch"] for entry in json.loads((bundle / "metrics.json").read_text())["history"]] == [1, 2]
+    assert read_checkpoint(bundle / "checkpoints" / "last.pt")[1]["epoch"] == 2

@@ -4,11 +4,12 @@ Accepted formats: mdistiller's {"model": state_dict, "epoch": ..., ...}, a plain
 {"state_dict": state_dict, ...}, and richkd's own {"model": state_dict, "arch": ..., "num_classes": ...}.
 """
 
+import contextlib
 import hashlib
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from richkd.pipeline.errors import UserError, out_of_space_is_a_user_error, prev
 
 STATE_DICT_ENTRIES = ("model", "state_dict")
 DDP_PREFIX = "module."
-# Checkpoints are written under a temporary name, then renamed into place.
+# Checkpoints and bundle files are written under a temporary name, then renamed into place.
 TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -32,27 +33,35 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, arch: str, num_classes: int, **extra: Any) -> None:
-    """Write a richkd checkpoint atomically: readers see the old file or the complete new one."""
+@contextlib.contextmanager
+def written_atomically(path: str | os.PathLike, advice: str) -> Iterator[Path]:
+    """A temporary path beside `path` for the caller to write; once written and on disk it is renamed to `path`,
+    so readers see the old file or the complete new one. A full disk is a user error that says `advice`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model.state_dict(), "arch": arch, "num_classes": num_classes, **extra}
-    # Same directory, so the rename is atomic; opened normally so the file gets the usual permissions.
+    # Same directory, so the rename is atomic; a plain name, so the file gets the usual permissions.
     temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
-    advice = "the previous checkpoint there is intact; free some space and continue the run with --resume"
     try:
-        with out_of_space_is_a_user_error(str(path), advice), open(temporary, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
+        with out_of_space_is_a_user_error(str(path), advice):
+            yield temporary
+            with open(temporary, "rb") as written:
+                os.fsync(written.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
 
 
-def remove_unfinished_checkpoints(folder: str | os.PathLike) -> None:
-    """Delete the temporary files of checkpoint writes that a killed process left in `folder`."""
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> None:
+    """Write a richkd checkpoint atomically: the model's state_dict and `metadata` (a classifier's arch and
+    num_classes, which load_checkpoint checks; a run's epoch, optimiser state, ...)."""
+    advice = "the previous checkpoint there is intact; free some space and continue the run with --resume"
+    with written_atomically(path, advice) as temporary, open(temporary, "wb") as file:
+        torch.save({"model": model.state_dict(), **metadata}, file)
+
+
+def remove_unfinished_writes(folder: str | os.PathLike) -> None:
+    """Delete the temporary files of atomic writes that a killed process left in `folder`."""
     for unfinished in Path(folder).glob(f".*{TEMPORARY_SUFFIX}"):
         unfinished.unlink(missing_ok=True)
 
