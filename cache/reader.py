@@ -175,6 +175,7 @@ class CacheReader:
         """
         wanted = dataset.describe()
         self.require_dataset(**{field: wanted[field] for field in ("split", "num_samples", "class_names")})
+        self.require_image_size(dataset)
         if self.attrs["dataset"]["fingerprint"] == wanted["fingerprint"]:
             return None
         rows = self._match_keys(dataset)
@@ -189,6 +190,18 @@ class CacheReader:
             if difference:
                 raise UserError(f"cache {self.url} was built for another dataset ({difference})")
 
+    def require_image_size(self, dataset) -> None:
+        """Refuse a dataset whose images have another side than those the stored views were cut from: the same keys
+        and labels at another size would replay every stored crop at another place and scale. A store written before
+        stores recorded the side is not checked."""
+        recorded = self.attrs["dataset"]
+        if "image_size" not in recorded or recorded["image_size"] == dataset.native_size:
+            return
+        raise UserError(f"cache {self.url} was precomputed from {images_of_side(recorded['image_size'])}, and the "
+                        f"{dataset.split} split given has {images_of_side(dataset.native_size)}: its stored views "
+                        "would be cut from other pixels; give it the images it was precomputed from, or precompute "
+                        "again from these")
+
     def _match_keys(self, dataset) -> np.ndarray | None:
         stored_keys = self.read("keys", 0, self.layout.samples).tolist()
         rows = KeyIndex(stored_keys).rows(dataset.keys)
@@ -200,6 +213,10 @@ class CacheReader:
 
     def key_index(self) -> KeyIndex:
         return KeyIndex(self.read("keys", 0, self.layout.samples).tolist())
+
+
+def images_of_side(side: int | None) -> str:
+    return f"{side} x {side} images" if side is not None else "images of several sizes (or not square)"
 
 
 class KeyIndex:

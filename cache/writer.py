@@ -51,6 +51,8 @@ class CacheWriter:
             if not overwrite:
                 stored = {section: group.attrs.get(section) for section in IDENTITY_SECTIONS}
                 wanted = {section: provenance[section] for section in IDENTITY_SECTIONS}
+                if "image_size" not in (stored["dataset"] or {}):  # made before stores recorded it: continued as is
+                    wanted["dataset"] = {key: value for key, value in wanted["dataset"].items() if key != "image_size"}
                 difference = first_difference(stored, wanted)
                 if difference:
                     raise UserError(

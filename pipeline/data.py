@@ -69,6 +69,8 @@ class ImageDataset:
             "fingerprint": self.fingerprint(),
             "mean": list(self.mean),
             "std": list(self.std),
+            # The side views are cut from: a store's stored crops fit only images of that side.
+            "image_size": self.native_size,
             **({"shard_sizes": list(self.shard_sizes)} if self.shard_sizes is not None else {}),
         }
 

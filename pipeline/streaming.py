@@ -169,10 +169,17 @@ class ShardStream(ShardEpoch):
         recorded = reader.attrs["dataset"].get("shard_sizes")
         self.empty_shard_recorded = recorded is not None and 0 in recorded
         self.sizes = shard_sizes_by_start(recorded)
+        self.image_size = reader.attrs["dataset"].get("image_size")  # None: of several sizes, or not recorded
 
     def item(self, sample: tuple) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor]]:
         name, label, row, encoded, params, targets = sample
-        view = self.policy.replay(decode_image(encoded, name), params)
+        image = decode_image(encoded, name)
+        side = self.image_size
+        if side is not None and image.shape[1:] != (side, side):
+            raise UserError(f"image {name} is {image.shape[2]} x {image.shape[1]}, where the cache {self.cache} was "
+                            f"precomputed from {side} x {side} images: its stored views would be cut from other "
+                            "pixels; stream the shards it was precomputed from, or precompute again from these")
+        view = self.policy.replay(image, params)
         return view, label, row, {array: as_tensor(values) for array, values in targets.items()}
 
     def _read_shard(self, url: str) -> Iterator[tuple]:

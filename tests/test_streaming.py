@@ -172,6 +172,12 @@ def test_streaming_refuses_other_samples(store, cifar_shards, tmp_path, capsys):
         write_shard(shard, {"__key__": key, "cls": str(label).encode(), "png": png(32)})
         with pytest.raises(UserError, match=re.escape(f"sample '{key}' in {shard} {message}")):
             list(epoch_stream(store, [str(shard)]))
+    resized = tmp_path / "resized.tar"  # the first shard's samples at 16 px: their stored crops would cut other pixels
+    write_shard(resized, *({"__key__": str(row), "cls": str(label).encode(), "png": png(16)}
+                           for row, label in enumerate(reader.read("labels", 0, 16).tolist())))
+    with pytest.raises(UserError, match=re.escape(f"in {resized} is 16 x 16, where the cache {store} was "
+                                                  "precomputed from 32 x 32 images: its stored views would be cut")):
+        list(epoch_stream(store, [str(resized)]))
     (tmp_path / "not.tar").write_text("not a tar file")
     for shard, reason in ((str(tmp_path / "not.tar"), "truncated header"),
                           ("pipe:false", "the command exited with status 1")):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+import zarr
 from PIL import Image
+from test_bad_input import assert_user_error, replace_flag
 
+from richkd import CachedTargets
 from richkd.cli import run_cli
 from richkd.pipeline.datasets import open_dataset
-from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.errors import UserError
+from richkd.pipeline.models import create_model, read_checkpoint
 from richkd.pipeline.views import (
     PadCrop,
     ResizedCrop,
@@ -112,3 +117,34 @@ def test_an_image_folder_of_small_images_is_pad_cropped_at_its_own_size(tmp_path
             ) in " ".join(capsys.readouterr().err.split())
     resized = ["--view-policy", "resized_crop", "--image-size", "32", "--out", str(tmp_path / "resized")]
     assert run_cli([*odd, *resized]) == 0
+
+
+def test_a_store_refuses_images_of_another_size_than_its_views_were_cut_from(tiny_world, tmp_path, capsys):
+    """The same keys and labels at 32 px as a store precomputed at 16 px: each stored crop would cut other pixels."""
+    write_folder(tmp_path / "small", [16] * 8)
+    write_folder(tmp_path / "large", [32] * 8)
+    teacher = tmp_path / "teacher.pth"
+    torch.save(create_model("resnet8", 2).state_dict(), teacher)
+    store = tmp_path / "cache.zarr"
+    precompute = tiny_world.precompute_args(store, "--views", "1")
+    for flag, value in (("--dataset", "imagefolder"), ("--data-root", str(tmp_path / "small")),
+                        ("--teacher-checkpoint", str(teacher))):
+        precompute = replace_flag(precompute, flag, value)
+    assert run_cli(precompute) == 0
+    capsys.readouterr()
+
+    assert_user_error(["distill", "--dataset", "imagefolder", "--data-root", str(tmp_path / "large"), "--cache",
+                       str(store), "--eval-split", "train", "--arch", "resnet8", "--epochs", "1", "--num-workers", "0",
+                       "--device", "cpu", "--out", str(tmp_path / "run")], capsys,
+                      f"cache {store} was precomputed from 16 x 16 images, and the train split given has 32 x 32 "
+                      "images: its stored views would be cut from other pixels; give it the images it was "
+                      "precomputed from, or precompute again from these")
+    with pytest.raises(UserError, match="was precomputed from 16 x 16 images, and the train split given has 32 x 32"):
+        CachedTargets(str(store), "imagefolder", str(tmp_path / "large"))
+    assert len(CachedTargets(str(store), "imagefolder", str(tmp_path / "small"))) == 8
+    # A store made before stores recorded the side is continued as it is, and read unchecked.
+    group = zarr.open_group(store, mode="r+")
+    group.attrs["dataset"] = {key: value for key, value in group.attrs["dataset"].items() if key != "image_size"}
+    assert run_cli(precompute) == 0
+    assert "image_size" not in zarr.open_group(store, mode="r").attrs["dataset"]
+    assert len(CachedTargets(str(store), "imagefolder", str(tmp_path / "large"))) == 8
