@@ -17,9 +17,12 @@ from richkd.cache.schema import (
     DONE,
     FORMAT,
     SCHEMA_VERSION,
+    ArraySpec,
     Layout,
+    array_metadata,
     describe_blocks,
     has_missing,
+    metadata_difference,
     read_done_flags,
     stored_arrays,
 )
@@ -64,11 +67,13 @@ def first_difference(stored: Any, wanted: Any, path: str = "") -> str | None:
                 return difference
         return None
     if stored != wanted:
-        def short(value: Any) -> str:
-            text = repr(value)
-            return text if len(text) <= 60 else text[:57] + "..."
-        return f"{path}: {short(stored)} in the store, {short(wanted)} now"
+        return f"{path}: {shortened(repr(stored))} in the store, {shortened(repr(wanted))} now"
     return None
+
+
+def shortened(text: str) -> str:
+    """`text`, cut to 60 characters for a one-line message."""
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class CacheReader:
@@ -88,20 +93,42 @@ class CacheReader:
         self.group = group
         self.attrs: dict = group.attrs.asdict()
         self.layout = Layout(**self.attrs["layout"])
+        self.filesystem, self.root = fsspec.core.url_to_fs(store_location(self.url))
         for name, spec in self.layout.arrays().items():
-            if (shape := self.array(name).shape) != spec.shape:
-                raise UserError(f"cache {self.url}: array {name} has shape {shape} where the "
-                                f"store's layout says {spec.shape}: the store was altered; delete it and run "
-                                "`richkd precompute` again")
+            self.require_schema(name, spec)
+
+    def require_schema(self, name: str, spec: ArraySpec) -> None:
+        """Refuse an array whose metadata is not what precompute writes for the store's layout: another data type,
+        shape, chunking or codec would misread its bytes, and another fill value would let a missing chunk pass as
+        numbers. Read as JSON before zarr parses it, which fails with a traceback on some (a fill value that does
+        not fit the data type)."""
+        file = f"{name}/zarr.json"
+        try:
+            stored = json.loads(self.filesystem.cat_file(f"{self.root}/{file}"))
+        except FileNotFoundError as error:
+            raise UserError(f"cache {self.url} has no array '{name}'") from error
+        except ValueError as error:  # not JSON, or not text
+            raise UserError(f"cache {self.url}: the metadata of {name} ({file}) is damaged (not valid JSON: "
+                            f"{error}); delete the store and run `richkd precompute` again") from error
+        difference = metadata_difference(stored, array_metadata(spec))
+        if difference:
+            field, found, expected = difference
+            raise UserError(f"cache {self.url}: array {name} has {field} {compact_json(found)} where the store's "
+                            f"layout says {compact_json(expected)} ({file}): the store was altered; delete it and run "
+                            "`richkd precompute` again")
 
     def array(self, name: str) -> zarr.Array:
-        try:
-            return self.group[name]
-        except KeyError as error:
-            raise UserError(f"cache {self.url} has no array '{name}'") from error
-        except json.JSONDecodeError as error:
-            raise UserError(f"cache {self.url}: the metadata of {name} ({name}/zarr.json) is damaged (not valid "
-                            f"JSON: {error}); delete the store and run `richkd precompute` again") from error
+        return self.group[name]
+
+    def missing_file(self, name: str, start: int, view: int | None = None) -> str | None:
+        """The file (shard, or chunk of an unsharded array) holding row `start` of array `name` (of `view`), when it
+        does not exist; zarr would read the fill value in its place."""
+        array = self.array(name)
+        origin = (start,) if view is None else (view, start)
+        origin += (0,) * (array.ndim - len(origin))
+        coordinates = tuple(index // size for index, size in zip(origin, array.shards or array.chunks))
+        file = f"{name}/{array.metadata.encode_chunk_key(coordinates)}"
+        return None if self.filesystem.exists(f"{self.root}/{file}") else file
 
     def read(self, name: str, start: int, stop: int, view: int | None = None) -> np.ndarray:
         """Rows start:stop of an array (of one view for per-view arrays), refusing damaged or missing data.
@@ -110,7 +137,7 @@ class CacheReader:
         reads as a fill value richkd never writes, so neither can pass as numbers.
         """
         array = self.array(name)
-        where = f"{name}{f' view {view}' if view is not None else ''} rows {start}-{stop - 1}"
+        where = block_name(name, start, stop, view)
         try:
             values = array[start:stop] if view is None else array[view, start:stop]
         except (ValueError, RuntimeError) as error:  # checksum or decompression failure
@@ -213,6 +240,15 @@ class CacheReader:
 
     def key_index(self) -> KeyIndex:
         return KeyIndex(self.read("keys", 0, self.layout.samples).tolist())
+
+
+def block_name(name: str, start: int, stop: int, view: int | None) -> str:
+    """`teacher/logits view 1 rows 16-31`"""
+    return f"{name}{f' view {view}' if view is not None else ''} rows {start}-{stop - 1}"
+
+
+def compact_json(value: Any) -> str:
+    return shortened(json.dumps(value, separators=(",", ":")))
 
 
 def images_of_side(side: int | None) -> str:

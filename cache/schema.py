@@ -8,6 +8,8 @@ same file, and `progress/done[view, shard]` records which blocks are fully writt
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -170,3 +172,30 @@ def create_array(group: zarr.Group, name: str, spec: ArraySpec) -> zarr.Array:
         compressors=compressors(spec.dtype),
         fill_value=MISSING[spec.dtype],
     )
+
+
+@functools.cache
+def array_metadata(spec: ArraySpec) -> dict:
+    """The metadata (zarr.json, as JSON) that `create_array` writes for `spec`, its attributes aside: what a store's
+    array must hold, as zarr writes it."""
+    array = create_array(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), "array", spec)
+    metadata = json.loads(json.dumps(array.metadata.to_dict()))
+    del metadata["attributes"]
+    return metadata
+
+
+def metadata_difference(stored: object, expected: object, field: str = "") -> tuple[str, object, object] | None:
+    """The first field where `stored` metadata departs from `expected`, as (dotted field, stored, expected), or None;
+    fields `expected` lacks are ignored. Lists of objects (codecs) are compared item by item."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        items = [(key, stored.get(key), value) for key, value in expected.items()]
+    elif (isinstance(stored, list) and isinstance(expected, list) and len(stored) == len(expected)
+          and all(isinstance(value, dict) for value in expected)):
+        items = [(str(index), *pair) for index, pair in enumerate(zip(stored, expected))]
+    else:
+        return None if stored == expected else (field or "metadata", stored, expected)
+    for key, stored_value, expected_value in items:
+        difference = metadata_difference(stored_value, expected_value, f"{field}.{key}" if field else key)
+        if difference:
+            return difference
+    return None

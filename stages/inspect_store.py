@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from richkd.cache.reader import CacheReader
+from richkd.cache.reader import CacheReader, block_name
 from richkd.cache.schema import DONE, read_done_flags
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
@@ -43,7 +43,8 @@ def array_summary(reader: CacheReader) -> list[dict]:
 
 def verify(reader: CacheReader) -> tuple[int, list[str]]:
     """Read every chunk that should hold data; (blocks read, one line per damaged or missing block). A block
-    whose progress flag is damaged is listed, and its data is not read: precompute computes it again."""
+    whose progress flag is damaged is listed, and its data is not read: precompute computes it again. A block whose
+    shard file is gone is named as missing (zarr would read it as the fill value)."""
     layout = reader.layout
     done, damaged_flags = read_done_flags(reader.array(DONE))
     reads = []
@@ -61,6 +62,10 @@ def verify(reader: CacheReader) -> tuple[int, list[str]]:
                for view, shard in damaged_flags]
     with progress_bar("block") as progress:
         for name, start, stop, view in progress.track(reads, description="verifying"):
+            missing = reader.missing_file(name, start, view)
+            if missing:
+                damaged.append(f"{block_name(name, start, stop, view)} is missing: its file {missing} does not exist")
+                continue
             try:
                 reader.read(name, start, stop, view)
             except UserError as error:

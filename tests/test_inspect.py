@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import zarr
+from test_bad_input import assert_user_error
 
 from richkd.cli import run_cli
 
@@ -128,7 +130,32 @@ def test_verify_lists_every_damaged_block(store, tmp_path, capsys):
     assert len(damaged) == 3
     assert damaged[0].startswith("clip/image_embeds view 0 rows 32-39 is ")  # damaged or truncated: the index goes
     assert damaged[1].startswith("teacher/logits view 1 rows 16-31 is damaged (Stored and computed checksum")
-    assert damaged[2] == "views/params view 1 rows 0-15 is missing or truncated"
+    assert damaged[2] == "views/params view 1 rows 0-15 is missing: its file views/params/c/1/0/0 does not exist"
     # Reading the damaged store for numbers fails, naming the array and the rows, instead of giving zeros.
     assert run_cli(["inspect", str(broken)]) == 2
     assert "clip" not in (err := capsys.readouterr().err) and "teacher/logits view 1 rows 16-31 is damaged" in err
+
+
+def test_verify_checks_the_arrays_metadata_and_names_missing_shard_files(store, tmp_path, capsys):
+    """A fill value richkd never writes with let a deleted shard file read as zeros: every array's metadata is checked
+    against the schema, and a written block whose shard file is gone is listed as missing."""
+    altered = tmp_path / "altered.zarr"
+    shutil.copytree(store, altered)
+    damage(altered, "teacher/logits", 0, 1, "delete")
+    metadata = altered / "teacher" / "logits" / "zarr.json"
+    schema = json.loads(metadata.read_text())
+    big_endian = json.loads(json.dumps(schema).replace('"little"', '"big"', 1))  # the chunks' own bytes codec
+    for altered_schema, shown in (
+            ({**schema, "fill_value": 0}, 'fill_value 0 where the store\'s layout says "NaN"'),
+            ({**schema, "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, 8, 100]}}},
+             "chunk_grid.configuration.chunk_shape [1,8,100] where the store's layout says [1,16,100]"),
+            (big_endian, 'codecs.0.configuration.codecs.0.configuration.endian "big" where the store\'s layout says '
+                         '"little"')):
+        metadata.write_text(json.dumps(altered_schema))
+        assert_user_error(["inspect", str(altered), "--verify"], capsys, f"cache {altered}: array teacher/logits has "
+                          f"{shown} (teacher/logits/zarr.json): the store was altered; delete it and run `richkd "
+                          "precompute` again")
+    metadata.write_text(json.dumps(schema))
+    assert run_cli(["inspect", str(altered), "--verify", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["damaged"] == [
+        "teacher/logits view 0 rows 16-31 is missing: its file teacher/logits/c/0/1/0 does not exist"]

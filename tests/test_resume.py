@@ -276,8 +276,9 @@ def test_a_damaged_progress_flag_is_named_and_its_block_computed_again(tiny_worl
             ("zarr.json", "", ": its zarr.json is damaged (not valid JSON: "),
             ("teacher/logits/zarr.json", "cache ",
              ": the metadata of teacher/logits (teacher/logits/zarr.json) is damaged (not valid JSON: "),
-            ("layout", "cache ", ": array labels has shape (64,) where the store's layout says (65,): "
-                                 "the store was altered; delete it and run `richkd precompute` again")):
+            ("layout", "cache ", ": array labels has shape [64] where the store's layout says [65] "
+                                 "(labels/zarr.json): the store was altered; delete it and run `richkd precompute` "
+                                 "again")):
         altered = tmp_path / f"altered-{damage.replace('/', '-')}.zarr"
         shutil.copytree(reference, altered)
         if damage == "layout":
