@@ -17,7 +17,6 @@ from richkd.cache.schema import (
     DONE,
     FORMAT,
     SCHEMA_VERSION,
-    ArraySpec,
     Layout,
     array_metadata,
     describe_blocks,
@@ -76,6 +75,29 @@ def shortened(text: str) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def require_schema(url: str, layout: Layout) -> None:
+    """Refuse a store whose arrays' metadata is not what precompute writes for `layout`: another data type, shape,
+    chunking or codec would misread their bytes, and another fill value would let a missing chunk pass as numbers.
+    Each zarr.json is read as JSON before zarr parses it, which fails with a traceback on some (a fill value that
+    does not fit the data type)."""
+    filesystem, root = fsspec.core.url_to_fs(store_location(url))
+    for name, spec in layout.arrays().items():
+        file = f"{name}/zarr.json"
+        try:
+            stored = json.loads(filesystem.cat_file(f"{root}/{file}"))
+        except FileNotFoundError as error:
+            raise UserError(f"cache {url} has no array '{name}'") from error
+        except ValueError as error:  # not JSON, or not text
+            raise UserError(f"cache {url}: the metadata of {name} ({file}) is damaged (not valid JSON: {error}); "
+                            "delete the store and run `richkd precompute` again") from error
+        difference = metadata_difference(stored, array_metadata(spec))
+        if difference:
+            field, found, expected = difference
+            raise UserError(f"cache {url}: array {name} has {field} {compact_json(found)} where the store's layout "
+                            f"says {compact_json(expected)} ({file}): the store was altered; delete it and run "
+                            "`richkd precompute` again")
+
+
 class CacheReader:
     """A store opened read-only: its provenance, layout, completeness and arrays."""
 
@@ -93,29 +115,8 @@ class CacheReader:
         self.group = group
         self.attrs: dict = group.attrs.asdict()
         self.layout = Layout(**self.attrs["layout"])
+        require_schema(self.url, self.layout)
         self.filesystem, self.root = fsspec.core.url_to_fs(store_location(self.url))
-        for name, spec in self.layout.arrays().items():
-            self.require_schema(name, spec)
-
-    def require_schema(self, name: str, spec: ArraySpec) -> None:
-        """Refuse an array whose metadata is not what precompute writes for the store's layout: another data type,
-        shape, chunking or codec would misread its bytes, and another fill value would let a missing chunk pass as
-        numbers. Read as JSON before zarr parses it, which fails with a traceback on some (a fill value that does
-        not fit the data type)."""
-        file = f"{name}/zarr.json"
-        try:
-            stored = json.loads(self.filesystem.cat_file(f"{self.root}/{file}"))
-        except FileNotFoundError as error:
-            raise UserError(f"cache {self.url} has no array '{name}'") from error
-        except ValueError as error:  # not JSON, or not text
-            raise UserError(f"cache {self.url}: the metadata of {name} ({file}) is damaged (not valid JSON: "
-                            f"{error}); delete the store and run `richkd precompute` again") from error
-        difference = metadata_difference(stored, array_metadata(spec))
-        if difference:
-            field, found, expected = difference
-            raise UserError(f"cache {self.url}: array {name} has {field} {compact_json(found)} where the store's "
-                            f"layout says {compact_json(expected)} ({file}): the store was altered; delete it and run "
-                            "`richkd precompute` again")
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]

@@ -7,7 +7,7 @@ import contextlib
 import numpy as np
 import zarr
 
-from richkd.cache.reader import first_difference, is_cache, open_existing_group, store_location
+from richkd.cache.reader import first_difference, is_cache, open_existing_group, require_schema, store_location
 from richkd.cache.schema import (
     DONE,
     FORMAT,
@@ -32,9 +32,11 @@ class CacheWriter:
         self.url, self.group, self.layout = url, group, layout
         with self.full_disk_is_a_user_error():
             for name, spec in layout.arrays().items():
-                if name not in group:
-                    with contextlib.suppress(zarr.errors.ContainsArrayError):  # made by another process meanwhile
-                        create_array(group, name, spec)
+                # Not `name in group`, which parses the metadata: zarr fails with a traceback on some altered ones,
+                # which require_schema names.
+                with contextlib.suppress(zarr.errors.ContainsArrayError):  # made before, or by another process
+                    create_array(group, name, spec)
+        require_schema(url, layout)
         self.arrays = {name: group[name] for name in layout.arrays()}
 
     @classmethod

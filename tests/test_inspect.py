@@ -159,3 +159,18 @@ def test_verify_checks_the_arrays_metadata_and_names_missing_shard_files(store, 
     assert run_cli(["inspect", str(altered), "--verify", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["damaged"] == [
         "teacher/logits view 0 rows 16-31 is missing: its file teacher/logits/c/0/1/0 does not exist"]
+
+
+def test_a_wrong_data_type_in_an_arrays_metadata_is_one_line_for_every_command(tiny_world, store, tmp_path, capsys):
+    """zarr cannot parse float32's NaN fill value as an int16: inspect, --verify, distill and precompute said so in a
+    traceback."""
+    altered = tmp_path / "altered.zarr"
+    shutil.copytree(store, altered)
+    metadata = altered / "teacher" / "logits" / "zarr.json"
+    metadata.write_text(metadata.read_text().replace('"float16"', '"int16"'))
+    distill = ["distill", "--data-root", str(tiny_world.data_root), "--cache", str(altered), "--arch", "resnet8",
+               "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--out", str(tmp_path / "run")]
+    for args in (["inspect", str(altered)], ["inspect", str(altered), "--verify"], distill,
+                 tiny_world.precompute_args(altered)):
+        assert_user_error(args, capsys, f"cache {altered}: array teacher/logits has data_type \"int16\" where the "
+                          "store's layout says \"float16\" (teacher/logits/zarr.json): the store was altered")
