@@ -3,13 +3,17 @@
 A process claims every block it is about to write by creating `locks/<view>-<shard>.json` in the store
 exclusively, and removes the lock once the block's done flag is set. A lock names its holder's host and
 process and is refreshed by a heartbeat; a lock whose process is gone (same host) or whose heartbeat is
-older than the timeout (any host) was left by a killed process and is taken over.
+older than the timeout (any host) was left by a killed process and is taken over. A lock whose record cannot
+be read (empty, or not a record) is being written right now, or was left by a process that failed to write
+it: it is taken over once RECORD_WRITE_SECONDS old. A process that cannot write its record (a full disk)
+removes the lock it created.
 Exclusive creation is atomic on local and shared POSIX filesystems and on fsspec's memory filesystem; on
 object stores it is as strong as the filesystem's exclusive-create mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +26,9 @@ from richkd.cache.reader import store_location
 from richkd.pipeline.errors import UserError
 
 LOCKS = "locks"
+# Seconds within which a process that created a lock has written its record (a lock is empty in between, and while a
+# heartbeat rewrites it): an unreadable lock older than this was left by a process that failed to write it.
+RECORD_WRITE_SECONDS = 10.0
 
 
 def process_is_alive(pid: int) -> bool:
@@ -69,15 +76,12 @@ class BlockLocks:
         path = self.path(view, shard)
         for attempt in range(2):
             try:
-                with self.filesystem.open(path, "xb") as file:
-                    file.write(self.record())
-                with self.guard:
-                    self.held.add((view, shard))
-                return
+                file = self.filesystem.open(path, "xb")
             except FileExistsError:
                 holder = self._read(path)
                 if attempt == 0 and self._is_stale(path, holder):
-                    self.filesystem.rm(path)
+                    with contextlib.suppress(FileNotFoundError):  # taken over by another process meanwhile
+                        self.filesystem.rm(path)
                     continue
                 who = (f"process {holder['pid']} on {holder['host']} (part {holder['holder']})" if holder
                        else "another process")
@@ -85,12 +89,25 @@ class BlockLocks:
                     f"block view {view} shard {shard} of {self.url} is being written by {who}; two precompute "
                     "processes would write it: give each its own --part i/n, or wait for that one to finish"
                 ) from None
+            try:
+                with file:
+                    file.write(self.record())
+            except OSError:  # a full disk: an empty lock left behind would keep the block from every process
+                self.filesystem.rm(path)
+                raise
+            with self.guard:
+                self.held.add((view, shard))
+            return
 
     def _read(self, path: str) -> dict | None:
+        """The lock's record, or None: gone meanwhile, being written, or left empty or damaged."""
         try:
-            return json.loads(self.filesystem.cat_file(path))
-        except (OSError, ValueError):  # gone meanwhile, or caught mid-write
+            record = json.loads(self.filesystem.cat_file(path))
+        except (OSError, ValueError):
             return None
+        is_record = (isinstance(record, dict) and isinstance(record.get("host"), str)
+                     and isinstance(record.get("pid"), int) and isinstance(record.get("heartbeat"), (int, float)))
+        return record if is_record else None
 
     def _is_stale(self, path: str, holder: dict | None) -> bool:
         if holder is None:
@@ -98,7 +115,7 @@ class BlockLocks:
                 modified = self.filesystem.modified(path).timestamp()
             except (OSError, NotImplementedError):
                 return False
-            return time.time() - modified > self.timeout
+            return time.time() - modified > min(RECORD_WRITE_SECONDS, self.timeout)
         if time.time() - holder["heartbeat"] > self.timeout:
             return True
         return holder["host"] == self.identity["host"] and not process_is_alive(holder["pid"])

@@ -304,7 +304,8 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         loader = DataLoader(**batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
         locks = BlockLocks(config.out, str(part), config.lock_timeout)
         try:
-            locks.claim(pending)
+            with writer.full_disk_is_a_user_error():
+                locks.claim(pending)
             loop_started = time.perf_counter()
             write_shards(writer, locks, layout, set(pending), loader, models, images)
             loop_seconds = time.perf_counter() - loop_started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ from conftest import write_cifar100
 from test_bad_input import assert_user_error
 from test_resume import assert_identical_stores, bundle_args
 
+from richkd.cache.locks import BlockLocks
 from richkd.cache.reader import shard_share
 from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
 from richkd.cli import run_cli
@@ -76,6 +78,34 @@ def test_parts_written_separately_make_the_same_store(tiny_world, reference, tmp
     assert not list((out / "locks").iterdir())
     assert_identical_stores(out, reference)
     assert run_cli(["inspect", str(out), "--verify"]) == 0
+
+
+def test_a_lock_that_cannot_be_read_is_taken_over_unless_it_is_being_written(tiny_world, reference, tmp_path, capsys,
+                                                                              monkeypatch):
+    """A full disk left a claimed lock empty, and the same command then refused for --lock-timeout (600 s) though
+    no process held it: a lock whose record cannot be written is removed, and one that cannot be read is taken over
+    once older than its creator takes to write it (a lock just created is empty for a moment)."""
+    out = tmp_path / "cache.zarr"
+    args = bundle_args(tiny_world, tiny_world.data_root, out)
+
+    def full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as disk:
+        disk.setattr(BlockLocks, "record", full_disk)  # the disk fills up as a claimed lock's record is written
+        assert_user_error(args, capsys, f"no space left on the device writing {out}: the blocks already written are "
+                          "kept, and running the same command again finishes the rest")
+    assert not list((out / "locks").iterdir())
+
+    empty, damaged = out / "locks" / "0-1.json", out / "locks" / "1-2.json"  # as a killed process may leave them
+    empty.write_bytes(b"")
+    damaged.write_text('{"host": "')
+    assert_user_error(args, capsys, f"block view 0 shard 1 of {out} is being written by another process")
+    for lock in (empty, damaged):
+        os.utime(lock, (time.time() - 30,) * 2)
+    assert run_cli(args) == 0
+    assert not list((out / "locks").iterdir())
+    assert_identical_stores(out, reference)
 
 
 def test_torchrun_processes_write_one_store(tiny_world, reference, tmp_path):
