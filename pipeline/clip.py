@@ -17,7 +17,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, read_text
 from richkd.pipeline.models import file_sha256
 
 # The templates of the method's reference implementation.
@@ -188,11 +188,7 @@ def bundle_sha256(folder: Path) -> str:
 
 def read_lines(path: str | Path, what: str) -> list[str]:
     """Non-empty lines of a text file, `#` comments skipped."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise UserError(f"cannot read {what} file {path}: {error.strerror or error}") from error
-    lines = [line.strip() for line in text.splitlines()]
+    lines = [line.strip() for line in read_text(path, f"{what} file").splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
-from richkd.pipeline.errors import UserError
+from richkd.pipeline.errors import UserError, read_text
 from richkd.pipeline.runtime import DEVICE_CHOICES
 
 
@@ -87,11 +87,7 @@ def _type_and_optional(config_class: type, name: str) -> tuple[type, bool]:
 
 def read_params_section(path: str | Path, section: str) -> dict[str, Any]:
     """The `section:` mapping of a YAML params file (empty when the section is)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise UserError(f"cannot read params file {path}: {error.strerror or error}") from error
+    text = read_text(path, "params file")
     try:
         params = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:

@@ -29,12 +29,26 @@ def one_line(error: UserError) -> str:
     return last.removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
 
 
-def read_json(path: str | Path, what: str) -> object:
-    """The JSON in the file at `path`, which the user names `what` (e.g. "captions file"), or the one-line error."""
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of the file at `path`, which the user names `what` (e.g. "params file"), or the one-line
+    error; UTF-8 whatever the locale, so a file reads the same on every machine."""
     try:
-        return json.loads(Path(path).read_text())
+        data = Path(path).read_bytes()
     except OSError as error:
         raise UserError(f"cannot read {what} {path}: {error.strerror or error}") from error
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {data[error.start]:#04x} at line {line}): "
+                        "save it as UTF-8") from error
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """The JSON in the file at `path`, which the user names `what` (e.g. "captions file"), or the one-line error."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"{what} {path} is not valid JSON: {error}") from error
 

@@ -201,6 +201,9 @@ def test_malformed_params_file(tiny_world, tmp_path, capsys):
     for command, text, message in cases:
         params.write_text(text)
         assert_user_error([command, "--config", str(params)], capsys, message)
+    params.write_bytes("precompute:\n  views: 3  # café\n".encode("latin-1"))
+    assert_user_error(["precompute", "--config", str(params)], capsys,
+                      f"params file {params} is not UTF-8 text (byte 0xe9 at line 2): save it as UTF-8")
 
 
 def test_params_file_floats_written_without_a_dot(tmp_path, capsys):
