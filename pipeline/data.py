@@ -153,6 +153,14 @@ _cifar("cifar100", torchvision.datasets.CIFAR100, (0.5071, 0.4867, 0.4408), (0.2
 # or malformed files also raise SyntaxError, ValueError or struct.error) and its guard against decompression bombs.
 IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError)
 
+
+def unreadable_image(name: str, error: Exception) -> UserError:
+    """The one-line error for image `name` (its path, or its key and shard), which raised `error` decoding."""
+    if isinstance(error, Image.DecompressionBombError):  # PIL's own message blames an attack, not the image's size
+        return UserError(f"cannot read image {name}: it has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, "
+                         "PIL's decompression-bomb limit; resize it")
+    return UserError(f"cannot read image {name}: {error}")
+
 # PIL modes of 16-bit single-channel images (16-bit PNGs open as I;16), which converting to RGB would clip at 255.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -187,7 +195,7 @@ class FolderImages:
         try:
             image = TF.pil_to_tensor(self.loader(path))
         except IMAGE_DECODE_ERRORS as error:
-            raise UserError(f"cannot read image {path}: {error}") from error
+            raise unreadable_image(path, error) from error
         if self.decoded_bytes + image.numel() <= DECODED_IMAGES_BYTES:
             self.decoded[index] = image
             self.decoded_bytes += image.numel()
@@ -240,8 +248,8 @@ def sampled_native_size(paths: list[str]) -> int | None:
         try:
             with Image.open(path) as image:
                 sizes.add(image.size)
-        except OSError as error:  # PIL's UnidentifiedImageError is one
-            raise UserError(f"cannot read image {path}: {error}") from error
+        except IMAGE_DECODE_ERRORS as error:
+            raise unreadable_image(path, error) from error
     (width, height), *others = sizes
     return width if not others and width == height else None
 

@@ -45,7 +45,14 @@ from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from richkd.pipeline.data import IMAGE_DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, register_dataset
+from richkd.pipeline.data import (
+    IMAGE_DECODE_ERRORS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataset,
+    register_dataset,
+    unreadable_image,
+)
 from richkd.pipeline.errors import UserError, preview
 from richkd.pipeline.execution import progress_bar
 
@@ -365,7 +372,7 @@ def encoded_image_size(encoded: bytes, name: str, complete: bool = True) -> tupl
     except IMAGE_DECODE_ERRORS as error:  # a header cut short fails in format-specific ways
         if not complete:
             raise HeaderCutShort from error
-        raise UserError(f"cannot read image {name}: {error}") from error
+        raise unreadable_image(name, error) from error
 
 
 # This process's open shard files, most recently used last; a forked loader worker starts without them.
@@ -425,4 +432,4 @@ def decode_image(encoded: bytes, name: str) -> torch.Tensor:
         with Image.open(io.BytesIO(encoded)) as image:
             return TF.pil_to_tensor(image.convert("RGB"))
     except IMAGE_DECODE_ERRORS as error:
-        raise UserError(f"cannot read image {name}: {error}") from error
+        raise unreadable_image(name, error) from error

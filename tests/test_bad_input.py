@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,15 @@ def image_folder(root, broken: str | None = None):
             Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     if broken:
         (root / "train" / "dog" / broken).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+
+def decompression_bomb_png(side: int = 20000) -> bytes:
+    """A PNG of a few bytes whose header says it is side x side pixels, beyond PIL's decompression-bomb limit."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("flag, value, fragments", [
@@ -137,6 +148,16 @@ def test_empty_image_folder(tiny_world, tmp_path, capsys):
     args = tiny_world.precompute_args(tmp_path / "c.zarr")
     args = replace_flag(replace_flag(args, "--dataset", "imagefolder"), "--data-root", str(tmp_path / "images"))
     assert_user_error(args, capsys, "no images under")
+
+
+def test_an_image_beyond_the_decompression_bomb_limit_is_named(tmp_path, capsys):
+    image_folder(tmp_path / "images")
+    bomb = tmp_path / "images" / "train" / "dog" / "bomb.png"
+    bomb.write_bytes(decompression_bomb_png())
+    assert_user_error(["train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "images"),
+                       "--out", str(tmp_path / "run")], capsys,
+                      f"cannot read image {bomb}: it has more than 178,956,970 pixels, PIL's decompression-bomb "
+                      "limit; resize it")
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])

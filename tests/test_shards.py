@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 import zarr
 from PIL import Image
-from test_bad_input import assert_user_error, replace_flag
+from test_bad_input import assert_user_error, decompression_bomb_png, replace_flag
 from torch.utils.data import DataLoader
 from webdataset import TarWriter
 
@@ -243,6 +243,9 @@ def test_bad_shards(tmp_path, capsys):
                     lambda shard: f"sample 'b' in {shard}: cls '2' is not a class id of its 2 class names (0 to 1)"),
         "bad_image": ([{"__key__": "b", "cls": b"0", "png": b"not a png"}],
                       lambda shard: f"cannot read image b in {shard}: "),
+        "bomb": ([{"__key__": "b", "cls": b"0", "png": decompression_bomb_png()}],
+                 lambda shard: f"cannot read image b in {shard}: it has more than 178,956,970 pixels, PIL's "
+                               "decompression-bomb limit; resize it"),
         "twice": ([good, {"__key__": "b", "cls": b"0", "png": png()}, good],
                   lambda shard: f"sample key 'a' occurs twice: in {shard} and in {shard}"),
     }
