@@ -121,18 +121,35 @@ def _cifar(name: str, base: type, mean, std) -> None:
             ) from error
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:  # truncated or foreign files
             raise UserError(f"cannot read {name} data under {root / base.base_folder}: {error}") from error
-        images = cifar.data
+        images, labels = cifar.data, np.asarray(cifar.targets, dtype=np.int64)
+        out_of_range = np.flatnonzero((labels < 0) | (labels >= len(cifar.classes)))
+        if out_of_range.size:  # a label past the classes would fail as an index only later, or be scored wrong
+            batches = reader.train_list if split == "train" else reader.test_list
+            path, row = cifar_file_row([root / base.base_folder / file for file, _ in batches], int(out_of_range[0]))
+            raise UserError(f"{path}: sample {row} has label {labels[out_of_range[0]]}, not a class id of the "
+                            f"{len(cifar.classes)} {name} classes (0 to {len(cifar.classes) - 1})")
         return ImageDataset(
             name=name,
             split=split,
             class_names=list(cifar.classes),
-            labels=np.asarray(cifar.targets, dtype=np.int64),
+            labels=labels,
             keys=[str(i) for i in range(len(images))],
             mean=mean,
             std=std,
             native_size=32,
             load=CifarImages(images),
         )
+
+
+def cifar_file_row(files: list[Path], index: int) -> tuple[Path, int]:
+    """The one of a split's CIFAR batch files that holds sample `index` of the split, and its row there."""
+    rows = []
+    for path in files:
+        with open(path, "rb") as file:
+            rows.append(len(pickle.load(file, encoding="latin1")["data"]))
+    starts = np.cumsum([0, *rows])
+    holding = int(np.searchsorted(starts, index, side="right")) - 1
+    return files[holding], index - int(starts[holding])
 
 
 @dataclass

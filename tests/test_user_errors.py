@@ -194,6 +194,15 @@ def test_dataset_errors(tiny_world, tmp_path, capsys):
     write_cifar100(broken, train=8, test=4)
     (broken / "cifar-100-python" / "train").write_bytes(b"not a pickle")
     assert_user_error(with_data("cifar100", broken), capsys, f"cannot read cifar100 data under {broken}")
+    # Labels past the classes, in the training file and the test file, are refused naming the file and the sample.
+    images = np.zeros((6, 32, 32, 3), np.uint8)
+    labelled = tmp_path / "bad_labels"
+    write_cifar(labelled, "cifar100", {"train": (images, np.array([0, 1, 2, 3, 4, 100])),
+                                       "test": (images, np.array([0, -1, 2, 3, 4, 5]))}, tiny_world.class_names)
+    assert_user_error(with_data("cifar100", labelled), capsys, f"{labelled / 'cifar-100-python' / 'train'}: sample 5 "
+                      "has label 100, not a class id of the 100 cifar100 classes (0 to 99)")
+    assert_user_error(with_data("cifar100", labelled, "--split", "test"), capsys,
+                      f"{labelled / 'cifar-100-python' / 'test'}: sample 1 has label -1, not a class id")
 
     folder = tmp_path / "images"
     image_folder(folder, ("cat", "dog"))
