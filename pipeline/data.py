@@ -46,6 +46,8 @@ class ImageDataset:
     load: Callable[[int], torch.Tensor] | None
     # Samples of each tar shard, in order, for data read from shards (whose readers check them).
     shard_sizes: list[int] | None = None
+    # False for images without classes (the demo's captioned pool, whose one folder stands for none).
+    labelled: bool = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,6 +75,15 @@ class ImageDataset:
             "image_size": self.native_size,
             **({"shard_sizes": list(self.shard_sizes)} if self.shard_sizes is not None else {}),
         }
+
+
+def require_labelled(dataset: ImageDataset, flag: str) -> None:
+    """Refuse a split without classes, named by `flag`, where classes are learnt or scored: its one placeholder
+    class would train a one-class model, or score every image as that class."""
+    if not dataset.labelled:
+        raise UserError(f"{flag} {dataset.split}: the {dataset.name}'s {dataset.split} split is unlabelled images "
+                        "with captions, for train-clip --split: it has no classes to learn or score; use a labelled "
+                        "split")
 
 
 DATASETS: dict[str, Callable[[Path, str, bool], ImageDataset]] = {}

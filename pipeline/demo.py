@@ -313,4 +313,4 @@ def open_demo(root: Path, split: str, download: bool) -> ImageDataset:
                         "(it is generated, never downloaded)")
     if split not in splits:
         raise UserError(f"the demo under {root} has no split '{split}'; splits: {', '.join(splits)}")
-    return dataclasses.replace(open_image_folder(root, split), name="demo")
+    return dataclasses.replace(open_image_folder(root, split), name="demo", labelled=split != POOL_SPLIT)

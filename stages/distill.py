@@ -16,6 +16,7 @@ from torch import nn
 from richkd.cache.reader import CacheReader
 from richkd.cache.schema import stored_arrays
 from richkd.pipeline.config import parse_size, require
+from richkd.pipeline.data import require_labelled
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.fusion import Fusion
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
@@ -155,8 +156,10 @@ def distill_one(config: DistillConfig) -> dict:
         eval_dataset = open_shard_set(config.data_root, config.eval_split, recorded)
     else:
         dataset, shards = open_dataset(config.dataset, config.data_root, config.split, config.download), None
-        rows = reader.rows_of(dataset)
         eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
+        require_labelled(dataset, "--split")
+        require_labelled(eval_dataset, "--eval-split")
+        rows = reader.rows_of(dataset)
     # The student may be fed another normalisation than the teacher was; by default it is the teacher's.
     normalization = choose_normalization(config.normalize, dataset, reader.attrs["teacher"]["input_transform"],
                                          f"the store {config.cache}")

@@ -25,7 +25,7 @@ from richkd.pipeline.corruptions import (
     parameter_set,
     parse_severities,
 )
-from richkd.pipeline.data import ImageDataset
+from richkd.pipeline.data import ImageDataset, require_labelled
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.execution import autocast, progress_bar, resolve_device
@@ -52,6 +52,7 @@ def run(config: EvaluateConfig) -> dict:
         views = CenterViewStream(dataset, policy)
     else:
         dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+        require_labelled(dataset, "--split")
         policy = evaluation_policy(checkpoints, dataset.native_size, config.image_size)
         published = open_published(config.corrupted_root, names, dataset.labels, policy.size) if names else None
         dataset = in_checkpoint_class_order(dataset, checkpoints)

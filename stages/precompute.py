@@ -34,7 +34,7 @@ from richkd.pipeline.config import (
     require,
     to_dict,
 )
-from richkd.pipeline.data import ImageDataset, normalize
+from richkd.pipeline.data import ImageDataset, normalize, require_labelled
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.distributed import barrier, is_main_process, main_process_first, process_group
 from richkd.pipeline.errors import UserError
@@ -223,6 +223,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
         dataset = scan_shards(shard_set, config.split)
     else:
         dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+        require_labelled(dataset, "--split")
     policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size, config.augment,
                               config.random_erase, config.mix, len(dataset))
     if not Path(config.teacher_checkpoint).is_file():

@@ -7,6 +7,7 @@ With --stream the tar shards are read once for their keys and labels, then front
 
 from __future__ import annotations
 
+from richkd.pipeline.data import require_labelled
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.runtime import Part
@@ -30,6 +31,8 @@ def train_one(config: TrainConfig) -> dict:
     else:
         dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
         eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
+        require_labelled(dataset, "--split")
+        require_labelled(eval_dataset, "--eval-split")
     normalization = choose_normalization(config.normalize, dataset)
     dataset, eval_dataset = normalized(dataset, normalization), normalized(eval_dataset, normalization)
     policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size, config.augment,

@@ -25,7 +25,7 @@ from richkd.pipeline.clip import (
     prompt_class_name,
 )
 from richkd.pipeline.config import ExecutionOptions, to_dict
-from richkd.pipeline.data import read_captions
+from richkd.pipeline.data import read_captions, require_labelled
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError, preview
 from richkd.pipeline.execution import progress_bar, resolve_device
@@ -121,6 +121,7 @@ def run(config: TrainClipConfig) -> dict:
     device = resolve_device(config.device)
     dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
     eval_dataset = open_dataset(config.dataset, config.data_root, config.eval_split, config.download)
+    require_labelled(eval_dataset, "--eval-split")
     captions = read_captions(config.captions or Path(config.data_root) / config.split / "captions.json", dataset.keys)
     torch.manual_seed(config.seed)
     clip = load_clip(config.model, config.pretrained, device)

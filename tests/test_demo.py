@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
+from conftest import TINY_CLIP
 from test_bad_input import assert_user_error
 
 from richkd.cli import run_cli
@@ -18,7 +20,7 @@ from richkd.pipeline.data import read_captions
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.demo import CLASS_NAMES, demo_sample
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.models import create_model, read_checkpoint
 from richkd.pipeline.training import optimize
 from richkd.stages import train_clip
 from richkd.stages.train_clip import BUNDLE_WEIGHTS
@@ -253,3 +255,28 @@ def test_train_clip_resumes_only_with_its_settings(small_demo, tmp_path, capsys)
     assert run_cli([*args, "--epochs", "2", "--resume"]) == 0
     assert [entry["epoch"] for entry in json.loads((bundle / "metrics.json").read_text())["history"]] == [1, 2]
     assert read_checkpoint(bundle / "checkpoints" / "last.pt")[1]["epoch"] == 2
+
+
+def test_the_unlabelled_pool_is_refused_where_classes_are_learnt_or_scored(tiny_world, tmp_path, capsys):
+    """The pool's one folder stands for no class: trained on, it made a one-class model that failed on the test
+    split after an epoch; evaluated on, every image would score as that class."""
+    demo = tmp_path / "demo"
+    assert run_cli(["demo", "--out", str(demo), "--train", "8", "--test", "8", "--pool", "8"]) == 0
+    teacher = tmp_path / "teacher.pth"
+    torch.save(create_model("resnet8", len(CLASS_NAMES)).state_dict(), teacher)
+    data = ["--dataset", "demo", "--data-root", str(demo), "--num-workers", "0", "--device", "cpu"]
+    store = tmp_path / "c.zarr"
+    precompute = ["precompute", *data, "--teacher", "resnet8", "--teacher-checkpoint", str(teacher),
+                  "--clip", TINY_CLIP, "--clip-pretrained", str(tiny_world.clip_checkpoint), "--views", "1"]
+    assert run_cli([*precompute, "--out", str(store)]) == 0
+    capsys.readouterr()
+    one_epoch = ["--arch", "resnet8", "--epochs", "1", "--batch-size", "8"]  # short, were the pool not refused
+    train = ["train", *data, *one_epoch, "--out", str(tmp_path / "run")]
+    distill = ["distill", *data, *one_epoch, "--cache", str(store), "--out", str(tmp_path / "student")]
+    for flag, command in [("--split", train), ("--eval-split", train), ("--split", distill), ("--eval-split", distill),
+                          ("--split", [*precompute, "--out", str(tmp_path / "pool.zarr")]),
+                          ("--split", ["evaluate", *data, "--checkpoint", str(teacher), "--arch", "resnet8"]),
+                          ("--eval-split", ["train-clip", *data, "--out", str(tmp_path / "clip")])]:
+        assert_user_error([*command, flag, "pool"], capsys, f"{flag} pool: the demo's pool split is unlabelled "
+                          "images with captions, for train-clip --split: it has no classes to learn or score")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "pool.zarr").exists()
