@@ -19,6 +19,12 @@ console = Console(stderr=True)
 results = Console()
 
 
+def warn(message: str) -> None:
+    """A warning on stderr, once: torchrun's processes each check the same options, and only the first says so."""
+    if torchrun_part().index == 0:
+        console.print(f"warning: {message}", soft_wrap=True)
+
+
 def print_json(data) -> None:
     """A machine-readable result on stdout, as it is: no wrapping, no markup."""
     results.out(json.dumps(data, indent=2), highlight=False)

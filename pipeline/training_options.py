@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from richkd.pipeline.config import ExecutionOptions, NormalizeOptions, StreamOptions, option, require, require_positive
 from richkd.pipeline.errors import UserError
-from richkd.pipeline.runtime import console, torchrun_part
+from richkd.pipeline.runtime import torchrun_part, warn
 
 # What --optimizer names (`richkd.pipeline.training.make_optimizer` builds them): this module stays free of torch,
 # so that the command line reads the options at once.
@@ -136,8 +136,8 @@ class TrainingOptions(StreamOptions, NormalizeOptions, ExecutionOptions):
         """A multistep milestone at or after the last epoch never decays the learning rate: say so."""
         late = [m for m in self.milestone_list() if m >= self.epochs]
         if self.schedule == "multistep" and late:
-            console.print(f"warning: --milestones {','.join(map(str, late))} at or after the last epoch "
-                          f"({self.epochs}): the learning rate never decays there", soft_wrap=True)
+            warn(f"--milestones {','.join(map(str, late))} at or after the last epoch ({self.epochs}): the learning "
+                 "rate never decays there")
 
 
 

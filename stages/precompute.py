@@ -42,7 +42,7 @@ from richkd.pipeline.execution import autocast, progress_bar, resolve_device, so
 from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.prompts import zero_shot_classifier
-from richkd.pipeline.runtime import Part, console, parse_part
+from richkd.pipeline.runtime import Part, console, parse_part, warn
 from richkd.pipeline.shards import decode_image, scan_shards, shard_starts, stream_shard, streamed_shard_set
 from richkd.pipeline.topk import top_k_logits
 from richkd.pipeline.views import (
@@ -236,7 +236,7 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     dataset = normalized(dataset, normalization)
     clip = load_clip(config.clip, config.clip_pretrained, device)
     if config.clip_pretrained == RANDOM_WEIGHTS and not config.clip.startswith(SCHEMAS):
-        console.print(f"warning: CLIP {config.clip} has random weights, so its zero-shot targets carry no knowledge")
+        warn(f"CLIP {config.clip} has random weights, so its zero-shot targets carry no knowledge")
     templates = read_templates(config.templates) if config.templates else list(DEFAULT_TEMPLATES)
     if config.class_names:
         names = read_class_names(config.class_names, len(dataset.class_names))

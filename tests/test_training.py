@@ -265,7 +265,7 @@ def test_evaluate_a_teacher_checkpoint_needs_its_architecture(tiny_world, tmp_pa
                       "leave --arch out for checkpoints that record their architecture")
 
 
-def test_milestones_are_fractions_of_the_epochs_and_a_late_one_is_a_warning(capsys):
+def test_milestones_are_fractions_of_the_epochs_and_a_late_one_is_a_warning(capsys, monkeypatch):
     from richkd.pipeline.training_options import TrainingOptions, learning_rate_factor
 
     paper = TrainingOptions(epochs=240, schedule="multistep")
@@ -280,6 +280,11 @@ def test_milestones_are_fractions_of_the_epochs_and_a_late_one_is_a_warning(caps
     late.validate()
     assert capsys.readouterr().err == \
         "warning: --milestones 150,180 at or after the last epoch (10): the learning rate never decays there\n"
+    # Under torchrun every process checks the options; the warning is printed once, by the first.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    late.validate()
+    assert capsys.readouterr().err == ""
 
 
 def test_training_in_a_users_git_repository_leaves_it_as_it_was(tiny_world, tmp_path, monkeypatch):
