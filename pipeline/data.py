@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
@@ -193,13 +193,21 @@ def unreadable_image(name: str, error: Exception) -> UserError:
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+def as_displayed_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB the way viewers show it: turned by its EXIF orientation (a photo stored on its
+    side is shown, and so learnt, upright, and its size is the one a user sees), 16-bit grey levels scaled to
+    8 bits, not clipped."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64) / 257
+        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """An image file as 8-bit RGB; 16-bit grey levels are scaled to 8 bits, not clipped."""
+    """An image file as as_displayed_rgb shows it."""
     with Image.open(path) as image:
-        if image.mode in SIXTEEN_BIT_MODES:
-            grey = np.asarray(image, dtype=np.float64) / 257
-            return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
-        return image.convert("RGB")
+        return as_displayed_rgb(image)
 
 
 # Decoded images each process keeps, so that a small dataset is decoded once, not once an epoch.
@@ -269,7 +277,8 @@ NATIVE_SIZE_SAMPLE = 32
 
 
 def sampled_native_size(paths: list[str]) -> int | None:
-    """The side of the images when NATIVE_SIZE_SAMPLE of them, evenly spaced, are all square and of one side."""
+    """The side of the images when NATIVE_SIZE_SAMPLE of them, evenly spaced, are all square and of one side (as
+    stored: turning an image by its EXIF orientation keeps a square's side)."""
     picked = paths[::max(1, len(paths) // NATIVE_SIZE_SAMPLE)][:NATIVE_SIZE_SAMPLE]
     sizes = set()
     for path in picked:

@@ -50,6 +50,7 @@ from richkd.pipeline.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataset,
+    as_displayed_rgb,
     register_dataset,
     unreadable_image,
 )
@@ -427,9 +428,9 @@ class CenterViewStream(IterableDataset):
 
 
 def decode_image(encoded: bytes, name: str) -> torch.Tensor:
-    """An encoded image as a CHW uint8 RGB tensor."""
+    """An encoded image as a CHW uint8 RGB tensor, shown as as_displayed_rgb shows an image file."""
     try:
         with Image.open(io.BytesIO(encoded)) as image:
-            return TF.pil_to_tensor(image.convert("RGB"))
+            return TF.pil_to_tensor(as_displayed_rgb(image))
     except IMAGE_DECODE_ERRORS as error:
         raise unreadable_image(name, error) from error

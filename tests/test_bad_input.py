@@ -20,6 +20,7 @@ from richkd.cli import run_cli
 from richkd.pipeline.config import build_config
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.models import create_model
+from richkd.pipeline.shards import decode_image
 from richkd.stages.train import TrainConfig
 
 RICHKD = str(Path(sys.executable).parent / "richkd")
@@ -285,3 +286,5 @@ def test_sixteen_bit_grey_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
     image = open_dataset("imagefolder", tmp_path, "train").image(0)
     assert image.shape == (3, 16, 16)
     assert torch.equal(image, torch.from_numpy(np.arange(256, dtype=np.uint8).reshape(16, 16)).expand(3, 16, 16))
+    # Read from a shard (packed with --format original), the same.
+    assert torch.equal(decode_image((tmp_path / "train" / "grey" / "0.png").read_bytes(), "0.png"), image)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-from PIL import Image
+from PIL import ExifTags, Image
 from test_bad_input import assert_user_error, replace_flag
 
 from richkd import CachedTargets
@@ -15,6 +15,7 @@ from richkd.cli import run_cli
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import create_model, read_checkpoint
+from richkd.pipeline.shards import decode_image
 from richkd.pipeline.views import (
     PadCrop,
     ResizedCrop,
@@ -148,3 +149,22 @@ def test_a_store_refuses_images_of_another_size_than_its_views_were_cut_from(tin
     assert run_cli(precompute) == 0
     assert "image_size" not in zarr.open_group(store, mode="r").attrs["dataset"]
     assert len(CachedTargets(str(store), "imagefolder", str(tmp_path / "large"))) == 8
+
+
+def test_images_are_read_turned_by_their_exif_orientation(tmp_path, capsys):
+    """A photo stored on its side with an EXIF orientation is learnt upright, and a size error gives the size a
+    viewer shows: 30 x 40 for one stored 40 wide and 30 high with orientation 6 (turn 90 degrees clockwise)."""
+    write_folder(tmp_path / "odd", [32] * 40)
+    (tmp_path / "odd" / "train" / "dog" / "038.png").unlink()  # the last path: not in the sample of sizes
+    on_its_side = tmp_path / "odd" / "train" / "dog" / "038.jpg"
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.new("RGB", (40, 30), "red").save(on_its_side, exif=exif)
+    dataset = open_dataset("imagefolder", tmp_path / "odd", "train")
+    assert dataset.image(dataset.keys.index("dog/038.jpg")).shape == (3, 40, 30)
+    assert decode_image(on_its_side.read_bytes(), "038.jpg").shape == (3, 40, 30)  # as read from a shard
+    assert run_cli(["train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "odd"), "--eval-split", "train",
+                    "--arch", "resnet8", "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--device", "cpu",
+                    "--out", str(tmp_path / "run")]) == 2
+    assert "error: image dog/038.jpg of the train split is 30 x 40 where the images sampled are 32 x 32" in \
+        " ".join(capsys.readouterr().err.split())
