@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
 
+import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from richkd.cache.reader import first_difference, is_cache, open_existing_group, require_schema, store_location
 from richkd.cache.schema import (
@@ -62,13 +69,14 @@ class CacheWriter:
                         "pass --overwrite to replace it or choose another --out"
                     )
                 return cls(url, group, layout)
-        # The group and its attributes land in one metadata write: a store is either recognisable or absent.
         attributes = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **provenance}
         with out_of_space_is_a_user_error(url, FULL_DISK_ADVICE):
-            try:
-                group = zarr.create_group(store_location(url), overwrite=group is not None, attributes=attributes)
-            except zarr.errors.ContainsGroupError:  # another process of a parallel run made it meanwhile
-                return cls.open(url, layout, provenance)
+            if group is not None:  # --overwrite, which one process alone may use
+                group = zarr.create_group(store_location(url), overwrite=True, attributes=attributes)
+            else:
+                group = create_store(url, attributes)
+        if group is None:  # another process of a parallel run made it meanwhile
+            return cls.open(url, layout, provenance)
         return cls(url, group, layout)
 
     def full_disk_is_a_user_error(self):
@@ -96,3 +104,30 @@ class CacheWriter:
             for name in self.layout.per_view_arrays():
                 self.arrays[name][view, start:stop] = outputs[name]
             self.arrays[DONE][view, shard] = True
+
+
+def create_store(url: str, attributes: dict) -> zarr.Group | None:
+    """A new store's group at `url`, its attributes in its metadata, or None when another process made one there
+    first. On a local disk zarr makes a store's folder before it writes its metadata, and a process opening it in
+    between would find a folder that is not a store: the group is made in a folder beside and renamed into place,
+    which also lets only one of two processes make it. Elsewhere (object stores, memory) the metadata is the store's
+    first object."""
+    location = store_location(url)
+    filesystem, path = fsspec.core.url_to_fs(location)
+    if not isinstance(filesystem, LocalFileSystem):
+        try:
+            return zarr.create_group(location, attributes=attributes)
+        except zarr.errors.ContainsGroupError:
+            return None
+    target = Path(path)
+    building = target.with_name(f".{target.name}.{uuid.uuid4().hex}")  # beside it: the rename moves no data
+    try:
+        zarr.create_group(str(building), attributes=attributes)
+        os.rename(building, target)
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):  # renaming onto a store made meanwhile
+            raise
+        return None
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return zarr.open_group(location, mode="r+")

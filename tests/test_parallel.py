@@ -21,7 +21,7 @@ from test_bad_input import assert_user_error
 from test_resume import assert_identical_stores, bundle_args
 
 from richkd.cache.locks import BlockLocks
-from richkd.cache.reader import shard_share
+from richkd.cache.reader import open_existing_group, shard_share
 from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
 from richkd.cli import run_cli
 from richkd.pipeline.distributed import main_process_first
@@ -106,6 +106,45 @@ def test_a_lock_that_cannot_be_read_is_taken_over_unless_it_is_being_written(tin
     assert run_cli(args) == 0
     assert not list((out / "locks").iterdir())
     assert_identical_stores(out, reference)
+
+
+def test_a_new_store_is_never_seen_half_made(tiny_world, reference, tmp_path, monkeypatch):
+    """Two precomputes started at once into a new store: about one try in four, the second found the folder the first
+    had made before its metadata, and said it "exists but is not a richkd cache store". What a second process opening
+    the store sees as the first writes the store's metadata must be nothing yet, or the store; and of two processes
+    making it at once, one does, the other continuing it."""
+    out, made_meanwhile = tmp_path / "cache.zarr", tmp_path / "made_meanwhile.zarr"
+    seen = []
+    write_file = zarr.storage._local._put  # how zarr writes every file of a local store
+
+    def look_as_another_process(path, value, exclusive=False):
+        if path.name == "zarr.json" and not seen:  # the store's own metadata is the first file written
+            try:
+                seen.append(open_existing_group(str(out)))
+            except UserError as error:
+                seen.append(str(error))
+        return write_file(path, value, exclusive)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(zarr.storage._local, "_put", look_as_another_process)
+        assert run_cli(bundle_args(tiny_world, tiny_world.data_root, out)) == 0
+    assert seen == [None]
+    assert_identical_stores(out, reference)
+
+    def make_it_first_as_another_process(path, value, exclusive=False):
+        if path.name == "zarr.json" and not made_meanwhile.exists():
+            metadata = json.loads(value.to_bytes())
+            metadata["attributes"]["created"] = "by another process"
+            made_meanwhile.mkdir()
+            (made_meanwhile / "zarr.json").write_text(json.dumps(metadata))
+        return write_file(path, value, exclusive)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(zarr.storage._local, "_put", make_it_first_as_another_process)
+        assert run_cli(bundle_args(tiny_world, tiny_world.data_root, made_meanwhile)) == 0
+    assert zarr.open_group(made_meanwhile, mode="r").attrs["created"] == "by another process"
+    assert_identical_stores(made_meanwhile, reference)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache.zarr", "made_meanwhile.zarr"]  # nothing beside
 
 
 def test_torchrun_processes_write_one_store(tiny_world, reference, tmp_path):
