@@ -71,8 +71,13 @@ def first_difference(stored: Any, wanted: Any, path: str = "") -> str | None:
 
 
 def shortened(text: str) -> str:
-    """`text`, cut to 60 characters for a one-line message."""
-    return text if len(text) <= 60 else text[:57] + "..."
+    """`text`, cut to 60 characters for a one-line message; a quoted text is cut inside its quotes, so that they
+    stay paired (a sha256 is 64 characters)."""
+    if len(text) <= 60:
+        return text
+    if text[0] in "'\"" and text[-1] == text[0]:
+        return text[:56] + "..." + text[-1]
+    return text[:57] + "..."
 
 
 def require_schema(url: str, layout: Layout) -> None:

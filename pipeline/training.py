@@ -262,7 +262,11 @@ class Trainer:
         }
 
     def restore(self) -> tuple[int, dict]:
-        state, saved = read_checkpoint(self.checkpoints / "last.pt")
+        last, best = self.checkpoints / "last.pt", self.checkpoints / "best.pt"
+        if_damaged = "start the run again with --overwrite"
+        if best.exists():  # the whole state of an earlier epoch
+            if_damaged += f", or copy {best} over it and --resume from that epoch"
+        state, saved = read_checkpoint(last, if_damaged)
         refuse_other_settings(self.run_dir, saved["config"], self.options, self.options.resumable_changes())
         self.model.load_state_dict(state)
         restore_optimization(self.optimizer, self.scheduler, saved)

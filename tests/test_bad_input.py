@@ -112,7 +112,7 @@ def test_truncated_checkpoint(tiny_world, tmp_path, capsys):
     checkpoint.write_bytes(whole[: len(whole) // 2])
     out = tmp_path / "cache.zarr"
     assert_user_error(replace_flag(tiny_world.precompute_args(out), "--teacher-checkpoint", str(checkpoint)),
-                      capsys, f"checkpoint {checkpoint}: not a torch checkpoint, or a truncated one")
+                      capsys, f"checkpoint {checkpoint}: not a torch checkpoint, or a damaged or truncated one")
 
 
 def test_checkpoint_with_another_class_count(tiny_world, tmp_path, capsys):

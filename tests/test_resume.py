@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from conftest import write_cifar100
+from test_bad_input import assert_user_error, replace_flag
 
 from richkd.cache.schema import PER_VIEW_ARRAYS, STATIC_ARRAYS
 from richkd.cli import run_cli
-from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.models import file_sha256, read_checkpoint
 
 RICHKD = str(Path(sys.executable).parent / "richkd")
 
@@ -118,6 +120,19 @@ def test_a_store_of_another_configuration_is_refused_unless_overwritten(tiny_wor
     before = shard_files(out)
     assert run_cli(tiny_world.precompute_args(out, "--seed", "1")) == 0  # complete: nothing left to do
     assert shard_files(out) == before
+
+
+def test_a_store_of_another_teacher_names_both_checksums_whole_quoted(tiny_world, tmp_path, capsys):
+    teacher = tmp_path / "teacher.pth"
+    shutil.copy(tiny_world.teacher_checkpoint, teacher)
+    args = replace_flag(tiny_world.precompute_args(tmp_path / "cache.zarr"), "--teacher-checkpoint", str(teacher))
+    assert run_cli(args) == 0
+    before = file_sha256(teacher)
+    state, saved = read_checkpoint(teacher)
+    torch.save({**saved, "model": {key: value + 1 for key, value in state.items()}}, teacher)  # retrained in place
+    capsys.readouterr()
+    assert_user_error(args, capsys, f"was made with another configuration (teacher.checkpoint_sha256: "
+                      f"'{before[:54]}...' in the store, '{file_sha256(teacher)[:54]}...' now); pass --overwrite")
 
 
 def test_a_folder_that_is_not_a_store_is_never_replaced(tiny_world, tmp_path, capsys):

@@ -118,6 +118,45 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(world, tmp_path):
     assert best["epoch"] == last["best"]["epoch"]
 
 
+def flip_a_bit_of(path: Path, tensor: torch.Tensor) -> None:
+    """Flip one bit where the checkpoint at `path` stores the bytes of `tensor`: a fault of a disk or a copy."""
+    data = bytearray(path.read_bytes())
+    where = data.find(tensor.numpy().tobytes())
+    assert where >= 0
+    data[where] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_by_every_reader(tiny_world, tmp_path, capsys):
+    """train and distill resume alike (Trainer.restore), evaluate and precompute load alike (load_checkpoint)."""
+    run = tmp_path / "run"
+    train = ["train", "--data-root", str(tiny_world.data_root), "--arch", "resnet8", "--batch-size", "16",
+             "--num-workers", "0", "--device", "cpu", "--out", str(run)]
+    assert run_cli([*train, "--epochs", "1"]) == 0
+    last, best = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt"
+    flip_a_bit_of(last, read_checkpoint(last)[0]["fc.bias"])
+    capsys.readouterr()
+    assert_user_error([*train, "--epochs", "2", "--resume"], capsys,
+                      f"checkpoint {last} is damaged (its contents do not match the crc32c checksum saved with them): "
+                      f"start the run again with --overwrite, or copy {best} over it and --resume from that epoch")
+    evaluate = ["evaluate", "--data-root", str(tiny_world.data_root), "--checkpoint", str(last), "--num-workers", "0",
+                "--device", "cpu"]
+    assert_user_error(evaluate, capsys, f"checkpoint {last} is damaged (its contents do not match the crc32c "
+                      "checksum saved with them): restore it from a copy, or train it again")
+    shutil.copy(best, last)  # as the advice says
+    assert run_cli([*train, "--epochs", "2", "--resume"]) == 0
+    assert read_checkpoint(last)[1]["epoch"] == 2
+
+    # The training state is checked as the weights are: a flipped bit in the optimizer's momentum.
+    momentum = read_checkpoint(last)[1]["optimizer"]["state"]
+    flip_a_bit_of(last, momentum[len(momentum) - 1]["momentum_buffer"])  # the classifier bias's
+    capsys.readouterr()
+    assert_user_error([*train, "--epochs", "3", "--resume"], capsys, f"checkpoint {last} is damaged")
+    best.unlink()
+    error = assert_user_error([*train, "--epochs", "3", "--resume"], capsys, f"checkpoint {last} is damaged")
+    assert error.endswith("start the run again with --overwrite")  # no best.pt to go back to
+
+
 def test_a_run_is_not_replaced_or_resumed_with_other_settings(world, tmp_path, capsys):
     _, distill = world
     run = ["--out", str(tmp_path / "run"), "--epochs", "1", "--variant", "L"]

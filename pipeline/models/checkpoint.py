@@ -1,7 +1,9 @@
 """Reading and writing model checkpoints.
 
 Accepted formats: mdistiller's {"model": state_dict, "epoch": ..., ...}, a plain state_dict,
-{"state_dict": state_dict, ...}, and richkd's own {"model": state_dict, "arch": ..., "num_classes": ...}.
+{"state_dict": state_dict, ...}, and richkd's own {"model": state_dict, "arch": ..., "num_classes": ..., "crc32c": ...}.
+torch's files carry no checksum it checks, so a flipped byte would load as other weights or other training state:
+richkd's checkpoints record the crc32c of everything else they hold, and every read checks it.
 """
 
 import contextlib
@@ -13,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import torch
 from torch import nn
 
@@ -22,6 +25,10 @@ STATE_DICT_ENTRIES = ("model", "state_dict")
 DDP_PREFIX = "module."
 # Checkpoints and bundle files are written under a temporary name, then renamed into place.
 TEMPORARY_SUFFIX = ".tmp"
+# The entry of a richkd checkpoint holding the crc32c of its other entries; checkpoints of other codebases have none.
+CHECKSUM_ENTRY = "crc32c"
+# What to do about a damaged checkpoint, where the reader knows no better.
+DAMAGED_ADVICE = "restore it from a copy, or train it again"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -56,8 +63,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     """Write a richkd checkpoint atomically: the model's state_dict and `metadata` (a classifier's arch and
     num_classes, which load_checkpoint checks; a run's epoch, optimiser state, ...)."""
     advice = "the previous checkpoint there is intact; free some space and continue the run with --resume"
+    payload = {"model": model.state_dict(), **metadata}
+    payload[CHECKSUM_ENTRY] = content_crc32c(payload)
     with written_atomically(path, advice) as temporary, open(temporary, "wb") as file:
-        torch.save({"model": model.state_dict(), **metadata}, file)
+        torch.save(payload, file)
 
 
 def remove_unfinished_writes(folder: str | os.PathLike) -> None:
@@ -66,15 +75,45 @@ def remove_unfinished_writes(folder: str | os.PathLike) -> None:
         unfinished.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, the checkpoint's other entries) of any accepted format, without a model."""
+def content_crc32c(value: object, checksum: int = 0) -> int:
+    """crc32c of everything `value` (a checkpoint's payload) holds, entry by entry, in order: the same for a
+    payload before saving and after loading, whatever the layout or device of its tensors."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        checksum = crc32c.crc32c(f"tensor {tensor.dtype} {tuple(tensor.shape)}:".encode(), checksum)
+        return crc32c.crc32c(tensor.reshape(-1).view(torch.uint8).numpy(), checksum)
+    # Containers by kind, not type: what loading gives back for a dict or a tuple is no part of the contents.
+    if isinstance(value, Mapping):
+        kind, entries = "mapping", value.items()
+    elif isinstance(value, (list, tuple)):
+        kind, entries = "sequence", enumerate(value)
+    else:
+        return crc32c.crc32c(f"{type(value).__name__} {value!r};".encode(), checksum)
+    checksum = crc32c.crc32c(f"{kind} of {len(value)}:".encode(), checksum)
+    for key, entry in entries:
+        checksum = content_crc32c(entry, content_crc32c(key, checksum))
+    return checksum
+
+
+def read_checkpoint(path: str | os.PathLike, if_damaged: str = DAMAGED_ADVICE
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, the checkpoint's other entries) of any accepted format, without a model. A richkd checkpoint
+    whose contents do not match its checksum is refused, saying `if_damaged`: what the user can do about it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:  # not a usable checkpoint
+    # What torch.load raises on a file that is no checkpoint, and what its unpickler raises on damaged records.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
+            IndexError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"checkpoint {path}: {_unreadable_reason(error)}") from error
+    if isinstance(payload, Mapping) and CHECKSUM_ENTRY in payload:
+        payload = dict(payload)
+        recorded = payload.pop(CHECKSUM_ENTRY)
+        if recorded != content_crc32c(payload):
+            raise UserError(f"checkpoint {path} is damaged (its contents do not match the crc32c checksum saved "
+                            f"with them): {if_damaged}")
     split = _split_payload(payload)
     if split is None:
         raise UserError(
@@ -102,7 +141,7 @@ def _unreadable_reason(error: Exception) -> str:
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if refused:
         return f"holds a {refused[1]} object, which weights-only loading refuses"
-    return "not a torch checkpoint, or a truncated one"
+    return "not a torch checkpoint, or a damaged or truncated one"
 
 
 def _is_state_dict(candidate: object) -> bool:
