@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from richkd.pipeline.config import to_dict
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.distributed import is_main_process, main_process_first, process_group
-from richkd.pipeline.errors import UserError, preview
+from richkd.pipeline.errors import UserError, out_of_space_is_a_user_error, preview
 from richkd.pipeline.execution import autocast, hide_progress_bars, progress_bar, resolve_device
 from richkd.pipeline.loading import LabelledViews, data_loader, evaluate_model, training_mask
 from richkd.pipeline.metrics import ClassificationMeter, percent
@@ -115,6 +115,8 @@ def live_log(directory: Path, resume: bool = False):
             with LIVE_END["lock"]:
                 super().end()
 
+    if resume:
+        drop_unfinished_log_writes(directory)
     return TurnTakingLive(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
 
@@ -123,6 +125,26 @@ def make_optimizer(parameters, options: TrainingOptions) -> torch.optim.Optimize
     if options.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=options.lr, weight_decay=options.weight_decay)
     return torch.optim.SGD(parameters, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+
+
+def drop_unfinished_log_writes(directory: Path) -> None:
+    """Undo what a write of dvclive's that a full disk or a kill cut short left in `directory`: a metrics.json that
+    is no JSON (resuming would fail on it; it only holds the latest values, written again at the next step), and a
+    last row without its line end (the next row would be glued to it), or a table without its header line."""
+    latest = directory / "metrics.json"
+    try:
+        json.loads(latest.read_bytes())
+    except FileNotFoundError:
+        pass
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        latest.unlink()
+    for table in (directory / "plots" / "metrics").rglob("*.tsv"):
+        rows = table.read_bytes()
+        whole_rows = rows[:rows.rfind(b"\n") + 1]
+        if not whole_rows:  # dvclive writes the header of a table that does not exist
+            table.unlink()
+        elif whole_rows != rows:
+            table.write_bytes(whole_rows)
 
 
 def run_per_seed(options: TrainingOptions, train_one: Callable[[TrainingOptions], dict]) -> dict:
@@ -349,7 +371,10 @@ class Trainer:
                     for epoch in range(first_epoch, self.options.epochs):
                         self.train_epoch(epoch, step, progress, progress.add_task("", total=None))
                 return {}
-            return self.run_epochs(step, first_epoch, best)
+            # A full disk while writing the run's other files (its log, summary.json, ...): --resume continues it.
+            with out_of_space_is_a_user_error(str(self.run_dir), "its finished epochs are kept; free some space and "
+                                              "continue the run with --resume"):
+                return self.run_epochs(step, first_epoch, best)
 
     def run_epochs(self, step: nn.Module, first_epoch: int, best: dict) -> dict:
         summary_path = self.run_dir / "summary.json"

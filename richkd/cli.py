@@ -210,7 +210,7 @@ def run_cli(argv: list[str] | None = None) -> int:
             raise
         if isinstance(error, UserError):
             message = one_line(error)
-        else:  # a full disk outside the store and the checkpoints, which say themselves what they kept
+        else:  # a full disk outside the store and training runs, which say themselves what they kept
             where = f" writing {error.filename}" if error.filename else ""
             message = f"no space left on the device{where}; free some space and run the command again"
         console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)

@@ -173,6 +173,7 @@ def test_a_full_disk_fails_clearly_and_the_same_command_finishes_later(tiny_worl
     command = shlex.join([RICHKD, *bundle_args(tiny_world, data_root, store)])
     train = [RICHKD, "train", "--data-root", str(data_root), "--arch", "resnet8", "--epochs", "1", "--num-workers", "0",
              "--device", "cpu", "--out", str(disk / "train")]
+    demo = [RICHKD, "demo", "--out", str(disk / "demo"), "--train", "8", "--test", "8"]
     # A tmpfs with room for about half the store, in a private mount namespace; the store is copied out
     # after each run because the mount ends with the namespace.
     size = used + (1 << 20)
@@ -189,6 +190,7 @@ def test_a_full_disk_fails_clearly_and_the_same_command_finishes_later(tiny_worl
         {sys.executable} -c '{SAVE_CHECKPOINT}' resnet32x4 {disk}/run/last.pt > {tmp_path}/checkpoint.out
         cp -a {disk}/run {tmp_path}/run
         status=0; {shlex.join(train)} 2> {tmp_path}/train.err || status=$?; echo $status > {tmp_path}/train.status
+        status=0; {shlex.join(demo)} 2> {tmp_path}/demo.err || status=$?; echo $status > {tmp_path}/demo.status
     """
     subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-ec", script], check=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -214,12 +216,18 @@ def test_a_full_disk_fails_clearly_and_the_same_command_finishes_later(tiny_worl
     _, saved = read_checkpoint(tmp_path / "run" / "last.pt")
     assert saved["arch"] == "resnet8"
     assert [path.name for path in (tmp_path / "run").iterdir()] == ["last.pt"]
-    # Any other write on a full disk: one line, no traceback.
+    # Any other write of a training run on a full disk: one line, no traceback, and --resume goes on.
     assert (tmp_path / "train.status").read_text().strip() == "2"
     train_error = (tmp_path / "train.err").read_text()
     assert "Traceback" not in train_error
     assert " ".join(train_error.split()).startswith("error: no space left on the device")
-    assert "free some space and run the command again" in " ".join(train_error.split())
+    assert "free some space and continue the run with --resume" in " ".join(train_error.split())
+    # Any other write on a full disk: one line, no traceback.
+    assert (tmp_path / "demo.status").read_text().strip() == "2"
+    demo_error = (tmp_path / "demo.err").read_text()
+    assert "Traceback" not in demo_error
+    assert " ".join(demo_error.split()).startswith("error: no space left on the device")
+    assert "free some space and run the command again" in " ".join(demo_error.split())
 
 
 def interrupt_when(command: list[str], ready) -> subprocess.CompletedProcess:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
 import os
 import pickle
@@ -22,6 +25,7 @@ from test_bad_input import assert_user_error, replace_flag
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
 from richkd.cli import run_cli
 from richkd.pipeline.models import read_checkpoint
+from richkd.pipeline.training import drop_unfinished_log_writes
 
 RICHKD = str(Path(sys.executable).parent / "richkd")
 FAST = ["--num-workers", "0", "--device", "cpu", "--batch-size", "16", "--nce-k", "32", "--arch", "resnet8"]
@@ -76,18 +80,21 @@ def test_killed_distill_resumes_bit_identical(world, tmp_path):
 
 # Runs richkd, but SIGKILLs itself half-way through writing the last.pt of epoch 2.
 DIE_WHILE_SAVING = """
-import io, os, signal, sys, torch
+import builtins, io, os, signal, sys
 from richkd.cli import main
-save = torch.save
-def save_half_then_die(payload, file, *args, **kwargs):
-    if payload.get("epoch") == 2 and ".last.pt." in getattr(file, "name", ""):
-        whole = io.BytesIO()
-        save(payload, whole)
-        file.write(whole.getvalue()[: len(whole.getvalue()) // 2])
-        file.flush()
+ordinary_open, last_checkpoints = builtins.open, []
+class HalfThenDie(io.FileIO):
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        super().write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    save(payload, file, *args, **kwargs)
-torch.save = save_half_then_die
+def open_dying_in_epoch_2(file, mode="r", *args, **kwargs):
+    if ".last.pt." in str(file) and "w" in mode:
+        last_checkpoints.append(file)
+        if len(last_checkpoints) == 2:
+            return io.BufferedWriter(HalfThenDie(file, "wb"))
+    return ordinary_open(file, mode, *args, **kwargs)
+builtins.open = open_dying_in_epoch_2
 sys.argv[0] = "richkd"
 main()
 """
@@ -155,6 +162,82 @@ def test_a_damaged_checkpoint_is_refused_by_every_reader(tiny_world, tmp_path, c
     best.unlink()
     error = assert_user_error([*train, "--epochs", "3", "--resume"], capsys, f"checkpoint {last} is damaged")
     assert error.endswith("start the run again with --overwrite")  # no best.pt to go back to
+
+
+class FileOnAFullDisk(io.FileIO):
+    """A file being written on a disk with `room` bytes left: a write past it is cut short, the next one fails."""
+
+    room = 0
+
+    def write(self, data) -> int:
+        if FileOnAFullDisk.room == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+        written = super().write(memoryview(data).cast("B")[:FileOnAFullDisk.room])
+        FileOnAFullDisk.room -= written
+        return written
+
+
+def fill_the_disk(monkeypatch, folder: Path, files_that_fit: int, room: int) -> list:
+    """Make the disk fill while a file in `folder` is written, once `files_that_fit` were written there: `room` bytes
+    more fit. Returns the files opened there for writing, as they are."""
+    opened = []
+    ordinary_open = builtins.open
+
+    def open_on_a_filling_disk(file, mode="r", *args, **kwargs):
+        if not isinstance(file, (str, os.PathLike)) or Path(file).parent != folder or "w" not in mode:
+            return ordinary_open(file, mode, *args, **kwargs)
+        opened.append(file)
+        FileOnAFullDisk.room = 1 << 40 if len(opened) <= files_that_fit else room
+        written = io.BufferedWriter(FileOnAFullDisk(file, "wb"))
+        return written if "b" in mode else io.TextIOWrapper(written, encoding=kwargs.get("encoding"))
+
+    monkeypatch.setattr(builtins, "open", open_on_a_filling_disk)
+    return opened
+
+
+def test_a_disk_that_fills_during_training_is_one_line_and_resume_finishes(tiny_world, tmp_path, capsys,
+                                                                            monkeypatch):
+    """The disk fills while epoch 2's checkpoint is written (train and distill write it alike), then while the
+    resumed run logs it: each time the full-disk line and exit 2, and --resume finishes the run."""
+    run = tmp_path / "run"
+    train = ["train", "--data-root", str(tiny_world.data_root), "--arch", "resnet8", "--batch-size", "16",
+             "--num-workers", "0", "--device", "cpu", "--val-fraction", "0", "--epochs", "2", "--out", str(run)]
+    checkpoints = run / "checkpoints"
+    opened = fill_the_disk(monkeypatch, checkpoints, files_that_fit=1, room=1000)
+    assert run_cli(train) == 2
+    monkeypatch.undo()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-2].startswith("seed 0, epoch 1/2: ")  # the first epoch ended and was saved
+    assert " ".join(err[-1].split()) == (
+        f"error: no space left on the device writing {checkpoints / 'last.pt'}: the previous checkpoint there is "
+        "intact; free some space and continue the run with --resume")
+    assert len(opened) == 2
+    assert read_checkpoint(checkpoints / "last.pt")[1]["epoch"] == 1
+    assert [path.name for path in checkpoints.iterdir()] == ["last.pt"]  # the unfinished one removed
+
+    fill_the_disk(monkeypatch, run / "dvclive", files_that_fit=0, room=0)
+    assert run_cli([*train, "--resume"]) == 2
+    monkeypatch.undo()
+    assert " ".join(capsys.readouterr().err.splitlines()[-1].split()) == (
+        f"error: no space left on the device writing {run}: its finished epochs are kept; free some space and "
+        "continue the run with --resume")
+    assert run_cli([*train, "--resume"]) == 0
+    assert read_checkpoint(checkpoints / "last.pt")[1]["epoch"] == 2
+    assert (run / "summary.json").exists()
+
+
+def test_resuming_drops_what_a_log_write_cut_short_left(tmp_path):
+    log = tmp_path / "dvclive"
+    tables = log / "plots" / "metrics"
+    (tables / "train").mkdir(parents=True)
+    (log / "metrics.json").write_text('{"step": 1, "train": {"lo')
+    (tables / "lr.tsv").write_text("step\tlr\n0\t0.05\n1\t0.0")
+    (tables / "train" / "loss.tsv").write_text("step\tloss\n0\t4.6\n")
+    (tables / "epoch_seconds.tsv").write_text("ste")
+    drop_unfinished_log_writes(log)
+    assert not (log / "metrics.json").exists() and not (tables / "epoch_seconds.tsv").exists()
+    assert (tables / "lr.tsv").read_text() == "step\tlr\n0\t0.05\n"
+    assert (tables / "train" / "loss.tsv").read_text() == "step\tloss\n0\t4.6\n"
 
 
 def test_a_run_is_not_replaced_or_resumed_with_other_settings(world, tmp_path, capsys):

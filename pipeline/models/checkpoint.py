@@ -8,6 +8,7 @@ richkd's checkpoints record the crc32c of everything else they hold, and every r
 
 import contextlib
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -65,8 +66,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     advice = "the previous checkpoint there is intact; free some space and continue the run with --resume"
     payload = {"model": model.state_dict(), **metadata}
     payload[CHECKSUM_ENTRY] = content_crc32c(payload)
+    # Serialised in memory first: torch.save turns a write that fails on a full disk into a RuntimeError
+    # ("unexpected pos") that no longer says why, where a plain write raises the disk's OSError.
+    serialized = io.BytesIO()
+    torch.save(payload, serialized)
     with written_atomically(path, advice) as temporary, open(temporary, "wb") as file:
-        torch.save(payload, file)
+        file.write(serialized.getbuffer())
 
 
 def remove_unfinished_writes(folder: str | os.PathLike) -> None:
