@@ -9,6 +9,7 @@ it: it is taken over once RECORD_WRITE_SECONDS old. A process that cannot write 
 removes the lock it created.
 Exclusive creation is atomic on local and shared POSIX filesystems and on fsspec's memory filesystem; on
 object stores it is as strong as the filesystem's exclusive-create mode.
+A training run's folder is locked the same way while a process trains in it (RunFolderLock).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import fsspec
 
@@ -38,7 +40,16 @@ def process_is_alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, owned by another user
         return True
-    return True
+    return not is_zombie(pid)
+
+
+def is_zombie(pid: int) -> bool:
+    """Whether process `pid` has ended and only waits to be reaped: a killed process whose parent was killed too
+    stays one until init reaps it. Read from Linux's /proc; False where there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 class BlockLocks:
@@ -83,12 +94,7 @@ class BlockLocks:
                     with contextlib.suppress(FileNotFoundError):  # taken over by another process meanwhile
                         self.filesystem.rm(path)
                     continue
-                who = (f"process {holder['pid']} on {holder['host']} (part {holder['holder']})" if holder
-                       else "another process")
-                raise UserError(
-                    f"block view {view} shard {shard} of {self.url} is being written by {who}; two precompute "
-                    "processes would write it: give each its own --part i/n, or wait for that one to finish"
-                ) from None
+                raise self.refusal(view, shard, holder) from None
             try:
                 with file:
                     file.write(self.record())
@@ -98,6 +104,15 @@ class BlockLocks:
             with self.guard:
                 self.held.add((view, shard))
             return
+
+    def refusal(self, view: int, shard: int, holder: dict | None) -> UserError:
+        """The error of a claim on a block that another live process holds (`holder`, None if unreadable)."""
+        who = (f"process {holder['pid']} on {holder['host']} (part {holder['holder']})" if holder
+               else "another process")
+        return UserError(
+            f"block view {view} shard {shard} of {self.url} is being written by {who}; two precompute "
+            "processes would write it: give each its own --part i/n, or wait for that one to finish"
+        )
 
     def _read(self, path: str) -> dict | None:
         """The lock's record, or None: gone meanwhile, being written, or left empty or damaged."""
@@ -144,3 +159,34 @@ class BlockLocks:
         if self.heartbeat.is_alive():
             self.heartbeat.join()
         self.release_all()
+
+
+# A training run's lock file, in its folder.
+RUN_FOLDER_LOCK = "lock.json"
+
+
+class RunFolderLock(BlockLocks):
+    """The lock of a training run's folder, held while a process trains in it, so that no second process writes its
+    checkpoints meanwhile: the folder's lock file is claimed, refreshed and taken over as a store's blocks are, as
+    the folder's only block."""
+
+    ONLY_BLOCK = (0, 0)
+
+    def __init__(self, folder: str, timeout: float):
+        super().__init__(folder, "training", timeout)
+        self.folder = fsspec.core.url_to_fs(folder)[1].rstrip("/")
+
+    def path(self, view: int, shard: int) -> str:
+        return f"{self.folder}/{RUN_FOLDER_LOCK}"
+
+    def refusal(self, view: int, shard: int, holder: dict | None) -> UserError:
+        who = f"process {holder['pid']} on {holder['host']}" if holder else "another process"
+        return UserError(f"run folder {self.url} is in use: {who} is training in it; two runs would write the same "
+                         "checkpoints: wait for that one to finish, or stop it and continue with --resume")
+
+    def __enter__(self) -> RunFolderLock:
+        self.claim([self.ONLY_BLOCK])
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()

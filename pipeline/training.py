@@ -6,10 +6,13 @@ every epoch holds all other state, so on the CPU a resumed run ends bit-identica
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
+from richkd.cache.locks import RunFolderLock
 from richkd.pipeline.config import to_dict
 from richkd.pipeline.data import ImageDataset, normalize
 from richkd.pipeline.distributed import is_main_process, main_process_first, process_group
@@ -90,6 +94,14 @@ NO_BEST = {"epoch": None, "top1": None, "selected_on": None}
 
 # Taken by a run's dvclive log to end: a lock shared by the seed processes of --jobs, set in each as it starts.
 LIVE_END = {"lock": threading.Lock()}
+
+# Seconds without a heartbeat after which a run folder's lock counts as left by a killed process on another host;
+# on the same host a lock whose process is gone is taken over at once.
+RUN_LOCK_TIMEOUT = 600.0
+# prctl's option for the signal a process gets when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+# How often a seed process without prctl looks whether its parent is still there, in seconds.
+PARENT_POLL_SECONDS = 1.0
 
 
 def uses_dvc(folder: Path) -> bool:
@@ -161,17 +173,40 @@ def run_per_seed(options: TrainingOptions, train_one: Callable[[TrainingOptions]
     # Forked, not spawned: a worker starts at once instead of importing torch again.
     fork = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(jobs, mp_context=fork, initializer=start_seed_worker,
-                             initargs=(threads, fork.Lock())) as pool:
+                             initargs=(threads, fork.Lock(), os.getpid())) as pool:
         futures = {seed: pool.submit(train_one, run) for seed, run in runs.items()}
         return {f"seed-{seed}": future.result() for seed, future in futures.items()}
 
 
-def start_seed_worker(threads: int, live_end) -> None:
-    """A process training seeds beside others: its share of the threads, no progress bar to share a terminal, and
-    the lock its dvclive log ends under."""
+def start_seed_worker(threads: int, live_end, parent: int) -> None:
+    """A process training seeds beside others: it ends with its `parent`, has its share of the threads, no progress
+    bar to share a terminal, and the lock its dvclive log ends under."""
+    die_with_parent(parent)
     torch.set_num_threads(threads)
     hide_progress_bars()
     LIVE_END["lock"] = live_end
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process (SIGKILL) when `parent` ends: a seed process outliving a killed `richkd` would go on
+    training, then hang, and keep a --resume out of its run folder. The kernel sends the signal where prctl exists
+    (Linux); elsewhere a thread watches for the parent to go."""
+    # The kernel signals when the thread that forked this process ends: ProcessPoolExecutor forks from the thread
+    # that submits, the main one, which ends with the parent.
+    try:
+        death_signal_set = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+    except AttributeError:  # no prctl
+        death_signal_set = False
+    if not death_signal_set:
+        threading.Thread(target=watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent ended before the signal was set up
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def optimize(loader: Iterable, batch_losses: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -295,8 +330,10 @@ class Trainer:
         self.objective.load_state_dict(saved["objective"])
         return saved["epoch"], saved["best"]
 
-    def prepare_run_dir(self) -> tuple[int, dict]:
-        """(first epoch, best so far): a fresh run, or where the last checkpoint left off."""
+    def prepare_run_dir(self, held: contextlib.ExitStack) -> tuple[int, dict]:
+        """(first epoch, best so far): a fresh run, or where the last checkpoint left off. The run folder is locked
+        first, for as long as `held` is open: nothing in it changes while another process trains there."""
+        held.enter_context(RunFolderLock(str(self.run_dir), RUN_LOCK_TIMEOUT))
         remove_unfinished_writes(self.checkpoints)
         if continues_run(self.run_dir, (self.checkpoints / "last.pt").exists(), self.options.resume,
                          self.options.overwrite):
@@ -356,9 +393,9 @@ class Trainer:
     def run(self) -> dict:
         """Train, alone or as one of torchrun's processes: each trains on its part of every batch, the
         gradients are averaged (DistributedDataParallel) and the first process evaluates, logs and saves."""
-        with process_group(self.device) as part:
+        with process_group(self.device) as part, contextlib.ExitStack() as held:
             self.part = part
-            first_epoch, best = main_process_first(self.prepare_run_dir, self.follow_run_dir)
+            first_epoch, best = main_process_first(lambda: self.prepare_run_dir(held), self.follow_run_dir)
             step = self.step
             if part.count > 1:
                 if self.device.type == "cuda":  # batch statistics over the whole batch, as in one process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import io
 import json
@@ -10,6 +11,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ import zarr
 from conftest import write_cifar100
 from test_bad_input import assert_user_error, replace_flag
 
+from richkd.cache.locks import RunFolderLock
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
 from richkd.cli import run_cli
 from richkd.pipeline.models import read_checkpoint
@@ -238,6 +241,141 @@ def test_resuming_drops_what_a_log_write_cut_short_left(tmp_path):
     assert not (log / "metrics.json").exists() and not (tables / "epoch_seconds.tsv").exists()
     assert (tables / "lr.tsv").read_text() == "step\tlr\n0\t0.05\n"
     assert (tables / "train" / "loss.tsv").read_text() == "step\tloss\n0\t4.6\n"
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is `pid`."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # ended meanwhile
+            continue
+        if parent == pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def is_running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie left for its parent to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the seed processes in /proc")
+def test_seed_processes_end_with_their_killed_parent(world, tmp_path):
+    _, distill = world
+    run = tmp_path / "run"
+    command = [RICHKD, *distill, "--variant", "L", "--seeds", "0,1", "--jobs", "2", "--epochs", "100",
+               "--out", str(run)]
+    with open(tmp_path / "stderr", "w") as stderr:
+        parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    workers = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not all((run / f"seed-{seed}" / "config.yaml").exists() for seed in (0, 1)):  # both are training
+            assert parent.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
+            time.sleep(0.05)
+        workers = children_of(parent.pid)
+        assert len(workers) >= 2
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(map(is_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if is_running(pid)], "seed processes outlived their parent"
+    finally:
+        parent.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for seed in (0, 1):  # the locks the killed seed processes left, zombies or reaped, are taken over at once
+        with RunFolderLock(str(run / f"seed-{seed}"), timeout=600):
+            pass
+
+
+# Forks a process that must die with this one, on a system without prctl (its C library lacks it, as macOS's does),
+# and one whose parent ended before it could watch: prints their pids, then waits to be killed.
+WATCHED_CHILDREN = """
+import os, time
+from richkd.pipeline import training
+class LibraryWithoutPrctl:
+    def __init__(self, *args, **kwargs):
+        pass
+training.ctypes.CDLL = LibraryWithoutPrctl
+pids = []
+for parent in (os.getpid(), -1):
+    pid = os.fork()
+    if pid == 0:
+        training.die_with_parent(parent)
+        time.sleep(60)
+        os._exit(0)
+    pids.append(pid)
+print(*pids, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the processes in /proc")
+def test_without_prctl_a_seed_process_watches_its_parent():
+    parent = subprocess.Popen([sys.executable, "-c", WATCHED_CHILDREN], stdout=subprocess.PIPE, text=True)
+    watching, orphaned = map(int, parent.stdout.readline().split())
+    try:
+        deadline = time.monotonic() + 5
+        while is_running(orphaned) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_running(orphaned), "a seed process whose parent was already gone went on"
+        assert is_running(watching)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while is_running(watching) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_running(watching), "a seed process without prctl outlived its parent"
+    finally:
+        parent.kill()
+        for pid in (watching, orphaned):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def hold_the_lock_of(folder: Path, pid: int) -> Path:
+    """The lock that live training process `pid` of this host holds on run folder `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock.json"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "holder": "training",
+                                "heartbeat": time.time()}))
+    return lock
+
+
+def test_a_run_folder_has_one_writer_at_a_time(tiny_world, world, tmp_path, capsys):
+    run = tmp_path / "run"
+    train = ["train", "--data-root", str(tiny_world.data_root), "--arch", "resnet8", "--batch-size", "16",
+             "--num-workers", "0", "--device", "cpu", "--epochs", "1", "--out", str(run)]
+    _, distill = world
+    seeded = tmp_path / "seeded"
+    holder = subprocess.Popen(["sleep", "60"])  # a live process of this host
+    try:
+        lock = hold_the_lock_of(run, holder.pid)
+        assert_user_error(train, capsys, f"run folder {run} is in use: process {holder.pid} on "
+                          f"{socket.gethostname()} is training in it; two runs would write the same checkpoints: "
+                          "wait for that one to finish, or stop it and continue with --resume")
+        assert_user_error([*train, "--resume"], capsys, f"run folder {run} is in use: process {holder.pid}")
+        assert not (run / "checkpoints").exists()
+        for seed in (0, 1):  # with --seeds, each seed's folder, in the seed processes of --jobs too
+            hold_the_lock_of(seeded / f"seed-{seed}", holder.pid)
+        assert_user_error([*distill, "--variant", "L", "--epochs", "1", "--seeds", "0,1", "--jobs", "2",
+                           "--out", str(seeded)], capsys, f"run folder {seeded / 'seed-0'} is in use: process "
+                          f"{holder.pid} on {socket.gethostname()} is training in it")
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock of a process that is gone is taken over, and a run that ends gives its lock back.
+    assert run_cli(train) == 0
+    assert not lock.exists()
 
 
 def test_a_run_is_not_replaced_or_resumed_with_other_settings(world, tmp_path, capsys):
