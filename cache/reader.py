@@ -76,7 +76,7 @@ def shortened(text: str) -> str:
     if len(text) <= 60:
         return text
     if text[0] in "'\"" and text[-1] == text[0]:
-        return text[:56] + "..." + text[-1]
+        return text[:55] + "..." + text[-1]
     return text[:57] + "..."
 
 
