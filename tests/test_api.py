@@ -79,11 +79,19 @@ def test_features_controls_and_views(tiny_world, store):
 
 
 def test_the_example_trains_a_timm_model(tiny_world, store, tmp_path):
+    test_store = tmp_path / "test.zarr"
+    assert run_cli(tiny_world.precompute_args(test_store, "--split", "test", "--views", "1",
+                                              "--view-policy", "center")) == 0
     finished = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--store", str(store), "--dataset", "cifar100", "--data-root",
-         str(tiny_world.data_root), "--model", "test_resnet", "--epochs", "2", "--batch-size", "8",
+        [sys.executable, str(EXAMPLE), "--store", str(store), "--test-store", str(test_store), "--dataset", "cifar100",
+         "--data-root", str(tiny_world.data_root), "--model", "test_resnet", "--small-image-stem", "--epochs", "3",
+         "--batch-size", "8",
          "--out", str(tmp_path / "student.pt")], capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert [line.split(":")[0] for line in finished.stdout.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+    *epochs, held_out = finished.stdout.splitlines()
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in epochs]
+    assert losses[-1] < losses[0], losses  # it learns: the 40 training images, at least
+    assert held_out.startswith("test top-1: ") and held_out.endswith("% of 20 images (chance 1.0%)")
     saved = torch.load(tmp_path / "student.pt")
     assert saved["class_names"] == tiny_world.class_names and "fc.weight" in saved["model"]
