@@ -393,7 +393,10 @@ class Trainer:
     def run(self) -> dict:
         """Train, alone or as one of torchrun's processes: each trains on its part of every batch, the
         gradients are averaged (DistributedDataParallel) and the first process evaluates, logs and saves."""
-        with process_group(self.device) as part, contextlib.ExitStack() as held:
+        # A full disk while writing the run's files (its lock, log, summary.json, ...): --resume continues it.
+        with (out_of_space_is_a_user_error(str(self.run_dir), "its finished epochs are kept; free some space and "
+                                           "continue the run with --resume"),
+              process_group(self.device) as part, contextlib.ExitStack() as held):
             self.part = part
             first_epoch, best = main_process_first(lambda: self.prepare_run_dir(held), self.follow_run_dir)
             step = self.step
@@ -408,10 +411,7 @@ class Trainer:
                     for epoch in range(first_epoch, self.options.epochs):
                         self.train_epoch(epoch, step, progress, progress.add_task("", total=None))
                 return {}
-            # A full disk while writing the run's other files (its log, summary.json, ...): --resume continues it.
-            with out_of_space_is_a_user_error(str(self.run_dir), "its finished epochs are kept; free some space and "
-                                              "continue the run with --resume"):
-                return self.run_epochs(step, first_epoch, best)
+            return self.run_epochs(step, first_epoch, best)
 
     def run_epochs(self, step: nn.Module, first_epoch: int, best: dict) -> dict:
         summary_path = self.run_dir / "summary.json"
