@@ -26,6 +26,9 @@ COMMANDS = ("demo", "pack", "train-clip", "precompute", "train", "distill", "eva
 STAGE_MODULES = {command: f"richkd.stages.{command.replace('-', '_')}" for command in COMMANDS}
 STAGE_MODULES["inspect"] = "richkd.stages.inspect_store"
 RUN_CLI = "import sys; from richkd.cli import run_cli; sys.exit(run_cli(sys.argv[1:]))"
+# Where the probes run: `python -c` imports from its working directory first, and a checkout's richkd/ folder there
+# would stand in for the richkd installed beside --python.
+NEUTRAL = "/"
 
 
 def least_seconds(argv: list[str], repeats: int) -> float:
@@ -33,7 +36,7 @@ def least_seconds(argv: list[str], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=NEUTRAL)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -42,7 +45,7 @@ def heaviest_imports(python: str, statement: str, count: int) -> list[tuple[floa
     """The `count` packages that `statement` or richkd's modules spend longest importing, each with all it imports
     (`python -X importtime`, whose lines list every module after those it imported, indented one deeper)."""
     finished = subprocess.run([python, "-X", "importtime", "-c", statement], check=True, capture_output=True,
-                              text=True)
+                              text=True, cwd=NEUTRAL)
     lines = [match for line in finished.stderr.splitlines()
              if (match := re.fullmatch(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", line))]
     packages: dict[str, float] = {}
