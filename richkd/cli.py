@@ -25,11 +25,15 @@ from richkd.pipeline.runtime import DEVICE_CHOICES, console
 from richkd.stages import options
 
 
-class PlainHelpGroup(TyperGroup):
-    """`richkd --help` in plain text: rich's help takes longer to import and lay out than the rest together."""
+class PlainHelp:
+    """Help in plain text: typer's rich help takes longer to import and lay out than the rest of --help together."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         click.Command.format_help(self, ctx, formatter)
+
+
+class PlainHelpGroup(PlainHelp, TyperGroup):
+    """The `richkd` group, its help in plain text."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not args and not ctx.resilient_parsing:  # typer 0.28 raises an error that prints nothing for a bare `richkd`
@@ -38,11 +42,8 @@ class PlainHelpGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-class SectionedCommand(TyperCommand):
+class SectionedCommand(PlainHelp, TyperCommand):
     """A command whose help is plain text, its options in the sections their `rich_help_panel` names."""
-
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        click.Command.format_help(self, ctx, formatter)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         sections: dict[str, list[tuple[str, str]]] = {}
