@@ -16,13 +16,18 @@ import zarr
 from richkd.cache.schema import (
     DONE,
     FORMAT,
+    READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
+    ArraySpec,
     Layout,
+    Source,
     array_metadata,
     describe_blocks,
     has_missing,
     metadata_difference,
     read_done_flags,
+    schema_one_sources,
+    store_arrays,
     stored_arrays,
 )
 from richkd.pipeline.errors import UserError
@@ -80,13 +85,13 @@ def shortened(text: str) -> str:
     return text[:57] + "..."
 
 
-def require_schema(url: str, layout: Layout) -> None:
-    """Refuse a store whose arrays' metadata is not what precompute writes for `layout`: another data type, shape,
+def require_schema(url: str, arrays: dict[str, ArraySpec]) -> None:
+    """Refuse a store whose arrays' metadata is not `arrays` (`store_arrays`), what precompute writes: another data type, shape,
     chunking or codec would misread their bytes, and another fill value would let a missing chunk pass as numbers.
     Each zarr.json is read as JSON before zarr parses it, which fails with a traceback on some (a fill value that
     does not fit the data type)."""
     filesystem, root = fsspec.core.url_to_fs(store_location(url))
-    for name, spec in layout.arrays().items():
+    for name, spec in arrays.items():
         file = f"{name}/zarr.json"
         try:
             stored = json.loads(filesystem.cat_file(f"{root}/{file}"))
@@ -114,14 +119,23 @@ class CacheReader:
         if not is_cache(group):
             raise UserError(f"{self.url} is not a richkd cache store (no '{FORMAT}' format attribute)")
         version = group.attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise UserError(f"cache {self.url} has schema version {version}; "
-                            f"this richkd reads version {SCHEMA_VERSION}")
+                            f"this richkd reads versions {' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
         self.group = group
         self.attrs: dict = group.attrs.asdict()
-        self.layout = Layout(**self.attrs["layout"])
-        require_schema(self.url, self.layout)
+        self.layout = Layout.from_record(self.attrs["layout"])
+        self.sources, self.source_records = store_sources(self.attrs)
+        require_schema(self.url, store_arrays(self.layout, tuple(self.sources.values())))
         self.filesystem, self.root = fsspec.core.url_to_fs(store_location(self.url))
+
+    def source(self, name: str) -> Source:
+        if name not in self.sources:
+            raise UserError(f"cache {self.url} has no source '{name}'; it holds {', '.join(self.sources)}")
+        return self.sources[name]
+
+    def sources_of_kind(self, kind: str) -> list[str]:
+        return [name for name, source in self.sources.items() if source.kind == kind]
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
@@ -154,24 +168,32 @@ class CacheReader:
                             f"`richkd inspect --verify {self.url}` lists every damaged block")
         return values
 
-    def dense_logits(self, name: str, start: int, stop: int, view: int) -> torch.Tensor:
-        """Rows start:stop of `teacher/logits` or `clip/logits` as float32, rebuilt from a top-k store's arrays."""
-        stored = [as_tensor(self.read(array, start, stop, view)) for array in stored_arrays((name,), self.layout.topk)]
+    def dense_logits(self, source: str, start: int, stop: int, view: int) -> torch.Tensor:
+        """Rows start:stop of source `source`'s logits as float32, rebuilt from a top-k store's arrays."""
+        stored = [as_tensor(self.read(array, start, stop, view))
+                  for array in stored_arrays((self.source(source).logits,), self.layout.topk)]
         if len(stored) == 1:
             return stored[0]
         return SparseLogits.from_stored(*stored, self.layout.classes).dense()
 
-    def done(self) -> np.ndarray:
-        """(V, number of shards) bool: which blocks are fully written; damaged progress flags are an error."""
-        done, damaged = read_done_flags(self.array(DONE))
-        if damaged:
-            raise UserError(f"cache {self.url}: the progress flags of {len(damaged)} blocks are damaged "
-                            f"({describe_blocks(damaged)}); the same `richkd precompute` command computes those "
-                            "blocks again")
+    def done(self, sources: tuple[str, ...] | None = None) -> np.ndarray:
+        """(V, number of shards) bool: which blocks are fully written, the views' parameters and the outputs of
+        `sources` (default: every source); damaged progress flags are an error."""
+        names = self.sources if sources is None else sources
+        flags = dict.fromkeys([DONE, *(self.source(name).done_flags for name in names)])
+        done = np.ones((self.layout.views, self.layout.num_shards), dtype=bool)
+        for array in flags:
+            written, damaged = read_done_flags(self.array(array))
+            if damaged:
+                raise UserError(f"cache {self.url}: the progress flags of {len(damaged)} blocks are damaged "
+                                f"({describe_blocks(damaged)}); the same `richkd precompute` command computes those "
+                                "blocks again")
+            done &= written
         return done
 
-    def require_complete(self) -> None:
-        done = self.done()
+    def require_complete(self, sources: tuple[str, ...] | None = None) -> None:
+        """Refuse a store whose views, or the outputs of `sources` (default: every source), are not all written."""
+        done = self.done(sources)
         if not done.all():
             raise UserError(
                 f"cache {self.url} is incomplete: {int((~done).sum())} of {done.size} blocks are not written; "
@@ -246,6 +268,14 @@ class CacheReader:
 
     def key_index(self) -> KeyIndex:
         return KeyIndex(self.read("keys", 0, self.layout.samples).tolist())
+
+
+def store_sources(attrs: dict) -> tuple[dict[str, Source], dict[str, dict]]:
+    """A store's sources by name, in the order they were written, and each one's provenance record."""
+    if attrs["schema_version"] == 1:
+        return schema_one_sources(attrs["layout"]), {"teacher": attrs["teacher"], "clip": attrs["clip"]}
+    records = attrs["sources"]
+    return {name: Source.from_record(name, record) for name, record in records.items()}, records
 
 
 def block_name(name: str, start: int, stop: int, view: int | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,28 +18,50 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 FORMAT = "richkd-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 (richkd before named sources) held exactly a `teacher` and a `clip`, both flagged in `progress/done`, their
+# dimensions in the layout: it is read as those two sources.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
-# Arrays written block by block, shape (V, N, ...): row i is dataset index i.
-PER_VIEW_ARRAYS = ("views/params", "teacher/logits", "teacher/features", "clip/image_embeds", "clip/logits")
-# What a store written with --topk K holds in place of each dense logit array: the K largest values then the rest
-# (width K + 1), and their class ids (width K); `richkd.pipeline.topk` says how the other classes are rebuilt.
-TOPK_ARRAYS = {"teacher/logits": ("teacher/topk_logits", "teacher/topk_classes"),
-               "clip/logits": ("clip/topk_logits", "clip/topk_classes")}
-# Arrays written once, when the store is created.
-STATIC_ARRAYS = ("labels", "keys", "clip/class_embeds", "clip/prompt_embeds")
+# Arrays every store holds beside its sources; `progress/done` flags the views' parameters (in schema 1, everything).
+STATIC_ARRAYS = ("labels", "keys")
+VIEW_PARAMS = "views/params"
 DONE = "progress/done"
 
 PRECISIONS = ("float16", "float32")
+# A conventional classifier (logits, pooled features) or a CLIP (zero-shot cosines over its prompt ensemble, image
+# embeddings, class and prompt embeddings).
+SOURCE_KINDS = ("classifier", "clip")
+# What a source stores per view: `all` its logits and features, `logits` its logits alone.
+OUTPUTS = ("all", "logits")
+SOURCE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+# Names taken by the store's own arrays and groups.
+RESERVED_NAMES = ("labels", "keys", "views", "progress", "sources")
 
-# Provenance sections that must agree for a run to continue an existing store.
-IDENTITY_SECTIONS = ("layout", "dataset", "views", "teacher", "clip")
+# Provenance sections that must agree for a run to continue an existing store (each written source's record, too).
+IDENTITY_SECTIONS = ("layout", "dataset", "views")
+
+
+def topk_arrays(logits: str) -> tuple[str, str]:
+    """What a store written with --topk K holds in place of the dense logit array `logits` (`<source>/logits`): the K
+    largest values then the rest (width K + 1), and their class ids (width K); `richkd.pipeline.topk` says how the
+    other classes are rebuilt."""
+    source = logits.rpartition("/")[0]
+    return f"{source}/topk_logits", f"{source}/topk_classes"
 
 
 def stored_arrays(names: tuple[str, ...], topk: int) -> tuple[str, ...]:
     """The arrays that hold the per-view arrays `names` in a store of `topk` (a logit array's top-k pair if > 0)."""
     return tuple(stored for name in names
-                 for stored in (TOPK_ARRAYS[name] if topk and name in TOPK_ARRAYS else (name,)))
+                 for stored in (topk_arrays(name) if topk and name.endswith("/logits") else (name,)))
+
+
+def require_source_name(name: str) -> None:
+    from richkd.pipeline.errors import UserError
+
+    if not SOURCE_NAME.fullmatch(name) or name in RESERVED_NAMES:
+        raise UserError(f"source name '{name}' must be lower-case letters, digits and _, starting with a letter (at "
+                        f"most 40), and none of {', '.join(RESERVED_NAMES)}")
 
 
 @dataclass(frozen=True)
@@ -51,20 +74,22 @@ class ArraySpec:
 
 @dataclass(frozen=True)
 class Layout:
-    """Every dimension of a store, and how it is cut into chunks and shards."""
+    """Every dimension a store's sources share, and how per-sample arrays are cut into chunks and shards."""
 
     views: int
     samples: int
     classes: int
-    teacher_dim: int
-    clip_dim: int
-    prompts: int
     view_params: int
     shard_size: int
     chunk_size: int
     precision: str
     topk: int = 0  # 0: dense logits
     topk_temperature: float = 1.0
+
+    @classmethod
+    def from_record(cls, record: dict) -> Layout:
+        """The layout a store records (schema 1 also recorded its two sources' sizes there)."""
+        return cls(**{key: value for key, value in record.items() if key not in ("teacher_dim", "clip_dim", "prompts")})
 
     @property
     def num_shards(self) -> int:
@@ -78,45 +103,111 @@ class Layout:
         """Every (view, shard) write unit, view-major."""
         return [(view, shard) for view in range(self.views) for shard in range(self.num_shards)]
 
-    def per_view_arrays(self) -> tuple[str, ...]:
-        return stored_arrays(PER_VIEW_ARRAYS, self.topk)
+    def per_view(self, width: int, dtype: str) -> ArraySpec:
+        chunk, shard = min(self.chunk_size, self.shard_size), self.shard_size
+        return ArraySpec((self.views, self.samples, width), dtype, (1, chunk, width), (1, shard, width))
+
+    def flags(self) -> ArraySpec:
+        """A (view, shard) done-flag array: one chunk per flag, so that concurrent writers of different blocks
+        never rewrite each other's flags."""
+        return ArraySpec((self.views, self.num_shards), "bool", (1, 1), None)
 
     def arrays(self) -> dict[str, ArraySpec]:
-        V, N, C = self.views, self.samples, self.classes
-        chunk, shard = min(self.chunk_size, self.shard_size), self.shard_size
-
-        def per_view(width: int, dtype: str) -> ArraySpec:
-            return ArraySpec((V, N, width), dtype, (1, chunk, width), (1, shard, width))
-
-        def per_sample(dtype: str) -> ArraySpec:
-            return ArraySpec((N,), dtype, (chunk,), (shard,))
-
-        class_chunk = min(C, 128)
-        if self.topk:
-            class_ids = "int16" if C <= np.iinfo(np.int16).max else "int32"
-            logits = {array: spec for values, classes in TOPK_ARRAYS.values() for array, spec in
-                      ((values, per_view(self.topk + 1, self.precision)), (classes, per_view(self.topk, class_ids)))}
-        else:
-            logits = {name: per_view(C, self.precision) for name in TOPK_ARRAYS}
-        return {
-            "labels": per_sample("int64"),
-            "keys": per_sample("str"),
-            "views/params": per_view(self.view_params, "int32"),
-            "teacher/features": per_view(self.teacher_dim, self.precision),
-            "clip/image_embeds": per_view(self.clip_dim, self.precision),
-            **logits,
-            "clip/class_embeds": ArraySpec((C, self.clip_dim), "float32", (class_chunk, self.clip_dim), None),
-            "clip/prompt_embeds": ArraySpec(
-                (C, self.prompts, self.clip_dim), "float32", (class_chunk, self.prompts, self.clip_dim), None),
-            # One chunk per flag: concurrent writers of different blocks never rewrite each other's flags.
-            DONE: ArraySpec((V, self.num_shards), "bool", (1, 1), None),
-        }
+        """The arrays every store holds beside its sources."""
+        chunk = min(self.chunk_size, self.shard_size)
+        per_sample = {dtype: ArraySpec((self.samples,), dtype, (chunk,), (self.shard_size,))
+                      for dtype in ("int64", "str")}
+        return {"labels": per_sample["int64"], "keys": per_sample["str"],
+                VIEW_PARAMS: self.per_view(self.view_params, "int32"), DONE: self.flags()}
 
     def describe(self) -> dict:
         described = asdict(self)
-        if not self.topk:  # as dense stores were recorded before top-k existed, so that they can still be continued
+        if not self.topk:  # as dense stores were recorded before top-k existed
             del described["topk"], described["topk_temperature"]
         return described
+
+
+@dataclass(frozen=True)
+class Source:
+    """One model whose outputs a store holds, under `<name>/`: its logits per view (a CLIP's: cosines with its class
+    embeddings) and, with outputs `all`, its features (a classifier's pooled penultimate features, a CLIP's
+    L2-normalised image embeddings), and a CLIP's class and prompt embeddings. `<name>/done` flags its blocks (a
+    schema-1 store's two sources share `progress/done`)."""
+
+    name: str
+    kind: str
+    dim: int  # features' (embeddings') size
+    prompts: int = 0  # a CLIP's prompt templates
+    outputs: str = "all"
+    done: str = ""  # its flags' array, when not `<name>/done`
+
+    FIELDS = ("kind", "dim", "prompts", "outputs")
+
+    @classmethod
+    def from_record(cls, name: str, record: dict) -> Source:
+        return cls(name, **{field: record[field] for field in (*cls.FIELDS, "done") if field in record})
+
+    def describe(self) -> dict:
+        return {field: getattr(self, field) for field in self.FIELDS}
+
+    @property
+    def logits(self) -> str:
+        return f"{self.name}/logits"
+
+    @property
+    def features(self) -> str | None:
+        """Its stored features' array, None in a logits-only store."""
+        if self.outputs != "all":
+            return None
+        return f"{self.name}/{'image_embeds' if self.kind == 'clip' else 'features'}"
+
+    @property
+    def done_flags(self) -> str:
+        return self.done or f"{self.name}/done"
+
+    @property
+    def class_embeds(self) -> str:
+        return f"{self.name}/class_embeds"
+
+    @property
+    def prompt_embeds(self) -> str:
+        return f"{self.name}/prompt_embeds"
+
+    def per_view_arrays(self, topk: int) -> tuple[str, ...]:
+        return stored_arrays((self.logits, *([self.features] if self.features else [])), topk)
+
+    def arrays(self, layout: Layout) -> dict[str, ArraySpec]:
+        C, precision = layout.classes, layout.precision
+        if layout.topk:
+            class_ids = "int16" if C <= np.iinfo(np.int16).max else "int32"
+            values, classes = topk_arrays(self.logits)
+            arrays = {values: layout.per_view(layout.topk + 1, precision),
+                      classes: layout.per_view(layout.topk, class_ids)}
+        else:
+            arrays = {self.logits: layout.per_view(C, precision)}
+        if self.features:
+            arrays[self.features] = layout.per_view(self.dim, precision)
+        if self.kind == "clip":
+            class_chunk = min(C, 128)
+            arrays[self.class_embeds] = ArraySpec((C, self.dim), "float32", (class_chunk, self.dim), None)
+            arrays[self.prompt_embeds] = ArraySpec(
+                (C, self.prompts, self.dim), "float32", (class_chunk, self.prompts, self.dim), None)
+        arrays[self.done_flags] = layout.flags()
+        return arrays
+
+
+def store_arrays(layout: Layout, sources: tuple[Source, ...]) -> dict[str, ArraySpec]:
+    """Every array of a store of `layout` holding `sources`."""
+    arrays = layout.arrays()
+    for source in sources:
+        arrays.update(source.arrays(layout))
+    return arrays
+
+
+def schema_one_sources(record: dict) -> dict[str, Source]:
+    """A schema-1 store's `teacher` and `clip`, from its layout record."""
+    return {"teacher": Source("teacher", "classifier", record["teacher_dim"], done=DONE),
+            "clip": Source("clip", "clip", record["clip_dim"], record["prompts"], done=DONE)}
 
 
 # What a read returns where no chunk was written (or a shard file is truncated): never a value richkd writes,
