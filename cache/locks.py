@@ -55,10 +55,11 @@ def is_zombie(pid: int) -> bool:
 class BlockLocks:
     """The locks this process holds on blocks of the store at `url`."""
 
-    def __init__(self, url: str, holder: str, timeout: float):
+    def __init__(self, url: str, holder: str, timeout: float, scope: str = ""):
         self.url, self.timeout = url, timeout
         self.filesystem, root = fsspec.core.url_to_fs(store_location(url))
-        self.folder = f"{root.rstrip('/')}/{LOCKS}"
+        # Runs adding other sources write other arrays: their locks are apart, so they can run at once.
+        self.folder = f"{root.rstrip('/')}/{LOCKS}" + (f"/{scope}" if scope else "")
         self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "holder": holder}
         self.held: set[tuple[int, int]] = set()
         self.guard = threading.Lock()

@@ -17,7 +17,6 @@ from richkd.cache.schema import (
     DONE,
     FORMAT,
     READABLE_SCHEMA_VERSIONS,
-    SCHEMA_VERSION,
     ArraySpec,
     Layout,
     Source,
@@ -86,10 +85,10 @@ def shortened(text: str) -> str:
 
 
 def require_schema(url: str, arrays: dict[str, ArraySpec]) -> None:
-    """Refuse a store whose arrays' metadata is not `arrays` (`store_arrays`), what precompute writes: another data type, shape,
-    chunking or codec would misread their bytes, and another fill value would let a missing chunk pass as numbers.
-    Each zarr.json is read as JSON before zarr parses it, which fails with a traceback on some (a fill value that
-    does not fit the data type)."""
+    """Refuse a store whose arrays' metadata is not `arrays` (`store_arrays`), what precompute writes: another data
+    type, shape, chunking or codec would misread their bytes, and another fill value would let a missing chunk pass
+    as numbers. Each zarr.json is read as JSON before zarr parses it, which fails with a traceback on some (a fill
+    value that does not fit the data type)."""
     filesystem, root = fsspec.core.url_to_fs(store_location(url))
     for name, spec in arrays.items():
         file = f"{name}/zarr.json"
@@ -126,13 +125,25 @@ class CacheReader:
         self.attrs: dict = group.attrs.asdict()
         self.layout = Layout.from_record(self.attrs["layout"])
         self.sources, self.source_records = store_sources(self.attrs)
-        require_schema(self.url, store_arrays(self.layout, tuple(self.sources.values())))
+        self.specs = store_arrays(self.layout, tuple(self.sources.values()))  # every array it holds
+        require_schema(self.url, self.specs)
         self.filesystem, self.root = fsspec.core.url_to_fs(store_location(self.url))
 
     def source(self, name: str) -> Source:
         if name not in self.sources:
             raise UserError(f"cache {self.url} has no source '{name}'; it holds {', '.join(self.sources)}")
         return self.sources[name]
+
+    @property
+    def teacher_input_transform(self) -> dict:
+        """The normalisation the store's teacher (its first classifier) was fed: students are fed the same unless
+        told otherwise."""
+        return self.source_records[self.sources_of_kind("classifier")[0]]["input_transform"]
+
+    def provenance(self) -> dict:
+        """The store's dataset, views, sources and layout records, as a run records where its targets came from."""
+        return {"dataset": self.attrs["dataset"], "views": self.attrs["views"], "sources": self.source_records,
+                "layout": self.attrs["layout"]}
 
     def sources_of_kind(self, kind: str) -> list[str]:
         return [name for name, source in self.sources.items() if source.kind == kind]

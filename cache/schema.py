@@ -148,7 +148,7 @@ class Source:
         return cls(name, **{field: record[field] for field in (*cls.FIELDS, "done") if field in record})
 
     def describe(self) -> dict:
-        return {field: getattr(self, field) for field in self.FIELDS}
+        return {field: getattr(self, field) for field in self.FIELDS} | ({"done": self.done} if self.done else {})
 
     @property
     def logits(self) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from richkd.cache.schema import TOPK_ARRAYS, stored_arrays
+from richkd.cache.schema import stored_arrays, topk_arrays
 from richkd.pipeline.topk import SparseLogits, weighted_sum
 from richkd.pipeline.variants import VARIANTS, clip_scale_value, weighted_logit_arrays
 
@@ -66,7 +66,7 @@ class Fusion:
         for name, weight, scale in (("teacher/logits", self.teacher_weight, 1.0),
                                     ("clip/logits", self.clip_weight, self.scale)):
             if weight > 0:
-                logits = SparseLogits.from_stored(*(targets[array] for array in TOPK_ARRAYS[name]),
+                logits = SparseLogits.from_stored(*(targets[array] for array in topk_arrays(name)),
                                                   self.classes).scaled(scale)
                 parts.append((weight, logits.standardized() if self.standardize else logits))
         return weighted_sum(parts)

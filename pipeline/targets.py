@@ -161,10 +161,10 @@ class CachedTargets(Dataset):
         self.index_of_row = np.argsort(self.rows)
         self.policy = policy_from_description(self.reader.attrs["views"])
         self.normalization = choose_normalization(normalize, self.dataset,
-                                                  self.reader.attrs["teacher"]["input_transform"], f"the store {store}")
+                                                  self.reader.teacher_input_transform, f"the store {store}")
         layout = self.reader.layout
-        self.fusion = Fusion.of(variant, alpha, clip_scale, self.reader.attrs["clip"]["logit_scale"], standardize,
-                                layout.topk, layout.classes)
+        self.fusion = Fusion.of(variant, alpha, clip_scale, self.reader.source_records["clip"]["logit_scale"],
+                                standardize, layout.topk, layout.classes)
         self.names = self.fusion.arrays + FEATURE_ARRAYS * features
         self.view, self.arrays = None, {}
         self.set_epoch(0)
@@ -233,7 +233,7 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
     sweep, and how the teacher's and CLIP's errors overlap (shares of the (view, sample) pairs). With `superclasses`
     (each class's superclass number) the teacher, CLIP and fused rows give their superclass share."""
     layout = reader.layout
-    logit_scale = reader.attrs["clip"]["logit_scale"]
+    logit_scale = reader.source_records["clip"]["logit_scale"]
     fusions = sweep_fusions(logit_scale)
     fused_scale = clip_scale_value(clip_scale, logit_scale)
     meters = {name: ClassificationMeter(confidence_threshold=confidence_threshold, num_classes=layout.classes,
@@ -249,8 +249,8 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
         for view, shard in progress.track(blocks, description="reading blocks"):
             start, stop = layout.shard_range(shard)
             labels = torch.from_numpy(labels_all[start:stop])
-            z_teacher = reader.dense_logits("teacher/logits", start, stop, view)
-            s_clip = reader.dense_logits("clip/logits", start, stop, view)
+            z_teacher = reader.dense_logits("teacher", start, stop, view)
+            s_clip = reader.dense_logits("clip", start, stop, view)
             meters["teacher"].update(z_teacher, labels)
             meters["clip"].update(fusions["clip"][0] * s_clip, labels)
             meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale, standardized), labels)

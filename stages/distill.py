@@ -114,7 +114,7 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
     targets = EpochTargets(reader, stored_arrays(config.cached_arrays(), layout.topk), rows, training_rows,
                            parse_size(config.cache_memory), config.seed, config.epochs, shards, policy,
                            config.num_workers, config.shuffle_buffer)
-    fusion = (Fusion.of(config.variant, config.alpha, config.clip_scale, reader.attrs["clip"]["logit_scale"],
+    fusion = (Fusion.of(config.variant, config.alpha, config.clip_scale, reader.source_records["clip"]["logit_scale"],
                         config.standardize, layout.topk, layout.classes) if config.uses_logits else None)
     if fusion is not None and layout.topk and config.temperature != layout.topk_temperature:
         console.print(f"the store holds the top {layout.topk} logits, the other classes' mass kept exact at "
@@ -129,7 +129,7 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
             nce_k = len(training_rows) - 1
             console.print(f"--nce-k {config.nce_k} is not below the {len(training_rows)} training samples: "
                           f"CRD draws {nce_k} negatives per sample")
-        crd = FusedCRD(student_dim, layout.teacher_dim, layout.clip_dim, num_data=layout.samples,
+        crd = FusedCRD(student_dim, reader.source("teacher").dim, reader.source("clip").dim, num_data=layout.samples,
                        lam=config.feature_lam, embed_dim=config.embed_dim, nce_temperature=config.nce_temperature,
                        momentum=config.nce_momentum, generator=seeded_generator(config.seed, 0, CRD_MEMORY))
     return DistillObjective(config, targets, fusion, crd, nce_k, config.seed)
@@ -161,7 +161,7 @@ def distill_one(config: DistillConfig) -> dict:
         require_labelled(eval_dataset, "--eval-split")
         rows = reader.rows_of(dataset)
     # The student may be fed another normalisation than the teacher was; by default it is the teacher's.
-    normalization = choose_normalization(config.normalize, dataset, reader.attrs["teacher"]["input_transform"],
+    normalization = choose_normalization(config.normalize, dataset, reader.teacher_input_transform,
                                          f"the store {config.cache}")
     dataset, eval_dataset = normalized(dataset, normalization), normalized(eval_dataset, normalization)
     model = seeded_model(config.arch, len(dataset.class_names), config.seed)
@@ -172,6 +172,6 @@ def distill_one(config: DistillConfig) -> dict:
     info = {"arch": config.arch, "num_classes": len(dataset.class_names), "kind": "distill",
             "class_names": list(dataset.class_names), "view_policy": reader.attrs["views"],
             "normalization": normalization.describe(),
-            "cache": {key: reader.attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout")}}
+            "cache": reader.provenance()}
     return Trainer(config, model, objective, dataset, eval_dataset, policy, info, validation,
                    announce=(normalization.summary(),)).run()

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from richkd.cache.reader import CacheReader, block_name
-from richkd.cache.schema import DONE, read_done_flags
+from richkd.cache.schema import DONE, VIEW_PARAMS, read_done_flags
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.errors import UserError
@@ -27,7 +27,7 @@ from richkd.stages.precompute import load_teacher
 
 def array_summary(reader: CacheReader) -> list[dict]:
     summary = []
-    for name in reader.layout.arrays():
+    for name in reader.specs:
         array = reader.array(name)
         summary.append({
             "name": name,
@@ -46,20 +46,25 @@ def verify(reader: CacheReader) -> tuple[int, list[str]]:
     whose progress flag is damaged is listed, and its data is not read: precompute computes it again. A block whose
     shard file is gone is named as missing (zarr would read it as the fill value)."""
     layout = reader.layout
-    done, damaged_flags = read_done_flags(reader.array(DONE))
-    reads = []
-    for name, spec in layout.arrays().items():
-        if name == DONE:
+    # Each flags array, and the per-view arrays whose blocks it flags.
+    flagged: dict[str, list[str]] = {DONE: [VIEW_PARAMS]}
+    for source in reader.sources.values():
+        flagged.setdefault(source.done_flags, []).extend(source.per_view_arrays(layout.topk))
+    reads, damaged = [], []
+    for flags, names in flagged.items():
+        done, damaged_flags = read_done_flags(reader.array(flags))
+        damaged += [f"{flags} view {view} shard {shard} is damaged (its block is computed again by precompute)"
+                    for view, shard in damaged_flags]
+        reads += [(name, *layout.shard_range(s), v) for name in names for v in range(layout.views)
+                  for s in range(layout.num_shards) if done[v, s]]
+    per_view = {name for names in flagged.values() for name in names}
+    for name, spec in reader.specs.items():
+        if name in flagged or name in per_view:
             continue
-        if name in layout.per_view_arrays():
-            reads += [(name, *layout.shard_range(s), v) for v in range(layout.views) for s in range(layout.num_shards)
-                      if done[v, s]]
-        elif len(spec.shape) == 1:
+        if len(spec.shape) == 1:
             reads += [(name, *layout.shard_range(s), None) for s in range(layout.num_shards)]
         else:
             reads.append((name, 0, spec.shape[0], None))
-    damaged = [f"{DONE} view {view} shard {shard} is damaged (its block is computed again by precompute)"
-               for view, shard in damaged_flags]
     with progress_bar("block") as progress:
         for name, start, stop, view in progress.track(reads, description="verifying"):
             missing = reader.missing_file(name, start, view)
@@ -82,15 +87,16 @@ def verify_views(reader: CacheReader, count: int, data_root: str | None, teacher
     checkpoint = teacher_checkpoint or config["teacher_checkpoint"]
     if not Path(checkpoint).is_file():
         raise UserError(f"the store's teacher checkpoint {checkpoint} does not exist: pass --teacher-checkpoint")
-    if file_sha256(checkpoint) != attrs["teacher"]["checkpoint_sha256"]:
+    if file_sha256(checkpoint) != reader.source_records["teacher"]["checkpoint_sha256"]:
         raise UserError(f"teacher checkpoint {checkpoint} is not the one the store was made with (its sha256 differs)")
     reader.require_complete()
     dataset = open_dataset(config["dataset"], data_root or config["data_root"], attrs["dataset"]["split"])
     rows = reader.rows_of(dataset)
     rows = np.arange(len(dataset)) if rows is None else rows
-    teacher, _ = load_teacher(attrs["teacher"]["arch"], checkpoint, layout.classes, resolve_device(device))
+    teacher_record = reader.source_records["teacher"]
+    teacher, _ = load_teacher(teacher_record["arch"], checkpoint, layout.classes, resolve_device(device))
     policy = policy_from_description(attrs["views"])
-    transform = attrs["teacher"]["input_transform"]
+    transform = reader.teacher_input_transform
     index_of_row = np.argsort(rows)
 
     def partner(view: int):
@@ -109,7 +115,7 @@ def verify_views(reader: CacheReader, count: int, data_root: str | None, teacher
             pixels = rebuild_view(policy, image_for_views(dataset, policy, index), params, partner(view))
             logits, _ = teacher(normalize(pixels[None].to(next(teacher.parameters()).device), transform["mean"],
                                           transform["std"]))
-            stored_logits = reader.dense_logits("teacher/logits", row, row + 1, view)
+            stored_logits = reader.dense_logits("teacher", row, row + 1, view)
             listed = torch.ones_like(stored_logits, dtype=torch.bool)
             if layout.topk:  # only the top-k logits are stored as the teacher gave them
                 listed[:] = False
@@ -129,8 +135,7 @@ def inspect_store(url: str, max_views: int | None = None) -> dict:
     attrs = reader.attrs
     return {
         "store": url,
-        "provenance": {key: attrs[key] for key in ("dataset", "views", "teacher", "clip", "layout", "software",
-                                                   "created") if key in attrs},
+        "provenance": {**reader.provenance(), **{key: attrs[key] for key in ("software", "created") if key in attrs}},
         "complete": bool(done.all()),
         "blocks_done": int(done.sum()),
         "blocks_total": int(done.size),
@@ -152,7 +157,7 @@ def size(nbytes: int) -> str:
 
 def print_report(report: dict, console: Console) -> None:
     p = report["provenance"]
-    dataset, views, teacher, clip = p["dataset"], p["views"], p["teacher"], p["clip"]
+    dataset, views, teacher, clip = p["dataset"], p["views"], p["sources"]["teacher"], p["sources"]["clip"]
     console.print(f"[bold]{report['store']}[/]")
     console.print(f"dataset   {dataset['name']} / {dataset['split']}: {dataset['num_samples']} samples, "
                   f"{len(dataset['class_names'])} classes")

@@ -27,6 +27,11 @@ from richkd.pipeline.runtime import parse_part, torchrun_part
 from richkd.pipeline.training_options import TrainingOptions
 from richkd.pipeline.variants import DEFAULT_ALPHA, VARIANTS, clip_scale_value
 
+# A source's kinds, and what a source stores per view (`richkd.cache.schema` holds the same lists).
+SOURCE_KINDS = ("classifier", "clip")
+OUTPUTS = ("all", "logits")
+# The names precompute gives its own teacher and CLIP.
+BASE_SOURCES = ("teacher", "clip")
 # pack's image encodings.
 PACK_FORMATS = ("png", "original")
 # Each --logit-loss's weight unless --logit-weight is given: DKD carries its own alpha and beta, so it is weighted 1
@@ -126,6 +131,32 @@ class TrainClipConfig(DataOptions, ExecutionOptions):
         return f"the checkpoint of the last finished epoch in {self.out} is kept; continue with: {{command}} --resume"
 
 
+@dataclass(frozen=True)
+class SourceSpec:
+    """A source named on the command line: NAME=KIND:MODEL[@WEIGHTS]."""
+
+    name: str
+    kind: str
+    model: str
+    weights: str | None
+
+    @classmethod
+    def parse(cls, text: str, flag: str) -> SourceSpec:
+        name, _, described = text.partition("=")
+        kind, _, model = described.partition(":")
+        weights = None
+        if "@" in model:
+            model, _, weights = model.rpartition("@")
+        require(bool(name) and kind in SOURCE_KINDS and bool(model) and weights != "",
+                f"{flag} takes NAME=clip:MODEL[@WEIGHTS] or NAME=classifier:ARCH@CHECKPOINT, got '{text}'")
+        require(kind == "clip" or weights is not None,
+                f"{flag} {text}: a classifier needs its checkpoint, as {name}=classifier:{model}@CHECKPOINT")
+        from richkd.cache.schema import require_source_name  # with the store's code, which the command runs
+
+        require_source_name(name)
+        return cls(name, kind, model, weights)
+
+
 @dataclass
 class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOptions):
     stream: bool = option(
@@ -161,6 +192,17 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
         "--temperature students distill at (at another T it is approximate).", "Store")
     shard_size: int = option(4096, "Samples per shard: the unit of writing, resuming and parallel work.", "Store")
     overwrite: bool = option(False, "Replace an existing store made with another configuration.", "Store")
+    outputs: str = option(
+        "all", "What each source written stores per view: all (logits and features) or logits (all the L, shrink "
+        "and clip variants read: a fraction of the size; F and LF then cannot use the source).", "Store")
+    source: list[str] = option(
+        [], "More sources to write beside the teacher and CLIP, in one pass over the images: NAME=clip:MODEL[@WEIGHTS] "
+        "(an open_clip model and its pretrained tag or checkpoint, prompted as --templates and --class-names say) or "
+        "NAME=classifier:ARCH@CHECKPOINT. Repeat the flag for each.", "Sources")
+    add_source: list[str] = option(
+        [], "Add sources, given as --source gives them, to the finished store --out, for its stored views: the same "
+        "crops, augmentation and mixing, replayed from the store; its other arrays are never rewritten. Resumable and "
+        "split over --part and torchrun as any precompute; the teacher and CLIP flags are then unused.", "Sources")
     batch_size: int = option(
         256, "Images per forward pass: every view of batch-size / views samples (at least one sample).",
         "Execution")
@@ -170,6 +212,11 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
     lock_timeout: float = option(
         600.0, "Seconds without a heartbeat after which a lock on a block counts as left by a killed process "
         "(on the same host a lock whose process is gone is taken over at once).", "Parallel")
+
+    def source_specs(self) -> list[SourceSpec]:
+        """The sources of --source, or of --add-source."""
+        flag = "--add-source" if self.add_source else "--source"
+        return [SourceSpec.parse(text, flag) for text in self.add_source or self.source]
 
     def interruption_advice(self) -> str:
         """What Ctrl-C keeps, and the command (`{command}`, as it was typed) that continues the store."""
@@ -186,7 +233,17 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
         from richkd.cache.schema import PRECISIONS  # with the store's code, which the command runs
 
         require(self.dtype in PRECISIONS, f"--dtype must be one of {', '.join(PRECISIONS)}, got '{self.dtype}'")
-        require(self.teacher_checkpoint is not None, "--teacher-checkpoint is required")
+        require(self.outputs in OUTPUTS, f"--outputs must be all or logits, got '{self.outputs}'")
+        require(self.teacher_checkpoint is not None or self.add_source, "--teacher-checkpoint is required")
+        require(not (self.add_source and self.source), "--source writes sources into a new store and --add-source "
+                "into a finished one: give one of them")
+        require(not (self.add_source and self.stream), "--add-source reads the images by index: leave out --stream")
+        names = [spec.name for spec in self.source_specs()]
+        repeated = next((name for name in names if names.count(name) > 1), None)
+        require(repeated is None, f"source name {repeated} is given twice: each source needs a name of its own")
+        taken = next((name for name in names if name in BASE_SOURCES and not self.add_source), None)
+        require(taken is None, f"--source {taken}: teacher and clip name precompute's own teacher and CLIP; give "
+                "the source another name")
         require_positive(self.lock_timeout, "--lock-timeout")
         if self.part is not None:
             parse_part(self.part)

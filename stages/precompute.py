@@ -8,6 +8,7 @@ so a resumed store is identical to one written in one go.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from torch.utils.data.dataloader import default_collate
 
 from richkd.cache.locks import BlockLocks
-from richkd.cache.schema import TOPK_ARRAYS, Layout
-from richkd.cache.writer import CacheWriter
+from richkd.cache.reader import CacheReader
+from richkd.cache.schema import VIEW_PARAMS, Layout, Source, topk_arrays
+from richkd.cache.writer import ADDITION, CacheWriter
 from richkd.pipeline.clip import (
     DEFAULT_TEMPLATES,
     RANDOM_WEIGHTS,
@@ -40,7 +42,7 @@ from richkd.pipeline.distributed import barrier, is_main_process, main_process_f
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.execution import autocast, progress_bar, resolve_device, software_versions
 from richkd.pipeline.models import create_model, file_sha256, load_checkpoint
-from richkd.pipeline.normalization import choose_normalization, normalized
+from richkd.pipeline.normalization import Normalization, choose_normalization, normalized
 from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.runtime import Part, console, parse_part, warn
 from richkd.pipeline.shards import decode_image, scan_shards, shard_starts, stream_shard, streamed_shard_set
@@ -49,11 +51,12 @@ from richkd.pipeline.views import (
     describe_policy,
     image_for_views,
     make_view_policy,
+    policy_from_description,
     policy_summary,
     rebuild_view,
     sample_view,
 )
-from richkd.stages.options import PrecomputeConfig
+from richkd.stages.options import PrecomputeConfig, SourceSpec
 
 
 @dataclass
@@ -70,8 +73,8 @@ class PrecomputeResult:
 
 
 class SampleViews(Dataset):
-    """index -> every view of sample `index`, cut from one decode of its image: uint8 (V, 3, h, w) pixels, the
-    (V, k) parameters, and the index."""
+    """store row -> every view of that sample, cut from one decode of its image: uint8 (V, 3, h, w) pixels, the
+    (V, k) parameters, and the row. Row i is dataset index i, and its views' parameters are drawn from the seed."""
 
     def __init__(self, dataset: ImageDataset, policy, seed: int, views: int):
         self.dataset, self.policy, self.seed, self.views = dataset, policy, seed, views
@@ -79,22 +82,59 @@ class SampleViews(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
-        return self.views_of(index)
+    def __getitem__(self, row: int):
+        return self.views_of(row)
 
-    def views_of(self, index: int, image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The views of sample `index`, cut from `image` when it was streamed."""
-        image = image_for_views(self.dataset, self.policy, index, image)
-        params = [sample_view(self.policy, self.seed, view, index, image) for view in range(self.views)]
+    def views_of(self, row: int, image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The views of store row `row`, cut from `image` when it was streamed."""
+        image = image_for_views(self.dataset, self.policy, self.sample(row), image)
+        params = [self.params(view, row, image) for view in range(self.views)]
         views = [rebuild_view(self.policy, image, p, self._partner(view)) for view, p in enumerate(params)]
-        return torch.stack(views), torch.from_numpy(np.stack(params)), index
+        return torch.stack(views), torch.from_numpy(np.stack(params)), row
+
+    def sample(self, row: int) -> int:
+        """The dataset index of store row `row`."""
+        return row
+
+    def params(self, view: int, row: int, image: torch.Tensor) -> np.ndarray:
+        return sample_view(self.policy, self.seed, view, row, image)
 
     def _partner(self, view: int):
-        """Sample i's image and the params of its view `view`, for mixing (a store row is a dataset index)."""
-        def image_and_params(index: int) -> tuple[torch.Tensor, np.ndarray]:
-            image = image_for_views(self.dataset, self.policy, index)
-            return image, sample_view(self.policy, self.seed, view, index, image)
+        """A store row's image and the params of its view `view`, for mixing."""
+        def image_and_params(row: int) -> tuple[torch.Tensor, np.ndarray]:
+            image = image_for_views(self.dataset, self.policy, self.sample(row))
+            return image, self.params(view, row, image)
         return image_and_params
+
+
+class StoredViews(SampleViews):
+    """The views a finished store holds, replayed from its stored parameters, of a dataset that lists the store's
+    samples in the order `sample_of_row` (None: the store's). Each process reads one shard's parameters at a time."""
+
+    def __init__(self, dataset: ImageDataset, policy, url: str, layout: Layout, sample_of_row: np.ndarray | None):
+        super().__init__(dataset, policy, seed=0, views=layout.views)
+        self.url, self.layout, self.sample_of_row = url, layout, sample_of_row
+        self.reader: CacheReader | None = None  # opened in the process that reads (a loader worker)
+        self.shard, self.shard_params = -1, None
+
+    def sample(self, row: int) -> int:
+        return row if self.sample_of_row is None else int(self.sample_of_row[row])
+
+    def views_of(self, row: int, image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        shard = row // self.layout.shard_size
+        if shard != self.shard:
+            if self.reader is None:
+                self.reader = CacheReader(self.url)
+            start, stop = self.layout.shard_range(shard)
+            self.shard_params = [self.reader.read(VIEW_PARAMS, start, stop, view) for view in range(self.views)]
+            self.shard = shard
+        return super().views_of(row, image)
+
+    def params(self, view: int, row: int, image: torch.Tensor) -> np.ndarray:
+        start, stop = self.layout.shard_range(self.shard)
+        if start <= row < stop:
+            return self.shard_params[view][row - start]
+        return self.reader.read(VIEW_PARAMS, row, row + 1, view)[0]  # a mixing partner in another shard
 
 
 class ShardBatches(Sampler):
@@ -167,32 +207,63 @@ def to_storage(name: str, values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     return stored
 
 
-class Models:
-    """The teacher and CLIP, and one batched forward pass of both on the same views."""
+class ClassifierModel:
+    """A conventional classifier source: its logits and pooled features on views fed as it was trained."""
 
-    def __init__(self, teacher, dataset: ImageDataset, clip, class_embeds: torch.Tensor, device: torch.device):
-        self.teacher, self.dataset, self.clip, self.device = teacher, dataset, clip, device
-        self.class_embeds = class_embeds.to(device)
+    def __init__(self, source: Source, model: torch.nn.Module, normalization: Normalization, record: dict):
+        self.source, self.model, self.normalization, self.record = source, model, normalization, record
+        self.logit_scale = 1.0
         # Channels-last convolutions are faster with cuDNN and with oneDNN on the CPU alike.
-        self.teacher.to(memory_format=torch.channels_last)
-        self.clip.model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
+
+    def static_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def __call__(self, views: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = normalize(views, self.normalization.mean, self.normalization.std).contiguous(
+            memory_format=torch.channels_last)
+        with autocast(device):
+            logits, features = self.model(inputs)
+        return logits.float(), features.float()
+
+
+class ClipModel:
+    """A CLIP source: the cosines of its L2-normalised image embeddings with its prompt-ensemble class embeddings."""
+
+    def __init__(self, source: Source, clip, class_embeds: torch.Tensor, prompt_embeds: torch.Tensor, record: dict):
+        self.source, self.clip, self.record = source, clip, record
+        self.class_embeds, self.prompt_embeds = class_embeds, prompt_embeds
+        self.logit_scale = clip.logit_scale
+        clip.model.to(memory_format=torch.channels_last)
+
+    def static_arrays(self) -> dict[str, np.ndarray]:
+        return {self.source.class_embeds: self.class_embeds.cpu().numpy(),
+                self.source.prompt_embeds: self.prompt_embeds.cpu().numpy()}
+
+    def __call__(self, views: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.clip.preprocess(views).contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            image_embeds = self.clip.encode_images(inputs)
+        image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+        return image_embeds @ self.class_embeds.to(device).T, image_embeds
+
+
+class Models:
+    """Every source a run writes, and one batched forward pass of all of them on the same views."""
+
+    def __init__(self, sources: list[ClassifierModel | ClipModel], device: torch.device):
+        self.sources, self.device = sources, device
 
     @torch.inference_mode()
     def __call__(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
         views = views.to(self.device, non_blocking=True)
-        teacher_input = normalize(views, self.dataset.mean, self.dataset.std).contiguous(
-            memory_format=torch.channels_last)
-        clip_input = self.clip.preprocess(views).contiguous(memory_format=torch.channels_last)
-        with autocast(self.device):
-            teacher_logits, teacher_features = self.teacher(teacher_input)
-            image_embeds = self.clip.encode_images(clip_input)
-        image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-        return {
-            "teacher/logits": teacher_logits.float(),
-            "teacher/features": teacher_features.float(),
-            "clip/image_embeds": image_embeds,
-            "clip/logits": image_embeds @ self.class_embeds.T,
-        }
+        outputs = {}
+        for model in self.sources:
+            logits, features = model(views, self.device)
+            outputs[model.source.logits] = logits
+            if model.source.features:
+                outputs[model.source.features] = features
+        return outputs
 
 
 def load_teacher(arch: str, checkpoint: str, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -215,74 +286,30 @@ def require_same_classes(trained: list[str] | None, class_names: list[str], chec
                     f"{here} here): its logits would be stored under the wrong classes")
 
 
+@dataclass
+class Job:
+    """What one precompute run writes: the sources it runs, the views it feeds them, and how it opens its store (on
+    the first process, then on the others)."""
+
+    layout: Layout
+    models: Models
+    sample_views: SampleViews
+    open_first: Callable[[], CacheWriter]
+    open_then: Callable[[], CacheWriter]
+    announce: tuple[str, ...]
+    lock_scope: str = ""
+    tar_urls: list[str] | None = None
+
+
 def run(config: PrecomputeConfig) -> PrecomputeResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
-    if config.stream:
-        shard_set = streamed_shard_set(config.data_root, config.split, config.class_names)
-        dataset = scan_shards(shard_set, config.split)
-    else:
-        dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
-        require_labelled(dataset, "--split")
-    policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size, config.augment,
-                              config.random_erase, config.mix, len(dataset))
-    if not Path(config.teacher_checkpoint).is_file():
-        raise UserError(f"teacher checkpoint {config.teacher_checkpoint} does not exist")
-    teacher, saved = load_teacher(config.teacher, config.teacher_checkpoint, len(dataset.class_names), device)
-    require_same_classes(saved.get("class_names"), dataset.class_names,
-                         f"teacher checkpoint {config.teacher_checkpoint}", f"{dataset.name} / {config.split}")
-    normalization = choose_normalization(config.normalize, dataset, saved.get("normalization"),
-                                         f"teacher checkpoint {config.teacher_checkpoint}", binding=True)
-    dataset = normalized(dataset, normalization)
-    clip = load_clip(config.clip, config.clip_pretrained, device)
-    if config.clip_pretrained == RANDOM_WEIGHTS and not config.clip.startswith(SCHEMAS):
-        warn(f"CLIP {config.clip} has random weights, so its zero-shot targets carry no knowledge")
-    templates = read_templates(config.templates) if config.templates else list(DEFAULT_TEMPLATES)
-    if config.class_names:
-        names = read_class_names(config.class_names, len(dataset.class_names))
-    else:
-        names = list(dataset.class_names)
-    prompt_names = names if config.raw_class_names else [prompt_class_name(name) for name in names]
-    class_embeds, prompt_embeds = zero_shot_classifier(clip, prompt_names, templates, device)
-    require(config.topk < len(dataset.class_names),
-            f"--topk {config.topk} is not below the dataset's {len(dataset.class_names)} classes: "
-            "use --topk 0 to store every logit")
-
-    layout = Layout(
-        views=config.views,
-        samples=len(dataset),
-        classes=len(dataset.class_names),
-        teacher_dim=teacher.feature_dim,
-        clip_dim=class_embeds.shape[-1],
-        prompts=len(templates),
-        view_params=len(policy.param_names),
-        shard_size=config.shard_size,
-        chunk_size=min(1024, config.shard_size),
-        precision=config.dtype,
-        topk=config.topk,
-        topk_temperature=config.topk_temperature,
-    )
-    provenance = {
-        "layout": layout.describe(),
-        "dataset": dataset.describe(),
-        "views": {**describe_policy(policy), "seed": config.seed, "count": config.views},
-        "teacher": {
-            "arch": config.teacher,
-            "checkpoint_sha256": file_sha256(config.teacher_checkpoint),
-            "feature_dim": teacher.feature_dim,
-            "input_transform": normalization.describe(),
-        },
-        "clip": {**clip.describe(), "templates": templates, "class_names": prompt_names},
-        "software": software_versions(),
-        "config": to_dict(config),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    job = added_sources_job(config, device) if config.add_source else new_store_job(config, device)
+    layout = job.layout
     with process_group(device) as ranks:
         part = parse_part(config.part) if config.part else ranks
-        writer = main_process_first(
-            lambda: open_writer(config, layout, provenance, dataset, class_embeds, prompt_embeds),
-            lambda: CacheWriter.open(config.out, layout, provenance))
-        for line in (policy_summary(policy, dataset.native_size), normalization.summary()):
+        writer = main_process_first(job.open_first, job.open_then)
+        for line in job.announce:
             console.print(line, soft_wrap=True)
         done = writer.done()
         # A process owns whole shards: each image is decoded once, and all its views are cut from it.
@@ -293,22 +320,19 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
                           "blocks already done")
         shards = sorted({shard for _, shard in pending})
         images = layout.views * sum(stop - start for start, stop in map(layout.shard_range, shards))
-
-        models = Models(teacher, dataset, clip, class_embeds, device)
-        sample_views = SampleViews(dataset, policy, config.seed, layout.views)
         samples_per_batch = max(1, config.batch_size // layout.views)
-        if config.stream:
-            batches = {"dataset": StreamedSampleViews(sample_views, shard_set.urls, layout, shards, samples_per_batch),
-                       "batch_size": None}
+        if job.tar_urls is not None:
+            batches = {"dataset": StreamedSampleViews(job.sample_views, job.tar_urls, layout, shards,
+                                                      samples_per_batch), "batch_size": None}
         else:
-            batches = {"dataset": sample_views, "batch_sampler": ShardBatches(layout, shards, samples_per_batch)}
+            batches = {"dataset": job.sample_views, "batch_sampler": ShardBatches(layout, shards, samples_per_batch)}
         loader = DataLoader(**batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
-        locks = BlockLocks(config.out, str(part), config.lock_timeout)
+        locks = BlockLocks(config.out, str(part), config.lock_timeout, job.lock_scope)
         try:
             with writer.full_disk_is_a_user_error():
                 locks.claim(pending)
             loop_started = time.perf_counter()
-            write_shards(writer, locks, layout, set(pending), loader, models, images)
+            write_shards(writer, locks, set(pending), loader, job.models, images)
             loop_seconds = time.perf_counter() - loop_started
         finally:
             locks.close()
@@ -319,41 +343,162 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
     if unwritten:
         raise RuntimeError(f"{len(unwritten)} blocks of {config.out} were not written")
     seconds = time.perf_counter() - started
+    names = ", ".join(model.source.name for model in job.models.sources)
     if done.all():
         if main:
-            console.print(f"cache complete: {config.out} ({layout.views} views x {layout.samples} samples, "
-                          f"{seconds:.1f} s)")
+            console.print(f"cache complete: {config.out} ({layout.views} views x {layout.samples} samples; sources "
+                          f"written: {names}; {seconds:.1f} s)")
     else:
         console.print(f"part {part} of {config.out} written; the store has {int(done.sum())} of {done.size} "
-                      f"blocks ({seconds:.1f} s)")
+                      f"blocks of {names} ({seconds:.1f} s)")
     return PrecomputeResult(store=config.out, blocks_written=len(pending), images=images, seconds=seconds,
                             loop_seconds=loop_seconds)
 
 
-def open_writer(config: PrecomputeConfig, layout: Layout, provenance: dict, dataset: ImageDataset,
-                class_embeds: torch.Tensor, prompt_embeds: torch.Tensor) -> CacheWriter:
-    """The store, made or checked, with the arrays that do not depend on the view written."""
-    writer = CacheWriter.open(config.out, layout, provenance, overwrite=config.overwrite)
-    writer.write_static({
-        "labels": dataset.labels,
-        "keys": np.asarray(dataset.keys, dtype=str),
-        "clip/class_embeds": class_embeds.cpu().numpy(),
-        "clip/prompt_embeds": prompt_embeds.cpu().numpy(),
-    })
-    return writer
+def new_store_job(config: PrecomputeConfig, device: torch.device) -> Job:
+    """A new store (or the unfinished one at --out): views drawn from the seed, the teacher, CLIP and --source's."""
+    if config.stream:
+        shard_set = streamed_shard_set(config.data_root, config.split, config.class_names)
+        dataset = scan_shards(shard_set, config.split)
+    else:
+        dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+        require_labelled(dataset, "--split")
+    policy = make_view_policy(config.view_policy, dataset.native_size, config.image_size, config.augment,
+                              config.random_erase, config.mix, len(dataset))
+    teacher = classifier_model("teacher", config.teacher, config.teacher_checkpoint, config.normalize, dataset,
+                               config.outputs, device)
+    # The dataset's record holds what the teacher is fed: students are fed the same by default.
+    dataset = normalized(dataset, teacher.normalization)
+    models = [teacher, clip_model("clip", config.clip, config.clip_pretrained, config, dataset, device)]
+    models += [source_model(spec, config, dataset, device) for spec in config.source_specs()]
+    require(config.topk < len(dataset.class_names),
+            f"--topk {config.topk} is not below the dataset's {len(dataset.class_names)} classes: "
+            "use --topk 0 to store every logit")
+    layout = Layout(
+        views=config.views,
+        samples=len(dataset),
+        classes=len(dataset.class_names),
+        view_params=len(policy.param_names),
+        shard_size=config.shard_size,
+        chunk_size=min(1024, config.shard_size),
+        precision=config.dtype,
+        topk=config.topk,
+        topk_temperature=config.topk_temperature,
+    )
+    sources = tuple(model.source for model in models)
+    provenance = {
+        "layout": layout.describe(),
+        "dataset": dataset.describe(),
+        "views": {**describe_policy(policy), "seed": config.seed, "count": config.views},
+        "sources": {model.source.name: model.record for model in models},
+        **run_record(config),
+    }
+
+    def open_first() -> CacheWriter:
+        writer = CacheWriter.open(config.out, layout, provenance, sources, overwrite=config.overwrite)
+        writer.write_static({"labels": dataset.labels, "keys": np.asarray(dataset.keys, dtype=str),
+                             **static_arrays(models)})
+        return writer
+
+    return Job(layout, Models(models, device), SampleViews(dataset, policy, config.seed, layout.views), open_first,
+               lambda: CacheWriter.open(config.out, layout, provenance, sources),
+               (policy_summary(policy, dataset.native_size), teacher.normalization.summary()),
+               tar_urls=shard_set.urls if config.stream else None)
+
+
+def added_sources_job(config: PrecomputeConfig, device: torch.device) -> Job:
+    """--add-source: the sources run on the views the finished store holds, replayed from its parameters."""
+    reader = CacheReader(config.out)
+    if not reader.done(sources=()).all():
+        raise UserError(f"cache {config.out} is unfinished: finish it with its own precompute command before adding "
+                        "sources to it")
+    dataset = open_dataset(config.dataset, config.data_root, config.split, config.download)
+    require_labelled(dataset, "--split")
+    rows = reader.rows_of(dataset)
+    policy = policy_from_description(reader.attrs["views"])
+    specs = config.source_specs()
+    models = [source_model(spec, config, dataset, device) for spec in specs]
+    addition = {ADDITION: run_record(config)}
+    records = {model.source.name: {**model.record, **addition} for model in models}
+    sources = tuple(model.source for model in models)
+    layout = reader.layout
+
+    def open_writer() -> CacheWriter:
+        writer = CacheWriter.add(config.out, sources, records)
+        writer.write_static(static_arrays(models))
+        return writer
+
+    sample_views = StoredViews(dataset, policy, config.out, layout, None if rows is None else np.argsort(rows))
+    return Job(layout, Models(models, device), sample_views, open_writer, lambda: CacheWriter.add(
+        config.out, sources, records), (policy_summary(policy, dataset.native_size),),
+        lock_scope="+".join(spec.name for spec in specs))
+
+
+def run_record(config: PrecomputeConfig) -> dict:
+    """The software, resolved configuration and time of a run."""
+    return {"software": software_versions(), "config": to_dict(config),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def static_arrays(models: list[ClassifierModel | ClipModel]) -> dict[str, np.ndarray]:
+    return {name: values for model in models for name, values in model.static_arrays().items()}
+
+
+def source_model(spec: SourceSpec, config: PrecomputeConfig, dataset: ImageDataset,
+                 device: torch.device) -> ClassifierModel | ClipModel:
+    """The model of a source named by --source or --add-source; a classifier is fed as its checkpoint records."""
+    if spec.kind == "classifier":
+        return classifier_model(spec.name, spec.model, spec.weights, "auto", dataset, config.outputs, device)
+    if spec.weights is None and not spec.model.startswith(SCHEMAS):
+        raise UserError(f"source {spec.name}: give the weights of CLIP {spec.model}, as "
+                        f"{spec.name}=clip:{spec.model}@TAG (an open_clip pretrained tag, a checkpoint file or random)")
+    return clip_model(spec.name, spec.model, spec.weights, config, dataset, device)
+
+
+def classifier_model(name: str, arch: str, checkpoint: str, normalize_spec: str, dataset: ImageDataset,
+                     outputs: str, device: torch.device) -> ClassifierModel:
+    label = "teacher checkpoint" if name == "teacher" else f"checkpoint of source {name},"
+    if not Path(checkpoint).is_file():
+        raise UserError(f"{label} {checkpoint} does not exist")
+    model, saved = load_teacher(arch, checkpoint, len(dataset.class_names), device)
+    require_same_classes(saved.get("class_names"), dataset.class_names, f"{label} {checkpoint}",
+                         f"{dataset.name} / {dataset.split}")
+    normalization = choose_normalization(normalize_spec, dataset, saved.get("normalization"), f"{label} {checkpoint}",
+                                         binding=True)
+    source = Source(name, "classifier", model.feature_dim, outputs=outputs)
+    return ClassifierModel(source, model, normalization, {
+        **source.describe(), "arch": arch, "checkpoint_sha256": file_sha256(checkpoint),
+        "feature_dim": model.feature_dim, "input_transform": normalization.describe()})
+
+
+def clip_model(name: str, model_name: str, pretrained: str | None, config: PrecomputeConfig, dataset: ImageDataset,
+               device: torch.device) -> ClipModel:
+    clip = load_clip(model_name, pretrained, device)
+    if pretrained == RANDOM_WEIGHTS and not model_name.startswith(SCHEMAS):
+        warn(f"CLIP {model_name} has random weights, so its zero-shot targets carry no knowledge")
+    templates = read_templates(config.templates) if config.templates else list(DEFAULT_TEMPLATES)
+    if config.class_names:
+        names = read_class_names(config.class_names, len(dataset.class_names))
+    else:
+        names = list(dataset.class_names)
+    prompt_names = names if config.raw_class_names else [prompt_class_name(name) for name in names]
+    class_embeds, prompt_embeds = zero_shot_classifier(clip, prompt_names, templates, device)
+    source = Source(name, "clip", class_embeds.shape[-1], len(templates), config.outputs)
+    return ClipModel(source, clip, class_embeds, prompt_embeds,
+                     {**source.describe(), **clip.describe(), "templates": templates, "class_names": prompt_names})
 
 
 def part_label(part: Part) -> str:
     return f" (part {part})" if part.count > 1 else ""
 
 
-def write_shards(writer: CacheWriter, locks: BlockLocks, layout: Layout, pending: set[tuple[int, int]], loader,
-                 models: Models, images: int) -> None:
+def write_shards(writer: CacheWriter, locks: BlockLocks, pending: set[tuple[int, int]], loader, models: Models,
+                 images: int) -> None:
     """Fill each shard's buffers, every view of a batch of samples at a time, batches of a shard in row order; hand
     its `pending` blocks to a writer thread so that writing overlaps compute. A block already written is computed
     again (its shard's batches hold every view, the same as in one go) but not rewritten."""
-    dtypes = {name: np.dtype(spec.dtype) for name, spec in layout.arrays().items() if spec.dtype != "str"}
-    clip_logit_scale = models.clip.logit_scale
+    layout = writer.layout
+    dtypes = {name: np.dtype(array.dtype) for name, array in writer.arrays.items()}
     writes: list[Future] = []
     # Shards being filled: one, or one per loader worker when workers stream shards of their own.
     buffers: dict[int, list[dict[str, list[np.ndarray]]]] = {}
@@ -363,14 +508,15 @@ def write_shards(writer: CacheWriter, locks: BlockLocks, layout: Layout, pending
         for views, params, rows in loader:  # (samples, V, 3, h, w), (samples, V, k), (samples,)
             shard = int(rows[0]) // layout.shard_size
             if shard not in buffers:
-                buffers[shard] = [{name: [] for name in layout.per_view_arrays()} for _ in range(layout.views)]
+                buffers[shard] = [{name: [] for name in writer.per_view_arrays} for _ in range(layout.views)]
                 filled[shard] = 0
             samples = len(views)
-            outputs = stored_outputs(models(views.flatten(0, 1)), layout, clip_logit_scale)
+            outputs = stored_outputs(models(views.flatten(0, 1)), models, layout)
             stored = {name: to_storage(name, values, dtypes[name]).reshape(samples, layout.views, -1)
                       for name, values in outputs.items()}  # one check and one copy to the host per array
             for view, buffer in enumerate(buffers[shard]):
-                buffer["views/params"].append(params[:, view].numpy())
+                if VIEW_PARAMS in buffer:
+                    buffer[VIEW_PARAMS].append(params[:, view].numpy())
                 for name, values in stored.items():
                     buffer[name].append(values[:, view])
             filled[shard] += samples
@@ -388,18 +534,17 @@ def write_shards(writer: CacheWriter, locks: BlockLocks, layout: Layout, pending
             write.result()
 
 
-def stored_outputs(outputs: dict[str, torch.Tensor], layout: Layout,
-                   clip_logit_scale: float) -> dict[str, torch.Tensor]:
+def stored_outputs(outputs: dict[str, torch.Tensor], models: Models, layout: Layout) -> dict[str, torch.Tensor]:
     """The models' outputs as `layout` stores them: in a top-k store, each logit array as its top-k pair, the rest
-    exact at the store's temperature for the teacher's logits and for CLIP's cosines at CLIP's own scale (its
+    exact at the store's temperature for a classifier's logits and for a CLIP's cosines at its own scale (its
     zero-shot probabilities)."""
     if not layout.topk:
         return outputs
-    stored = {name: values for name, values in outputs.items() if name not in TOPK_ARRAYS}
-    scales = {"teacher/logits": 1.0, "clip/logits": clip_logit_scale}
-    for name, (values_name, classes_name) in TOPK_ARRAYS.items():
-        stored[values_name], stored[classes_name] = top_k_logits(outputs[name], layout.topk,
-                                                                 layout.topk_temperature / scales[name])
+    stored = dict(outputs)
+    for model in models.sources:
+        values, classes = topk_arrays(model.source.logits)
+        stored[values], stored[classes] = top_k_logits(stored.pop(model.source.logits), layout.topk,
+                                                       layout.topk_temperature / model.logit_scale)
     return stored
 
 

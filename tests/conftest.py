@@ -19,6 +19,9 @@ from richkd.pipeline.data import write_cifar  # noqa: E402
 from richkd.pipeline.models import create_model  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# The per-view arrays of a dense store precompute writes with its teacher and CLIP, and the others.
+PER_VIEW_ARRAYS = ("views/params", "teacher/logits", "teacher/features", "clip/image_embeds", "clip/logits")
+STATIC_ARRAYS = ("labels", "keys", "clip/class_embeds", "clip/prompt_embeds")
 
 TINY_CLIP = "richkd-test-tiny"
 TINY_CLIP_CONFIG = {

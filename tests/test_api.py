@@ -58,7 +58,7 @@ def test_one_step_in_a_plain_loop_is_the_step_of_richkd_distill(tiny_world, stor
 
     # The targets against the store read with zarr itself: z_F = 0.6 z_T + 0.4 exp(logit_scale) cosine.
     group = zarr.open_group(store, mode="r")
-    scale = group.attrs["clip"]["logit_scale"]
+    scale = group.attrs["sources"]["clip"]["logit_scale"]
     expected = (0.6 * group["teacher/logits"][0].astype(np.float32)
                 + 0.4 * (scale * group["clip/logits"][0].astype(np.float32)))
     np.testing.assert_allclose(batch["fused_logits"].numpy(), expected[order], rtol=1e-6, atol=1e-6)

@@ -43,7 +43,7 @@ def test_json_report_matches_numpy(store, capsys):
     labels = np.tile(group["labels"][:], 2)
     teacher = group["teacher/logits"][...].astype(np.float32).reshape(80, 100)
     cosines = group["clip/logits"][...].astype(np.float32).reshape(80, 100)
-    logit_scale = group.attrs["clip"]["logit_scale"]
+    logit_scale = group.attrs["sources"]["clip"]["logit_scale"]
 
     assert report["complete"] and report["blocks_done"] == report["blocks_total"] == 6
     quality = report["quality"]
@@ -79,7 +79,7 @@ def test_json_report_matches_numpy(store, capsys):
     arrays = {a["name"]: a for a in report["arrays"]}
     assert arrays["teacher/logits"]["shape"] == [2, 40, 100] and arrays["teacher/logits"]["dtype"] == "float16"
     assert 0 < arrays["teacher/logits"]["bytes_stored"]
-    assert report["provenance"]["teacher"]["arch"] == "resnet8"
+    assert report["provenance"]["sources"]["teacher"]["arch"] == "resnet8"
 
 
 def test_table_report_and_incomplete_store(store, tmp_path, capsys):

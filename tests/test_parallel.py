@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import zarr
-from conftest import write_cifar100
+from conftest import PER_VIEW_ARRAYS, write_cifar100
 from test_bad_input import assert_user_error
 from test_resume import assert_identical_stores, bundle_args
 
 from richkd.cache.locks import BlockLocks
 from richkd.cache.reader import open_existing_group, shard_share
-from richkd.cache.schema import PER_VIEW_ARRAYS, Layout
+from richkd.cache.schema import Layout
 from richkd.cli import run_cli
 from richkd.pipeline.distributed import main_process_first
 from richkd.pipeline.errors import UserError
@@ -268,8 +268,7 @@ def test_distributed_training_refuses_what_it_cannot_split(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert_user_error(["distill", "--batch-size", "66"], capsys, "--batch-size (the whole batch, split over the "
                       "processes) must be a multiple of the number of processes, 4; got 66")
-    layout = Layout(views=1, samples=100, classes=10, teacher_dim=8, clip_dim=8, prompts=1, view_params=5,
-                    shard_size=40, chunk_size=40, precision="float16")
+    layout = Layout(views=1, samples=100, classes=10, view_params=5, shard_size=40, chunk_size=40, precision="float16")
     with pytest.raises(UserError, match="the cache has 3 shards, fewer than the 4 processes: precompute it with a "
                        "smaller --shard-size"):
         shard_share(np.arange(100), layout, Part(0, 4))

@@ -56,12 +56,14 @@ def test_store_follows_the_schema(store, tiny_world):
         "clip/class_embeds": ((100, 32), "float32"),
         "clip/prompt_embeds": ((100, 2, 32), "float32"),
         "progress/done": ((2, 3), "bool"),
+        "teacher/done": ((2, 3), "bool"),
+        "clip/done": ((2, 3), "bool"),
     }
     for name, (shape, dtype) in expected.items():
         assert group[name].shape == shape, name
         assert str(group[name].dtype) == dtype, name
     assert group["keys"][:].tolist() == [str(i) for i in range(40)]
-    assert group["progress/done"][...].all()
+    assert all(group[flags][...].all() for flags in ("progress/done", "teacher/done", "clip/done"))
 
     metadata = json.loads((store / "teacher" / "logits" / "zarr.json").read_text())
     sharding = metadata["codecs"][0]
@@ -77,9 +79,10 @@ def test_store_follows_the_schema(store, tiny_world):
     assert attrs["dataset"]["class_names"] == tiny_world.class_names
     assert attrs["views"] == {"policy": "pad_crop", "param_names": ["top", "left", "flip"], "size": 32,
                               "padding": 4, "seed": 0, "count": 2}
-    assert attrs["teacher"]["arch"] == "resnet8" and len(attrs["teacher"]["checkpoint_sha256"]) == 64
-    assert attrs["clip"]["model"] == TINY_CLIP and attrs["clip"]["templates"] == list(TEMPLATES)
-    assert attrs["clip"]["class_names"][3] == "thing 03"  # underscores read as spaces in prompts
+    teacher, clip = attrs["sources"]["teacher"], attrs["sources"]["clip"]
+    assert teacher["arch"] == "resnet8" and len(teacher["checkpoint_sha256"]) == 64 and teacher["kind"] == "classifier"
+    assert clip["model"] == TINY_CLIP and clip["templates"] == list(TEMPLATES) and clip["kind"] == "clip"
+    assert clip["class_names"][3] == "thing 03"  # underscores read as spaces in prompts
     assert attrs["layout"]["precision"] == "float32"
     assert {"torch", "zarr", "open_clip_torch"} <= set(attrs["software"])
 
@@ -160,7 +163,7 @@ def test_class_names_file_and_raw_names(tiny_world, tmp_path):
     names_file.write_text("\n".join(names))
     out = tmp_path / "cache.zarr"
     assert run_cli(tiny_world.precompute_args(out, "--class-names", str(names_file), "--raw-class-names")) == 0
-    clip = zarr.open_group(out, mode="r").attrs["clip"]
+    clip = zarr.open_group(out, mode="r").attrs["sources"]["clip"]
     assert clip["class_names"] == names
     assert clip["templates"][0] == "a photo of a {}" and len(clip["templates"]) == 12
 
@@ -250,7 +253,7 @@ def test_normalization_travels_from_the_teacher_checkpoint_to_the_store_student_
     assert not (tmp_path / "cache.zarr").exists()
     assert run_cli(args) == 0
     group = zarr.open_group(tmp_path / "cache.zarr", mode="r")
-    assert group.attrs["teacher"]["input_transform"] == measured
+    assert group.attrs["sources"]["teacher"]["input_transform"] == measured
     teacher = create_model("resnet8", 100)
     load_checkpoint(teacher, teacher_checkpoint)
     mean, std = (torch.tensor(measured[name], dtype=torch.float32)[:, None, None] for name in ("mean", "std"))

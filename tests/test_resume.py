@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import write_cifar100
+from conftest import PER_VIEW_ARRAYS, STATIC_ARRAYS, write_cifar100
 from test_bad_input import assert_user_error, replace_flag
 
-from richkd.cache.schema import PER_VIEW_ARRAYS, STATIC_ARRAYS
 from richkd.cli import run_cli
 from richkd.pipeline.models import file_sha256, read_checkpoint
 

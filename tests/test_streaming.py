@@ -330,8 +330,7 @@ def test_a_shard_that_changes_while_precompute_streams_it_is_refused(cifar_shard
     urls = train_urls(cifar_shards)
     dataset = scan_shards(open_shard_set("::".join(urls), "train"), "train")
     views = SampleViews(dataset, make_view_policy("auto", dataset.native_size, None), seed=0, views=2)
-    layout = Layout(views=2, samples=40, classes=100, teacher_dim=8, clip_dim=8, prompts=1, view_params=3,
-                    shard_size=16, chunk_size=16, precision="float16")
+    layout = Layout(views=2, samples=40, classes=100, view_params=3, shard_size=16, chunk_size=16, precision="float16")
     with tarfile.open(urls[1]) as tar:
         members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
     short, relabelled = tmp_path / "short.tar", tmp_path / "relabelled.tar"

@@ -47,7 +47,7 @@ def test_a_top_k_store_holds_the_dense_stores_top_k_and_the_rest_spread_evenly(s
     reader = CacheReader(str(stores[1]))
     assert (reader.layout.topk, reader.layout.topk_temperature) == (K, T_REST)
     # CLIP's cosines keep the mass of its own zero-shot probabilities, softmax(exp(logit_scale) s / T).
-    for source, scale in (("teacher", 1.0), ("clip", reader.attrs["clip"]["logit_scale"])):
+    for source, scale in (("teacher", 1.0), ("clip", reader.source_records["clip"]["logit_scale"])):
         temperature = T_REST / scale
         z = dense[f"{source}/logits"][...]  # (V, N, C)
         values, classes = sparse[f"{source}/topk_logits"][...], sparse[f"{source}/topk_classes"][...]
