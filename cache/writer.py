@@ -106,9 +106,7 @@ class CacheWriter:
         """The finished store at `url`, `sources` (with provenance `records`) added to its sources, or continued when
         it holds them already with the same records. A schema-1 store is recorded as schema 2 first (its arrays stay
         as they are)."""
-        group = open_existing_group(url, mode="r+")
-        if group is None or not is_cache(group):
-            raise UserError(f"no cache store at {url} to add sources to: precompute it first")
+        group = store_to_add_to(url)
         stored_attributes = group.attrs.asdict()
         attributes = upgraded(copy.deepcopy(stored_attributes))
         for source in sources:
@@ -155,6 +153,13 @@ class CacheWriter:
                 self.arrays[name][view, start:stop] = outputs[name]
             for name in self.flags:
                 self.arrays[name][view, shard] = True
+
+
+def store_to_add_to(url: str) -> zarr.Group:
+    group = open_existing_group(url, mode="r+")
+    if group is None or not is_cache(group):
+        raise UserError(f"no cache store at {url} to add sources to: precompute it first")
+    return group
 
 
 # A source's record entries that say when and how it was added, not what it is.

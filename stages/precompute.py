@@ -22,7 +22,7 @@ from torch.utils.data.dataloader import default_collate
 from richkd.cache.locks import BlockLocks
 from richkd.cache.reader import CacheReader
 from richkd.cache.schema import VIEW_PARAMS, Layout, Source, topk_arrays
-from richkd.cache.writer import ADDITION, CacheWriter
+from richkd.cache.writer import ADDITION, CacheWriter, store_to_add_to
 from richkd.pipeline.clip import (
     DEFAULT_TEMPLATES,
     RANDOM_WEIGHTS,
@@ -408,6 +408,7 @@ def new_store_job(config: PrecomputeConfig, device: torch.device) -> Job:
 
 def added_sources_job(config: PrecomputeConfig, device: torch.device) -> Job:
     """--add-source: the sources run on the views the finished store holds, replayed from its parameters."""
+    store_to_add_to(config.out)
     reader = CacheReader(config.out)
     if not reader.done(sources=()).all():
         raise UserError(f"cache {config.out} is unfinished: finish it with its own precompute command before adding "
@@ -457,7 +458,7 @@ def source_model(spec: SourceSpec, config: PrecomputeConfig, dataset: ImageDatas
 
 def classifier_model(name: str, arch: str, checkpoint: str, normalize_spec: str, dataset: ImageDataset,
                      outputs: str, device: torch.device) -> ClassifierModel:
-    label = "teacher checkpoint" if name == "teacher" else f"checkpoint of source {name},"
+    label = "teacher checkpoint" if name == "teacher" else f"source {name}'s checkpoint"
     if not Path(checkpoint).is_file():
         raise UserError(f"{label} {checkpoint} does not exist")
     model, saved = load_teacher(arch, checkpoint, len(dataset.class_names), device)
