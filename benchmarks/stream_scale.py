@@ -35,9 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset
+from synthetic import IMAGENET_CLASSES, IMAGENET_SOURCES
 
 from richkd.cache.reader import CacheReader, StreamedView, block_shuffled_order
-from richkd.cache.schema import Layout
+from richkd.cache.schema import Layout, store_arrays
 from richkd.cache.writer import CacheWriter
 from richkd.pipeline.models import create_model
 from richkd.pipeline.runtime import Part
@@ -47,20 +48,20 @@ from richkd.pipeline.training import make_optimizer
 from richkd.pipeline.training_options import TrainingOptions
 from richkd.stages.distill import DistillConfig
 
-CLASSES, TEACHER_DIM, CLIP_DIM, VIEW_PARAMS = 1000, 2048, 768, 5
+PARAMS = 5
+CLASSES, SOURCES = IMAGENET_CLASSES, IMAGENET_SOURCES
 MB = 1e6
 GB = 1e9
 
 
 def imagenet_layout(samples: int, shard_size: int) -> Layout:
-    return Layout(views=1, samples=samples, classes=CLASSES, teacher_dim=TEACHER_DIM, clip_dim=CLIP_DIM, prompts=1,
-                  view_params=VIEW_PARAMS, shard_size=shard_size, chunk_size=min(1024, shard_size),
-                  precision="float16")
+    return Layout(views=1, samples=samples, classes=CLASSES, view_params=PARAMS, shard_size=shard_size,
+                  chunk_size=min(1024, shard_size), precision="float16")
 
 
 def raw_nbytes(layout: Layout, names: tuple[str, ...]) -> int:
     """Bytes of the arrays `names`, decompressed."""
-    specs = layout.arrays()
+    specs = store_arrays(layout, SOURCES)
     return sum(int(np.prod(specs[name].shape)) * np.dtype(specs[name].dtype).itemsize for name in names)
 
 
@@ -75,22 +76,23 @@ def build_store(path: Path, layout: Layout) -> float:
         "layout": layout.describe(),
         "dataset": {"name": "synthetic-imagenet", "split": "train", "num_samples": layout.samples},
         "views": {"policy": "random-resized-crop", "seed": 0, "count": layout.views},
-        "teacher": {"arch": "random", "feature_dim": layout.teacher_dim},
-        "clip": {"model": "random", "logit_scale": 100.0},
+        "sources": {"teacher": {**SOURCES[0].describe(), "arch": "random"},
+                    "clip": {**SOURCES[1].describe(), "model": "random", "logit_scale": 100.0}},
     }
-    writer = CacheWriter.open(str(path), layout, provenance)
+    writer = CacheWriter.open(str(path), layout, provenance, SOURCES)
+    clip = SOURCES[1]
     rng = np.random.default_rng(layout.samples)
     writer.write_static({
         "labels": rng.integers(0, layout.classes, layout.samples),
         "keys": np.char.mod("%08d", np.arange(layout.samples)),
-        "clip/class_embeds": rng.standard_normal((layout.classes, layout.clip_dim), dtype=np.float32),
-        "clip/prompt_embeds": rng.standard_normal((layout.classes, layout.prompts, layout.clip_dim), dtype=np.float32),
+        clip.class_embeds: rng.standard_normal((layout.classes, clip.dim), dtype=np.float32),
+        clip.prompt_embeds: rng.standard_normal((layout.classes, clip.prompts, clip.dim), dtype=np.float32),
     })
-    specs = layout.arrays()
+    specs = store_arrays(layout, SOURCES)
     for view, shard in layout.blocks():
         start, stop = layout.shard_range(shard)
         outputs = {}
-        for name in layout.per_view_arrays():
+        for name in writer.per_view_arrays:
             shape, dtype = (stop - start, specs[name].shape[-1]), np.dtype(specs[name].dtype)
             if dtype.kind == "f":
                 outputs[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
@@ -215,7 +217,7 @@ def main() -> None:
     names = DistillConfig(variant="LF").cached_arrays()
     layouts = [imagenet_layout(samples, args.shard_size) for samples in args.sizes]
     workdir = Path(tempfile.mkdtemp(prefix="stream_scale_", dir=args.workdir))
-    needed = [raw_nbytes(layout, tuple(layout.arrays())) for layout in layouts]
+    needed = [raw_nbytes(layout, tuple(store_arrays(layout, SOURCES))) for layout in layouts]
     need = sum(needed) if args.keep else max(needed)
     free = shutil.disk_usage(workdir).free
     print(f"{load()}; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
@@ -238,7 +240,7 @@ def main() -> None:
         for layout in layouts:
             store = workdir / f"imagenet_{layout.samples}.zarr"
             write_seconds = build_store(store, layout)
-            compression = store_nbytes(store) / raw_nbytes(layout, tuple(layout.arrays()))
+            compression = store_nbytes(store) / raw_nbytes(layout, tuple(store_arrays(layout, SOURCES)))
             print(f"{layout.samples} samples: {layout.num_shards} shards, {store_nbytes(store) / GB:.2f} GB on disk "
                   f"({compression:.0%} of raw), written in {write_seconds:.0f} s; {load()}")
             for reader_name in args.readers:

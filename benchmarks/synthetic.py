@@ -10,10 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from richkd.cache.schema import Source
 from richkd.pipeline.data import write_cifar
 from richkd.pipeline.models import create_model, save_checkpoint
 
 CLASSES = 100
+# An ImageNet store's shape: 1000 classes, a ResNet-50 teacher's 2,048 features and ViT-L/14's 768-d embeddings.
+IMAGENET_CLASSES = 1000
+IMAGENET_SOURCES = (Source("teacher", "classifier", 2048), Source("clip", "clip", 768, prompts=1))
 
 
 def write_synthetic_cifar100(root: Path, train: int, test: int) -> None:

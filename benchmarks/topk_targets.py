@@ -1,7 +1,8 @@
 """What sparse top-k targets (`richkd precompute --topk K`) cost and lose, against dense logits.
 
 `table`: a 1000-class store of 4,096 samples, written and read through richkd's own store code, for K in
-{1, 5, 10, 50} and dense: bytes per sample on disk (the logits, and every per-view array with a ResNet-50's
+{1, 5, 10, 50} and dense: bytes per (sample, view) on disk (the logits; a store of logits alone, `precompute
+--outputs logits`, with each view's random-resized-crop parameters; and every per-view array, with a ResNet-50's
 2048-dim features and ViT-L/14's 768-dim embeddings), and the KL divergence KL(dense || rebuilt) of the fused
 target (alpha 0.7, CLIP at its own scale) at T = 1 (where the stored rest is exact) and T = 3. The logits are
 synthetic, shaped like an ImageNet teacher's (top-1 probability about 0.8 with a handful of confusable classes)
@@ -19,6 +20,7 @@ first; it precomputes the top-k stores itself, beside the demo's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from synthetic import IMAGENET_CLASSES, IMAGENET_SOURCES
 
 from richkd.cache.reader import CacheReader, as_tensor
-from richkd.cache.schema import Layout
+from richkd.cache.schema import VIEW_PARAMS, Layout, stored_arrays
 from richkd.cache.writer import CacheWriter
 from richkd.cli import run_cli
 from richkd.pipeline.config import read_params_section
@@ -38,7 +41,10 @@ from richkd.pipeline.topk import as_dense, sparse_kd_loss
 from richkd.stages.precompute import stored_outputs
 from richkd.stages.report import difference_text, estimate, estimate_text
 
-CLASSES, SAMPLES, TEACHER_DIM, CLIP_DIM, LOGIT_SCALE = 1000, 4096, 2048, 768, 100.0
+SAMPLES, LOGIT_SCALE = 4096, 100.0
+CLASSES, SOURCES = IMAGENET_CLASSES, IMAGENET_SOURCES
+# A random resized crop's parameters: top, left, height, width, flip.
+CROP_PARAMS = 5
 TOPKS = (1, 5, 10, 50, 0)
 
 
@@ -51,20 +57,27 @@ def imagenet_like_outputs(generator: torch.Generator) -> dict[str, torch.Tensor]
     teacher = torch.randn(SAMPLES, CLASSES, generator=generator) + 9 * label_hot + 4 * near
     clip = 0.18 + 0.015 * torch.randn(SAMPLES, CLASSES, generator=generator) + 0.08 * label_hot + 0.04 * near
     return {"teacher/logits": teacher, "clip/logits": clip,
-            "teacher/features": torch.randn(SAMPLES, TEACHER_DIM, generator=generator).relu(),
-            "clip/image_embeds": torch.nn.functional.normalize(torch.randn(SAMPLES, CLIP_DIM, generator=generator),
-                                                               dim=1)}
+            "teacher/features": torch.randn(SAMPLES, SOURCES[0].dim, generator=generator).relu(),
+            "clip/image_embeds": torch.nn.functional.normalize(
+                torch.randn(SAMPLES, SOURCES[1].dim, generator=generator), dim=1)}
 
 
-def write_store(url: str, topk: int, outputs: dict[str, torch.Tensor]) -> CacheReader:
-    layout = Layout(views=1, samples=SAMPLES, classes=CLASSES, teacher_dim=TEACHER_DIM, clip_dim=CLIP_DIM, prompts=1,
-                    view_params=3, shard_size=SAMPLES, chunk_size=1024, precision="float16", topk=topk)
-    provenance = {"layout": layout.describe(), "dataset": {}, "views": {}, "teacher": {},
-                  "clip": {"logit_scale": LOGIT_SCALE}}
-    writer = CacheWriter.open(url, layout, provenance)
-    block = {name: values.numpy().astype(np.dtype(layout.arrays()[name].dtype))
-             for name, values in stored_outputs(outputs, layout, LOGIT_SCALE).items()}
-    writer.write_block(0, 0, {"views/params": np.zeros((SAMPLES, 3), np.int32), **block})
+def write_store(url: str, topk: int, outputs: dict[str, torch.Tensor], stored: str = "all") -> CacheReader:
+    """A store of `outputs` (`stored`: all, or logits alone), with random resized crops' parameters."""
+    layout = Layout(views=1, samples=SAMPLES, classes=CLASSES, view_params=CROP_PARAMS, shard_size=SAMPLES,
+                    chunk_size=1024, precision="float16", topk=topk)
+    sources = tuple(dataclasses.replace(source, outputs=stored) for source in SOURCES)
+    provenance = {"layout": layout.describe(), "dataset": {}, "views": {},
+                  "sources": {source.name: {**source.describe(), "logit_scale": LOGIT_SCALE if source.kind == "clip"
+                                            else 1.0} for source in sources}}
+    writer = CacheWriter.open(url, layout, provenance, sources)
+    scales = {source.logits: provenance["sources"][source.name]["logit_scale"] for source in sources}
+    block = {name: values.numpy().astype(writer.arrays[name].dtype)
+             for name, values in stored_outputs(outputs, scales, layout).items() if name in writer.arrays}
+    generator = np.random.default_rng(0)
+    side = generator.integers(64, 500, (SAMPLES, 2))
+    crops = np.column_stack([generator.integers(0, 100, (SAMPLES, 2)), side, generator.integers(0, 2, SAMPLES)])
+    writer.write_block(0, 0, {VIEW_PARAMS: crops.astype(np.int32), **block})
     return CacheReader(url)
 
 
@@ -84,6 +97,11 @@ def fusion_and_targets(reader: CacheReader, samples: int) -> tuple[Fusion, dict[
 def fused_target(reader: CacheReader) -> torch.Tensor:
     fusion, targets = fusion_and_targets(reader, SAMPLES)
     return as_dense(fusion.fuse(targets))
+
+
+def per_view_arrays(reader: CacheReader) -> tuple[str, ...]:
+    return (VIEW_PARAMS, *(name for source in reader.sources.values()
+                           for name in source.per_view_arrays(reader.layout.topk)))
 
 
 def stored_bytes(reader: CacheReader, names: tuple[str, ...]) -> float:
@@ -113,19 +131,21 @@ def table() -> None:
     outputs = imagenet_like_outputs(torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
         readers = {topk: write_store(f"{folder}/top{topk}.zarr", topk, outputs) for topk in TOPKS}
+        logits_only = {topk: write_store(f"{folder}/logits{topk}.zarr", topk, outputs, "logits") for topk in TOPKS}
         dense = readers[0]
         reference = fused_target(dense)
         confidence = torch.softmax(outputs["teacher/logits"], dim=1).max(dim=1).values.mean()
         print(f"{CLASSES} classes, {SAMPLES} samples, float16; the teacher's mean top-1 probability "
               f"{confidence:.2f}; fused: alpha 0.7, CLIP at scale {LOGIT_SCALE:g}; rest exact at T = 1\n")
-        print("| K | logits, bytes/sample | all per-view arrays, bytes/sample | KL fused, T = 1 | KL fused, T = 3 |")
-        print("|---|---:|---:|---:|---:|")
+        print("bytes per (sample, view) on disk, and what the fused target loses\n")
+        print("| K | logits | logits-only store (--outputs logits) | full store | KL fused, T = 1 | KL fused, T = 3 |")
+        print("|---|---:|---:|---:|---:|---:|")
         for topk, reader in readers.items():
-            logit_names = tuple(name for name in reader.layout.per_view_arrays()
-                                if name.endswith(("logits", "classes")))
+            logit_names = stored_arrays(tuple(source.logits for source in SOURCES), topk)
             rebuilt = fused_target(reader)
             print(f"| {topk or 'dense'} | {stored_bytes(reader, logit_names):,.0f} | "
-                  f"{stored_bytes(reader, reader.layout.per_view_arrays()):,.0f} | "
+                  f"{stored_bytes(logits_only[topk], per_view_arrays(logits_only[topk])):,.0f} | "
+                  f"{stored_bytes(reader, per_view_arrays(reader)):,.0f} | "
                   f"{kl(reference, rebuilt, 1.0):.2e} | {kl(reference, rebuilt, 3.0):.2e} |")
         sparse_ms, dense_ms = time_losses(readers[10])
         print(f"\nKD loss on the fused target at K = 10, a batch of 256, forward and backward on one core: sparse "

@@ -500,6 +500,7 @@ def write_shards(writer: CacheWriter, locks: BlockLocks, pending: set[tuple[int,
     again (its shard's batches hold every view, the same as in one go) but not rewritten."""
     layout = writer.layout
     dtypes = {name: np.dtype(array.dtype) for name, array in writer.arrays.items()}
+    scales = {model.source.logits: model.logit_scale for model in models.sources}
     writes: list[Future] = []
     # Shards being filled: one, or one per loader worker when workers stream shards of their own.
     buffers: dict[int, list[dict[str, list[np.ndarray]]]] = {}
@@ -512,7 +513,7 @@ def write_shards(writer: CacheWriter, locks: BlockLocks, pending: set[tuple[int,
                 buffers[shard] = [{name: [] for name in writer.per_view_arrays} for _ in range(layout.views)]
                 filled[shard] = 0
             samples = len(views)
-            outputs = stored_outputs(models(views.flatten(0, 1)), models, layout)
+            outputs = stored_outputs(models(views.flatten(0, 1)), scales, layout)
             stored = {name: to_storage(name, values, dtypes[name]).reshape(samples, layout.views, -1)
                       for name, values in outputs.items()}  # one check and one copy to the host per array
             for view, buffer in enumerate(buffers[shard]):
@@ -535,17 +536,17 @@ def write_shards(writer: CacheWriter, locks: BlockLocks, pending: set[tuple[int,
             write.result()
 
 
-def stored_outputs(outputs: dict[str, torch.Tensor], models: Models, layout: Layout) -> dict[str, torch.Tensor]:
-    """The models' outputs as `layout` stores them: in a top-k store, each logit array as its top-k pair, the rest
-    exact at the store's temperature for a classifier's logits and for a CLIP's cosines at its own scale (its
-    zero-shot probabilities)."""
+def stored_outputs(outputs: dict[str, torch.Tensor], logit_scales: dict[str, float],
+                   layout: Layout) -> dict[str, torch.Tensor]:
+    """The models' outputs as `layout` stores them: in a top-k store, each logit array (a key of `logit_scales`) as
+    its top-k pair, the rest exact at the store's temperature for a classifier's logits (scale 1) and for a CLIP's
+    cosines at its own scale (its zero-shot probabilities)."""
     if not layout.topk:
         return outputs
     stored = dict(outputs)
-    for model in models.sources:
-        values, classes = topk_arrays(model.source.logits)
-        stored[values], stored[classes] = top_k_logits(stored.pop(model.source.logits), layout.topk,
-                                                       layout.topk_temperature / model.logit_scale)
+    for logits, scale in logit_scales.items():
+        values, classes = topk_arrays(logits)
+        stored[values], stored[classes] = top_k_logits(stored.pop(logits), layout.topk, layout.topk_temperature / scale)
     return stored
 
 

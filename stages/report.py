@@ -114,7 +114,7 @@ def target_rows(config: ReportConfig, reader: CacheReader) -> tuple[dict[str, di
                              standardized=config.standardize, confidence_threshold=config.confidence_threshold,
                              superclasses=superclasses)
     rows = {
-        f"CLIP zero-shot ({len(reader.attrs['clip']['templates'])} prompts)": quality["clip"],
+        f"CLIP zero-shot ({len(reader.source_records['clip']['templates'])} prompts)": quality["clip"],
         fused_row_name(config): quality["fused"],
     }
     return rows, quality

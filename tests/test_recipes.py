@@ -47,6 +47,7 @@ def test_the_imagenet_recipe_runs_end_to_end(tiny_world, tmp_path, capsys):
                     "--out", str(val_store)]) == 0
     group = zarr.open_group(store, mode="r")
     assert group.attrs["layout"]["topk"] == 10 and group["teacher/topk_classes"].shape == (2, 36, 10)
+    assert "teacher/features" not in group and group.attrs["sources"]["teacher"]["outputs"] == "logits"
     assert group.attrs["views"]["policy"] == "resized_crop" and group.attrs["views"]["size"] == 224
 
     runs, evals = tmp_path / "runs", tmp_path / "evals"
