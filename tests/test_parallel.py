@@ -156,6 +156,12 @@ def test_torchrun_processes_write_one_store(tiny_world, reference, tmp_path):
     # Each process wrote its own blocks, the writes landed in one store and no lock is left behind.
     assert not list((out / "locks").iterdir())
     assert " ".join(finished.stderr.split()).count(f"cache complete: {out}") == 1  # said by the first process
+    # The same CLIP added under another name by two processes, on the stored views: the same outputs as the store's.
+    assert torchrun([*command, "--add-source", f"clip_again=clip:local-dir:{tiny_world.clip_bundle}"]).returncode == 0
+    store = zarr.open_group(out, mode="r")
+    for array in ("logits", "image_embeds", "class_embeds", "prompt_embeds", "done"):
+        assert np.array_equal(store[f"clip_again/{array}"][...], store[f"clip/{array}"][...]), array
+    assert not list((out / "locks" / "clip_again").iterdir())
 
 
 def test_parts_refuse_what_would_harm_the_others(tiny_world, tmp_path, capsys, monkeypatch):
