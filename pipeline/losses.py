@@ -136,36 +136,33 @@ def contrast_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> tor
 
 
 class FusedCRD(nn.Module):
-    """CRD between the student's embedding and the fused teacher/CLIP embedding of the same sample.
+    """CRD between the student's embedding and the fused embedding of the sources' features of the same sample.
 
-    f_F = normalize(lam * E_T(f_T) + (1 - lam) * E_C(f_C)); loss = contrast(E_S(f_S)) + contrast(f_F).
+    f_F = normalize(sum over sources of weight * E_source(f_source)); loss = contrast(E_S(f_S)) + contrast(f_F). For
+    the teacher and CLIP, f_F = normalize(lam * E_T(f_T) + (1 - lam) * E_C(f_C)).
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, clip_dim: int, num_data: int, lam: float,
+    def __init__(self, student_dim: int, source_dims: dict[str, int], weights: dict[str, float], num_data: int,
                  embed_dim: int = 128, nce_temperature: float = 0.07, momentum: float = 0.5,
                  generator: torch.Generator | None = None):
+        """`source_dims`: each source's feature size; `weights`: each source's weight in f_F, in the order the
+        embeddings are made (the teacher's, then CLIP's: their initial weights are drawn in that order)."""
         super().__init__()
-        self.lam = lam
-        self.embed_student = Embed(student_dim, embed_dim)
         # Only the embeddings of sources with weight: a parameter without a gradient stops DistributedDataParallel.
-        self.embed_teacher = Embed(teacher_dim, embed_dim) if lam > 0 else None
-        self.embed_clip = Embed(clip_dim, embed_dim) if lam < 1 else None
+        self.weights = {name: weight for name, weight in weights.items() if weight > 0}
+        self.embed_student = Embed(student_dim, embed_dim)
+        self.embeds = nn.ModuleDict({name: Embed(source_dims[name], embed_dim) for name in self.weights})
         self.memory = ContrastMemory(embed_dim, num_data, nce_temperature, momentum, generator)
 
-    def fused_embedding(self, teacher_features: torch.Tensor | None,
-                        clip_features: torch.Tensor | None) -> torch.Tensor:
-        """A source whose weight is zero may be None."""
-        parts = []
-        if self.lam > 0:
-            parts.append(self.lam * self.embed_teacher(teacher_features))
-        if self.lam < 1:
-            parts.append((1 - self.lam) * self.embed_clip(clip_features))
-        return F.normalize(sum(parts), dim=1)
+    def fused_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """f_F of each source's features by name (those of sources whose weight is zero need not be given)."""
+        return F.normalize(sum(weight * self.embeds[name](features[name]) for name, weight in self.weights.items()),
+                           dim=1)
 
-    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor,
-                clip_features: torch.Tensor, index: torch.Tensor, contrast_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_features: torch.Tensor, features: dict[str, torch.Tensor], index: torch.Tensor,
+                contrast_index: torch.Tensor) -> torch.Tensor:
         student = self.embed_student(student_features)
-        fused = self.fused_embedding(teacher_features, clip_features)
+        fused = self.fused_embedding(features)
         out_student, out_fused = self.memory(student, fused, index, contrast_index)
         num_data = self.memory.num_data
         return contrast_loss(out_student, num_data) + contrast_loss(out_fused, num_data)

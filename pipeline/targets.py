@@ -13,6 +13,8 @@ order (or format) than the store was precomputed from. `set_epoch(e)` selects st
 
 from __future__ import annotations
 
+import functools
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -20,11 +22,19 @@ import torch
 from torch.utils.data import Dataset
 
 from richkd.cache.reader import CacheReader, as_tensor, block_shuffled_order, shard_share
+from richkd.cache.schema import Source
 from richkd.pipeline.config import CONFIDENCE_THRESHOLD, require
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
 from richkd.pipeline.execution import progress_bar
-from richkd.pipeline.fusion import Fusion, fuse_logits
+from richkd.pipeline.fusion import (
+    Fusion,
+    fuse_logits,
+    require_features,
+    scaled_logits,
+    source_scale,
+    store_weights,
+)
 from richkd.pipeline.loading import training_mask
 from richkd.pipeline.metrics import ClassificationMeter, percent
 from richkd.pipeline.normalization import choose_normalization
@@ -33,7 +43,16 @@ from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.shards import ShardSet
 from richkd.pipeline.streaming import ShardStream, epoch_shard_order
 from richkd.pipeline.topk import as_dense
-from richkd.pipeline.variants import CLIP_SCALES, DEFAULT_ALPHA, VARIANTS, clip_scale_value
+from richkd.pipeline.variants import (
+    CLIP,
+    CLIP_SCALES,
+    DEFAULT_ALPHA,
+    TEACHER,
+    VARIANTS,
+    describe_weights,
+    require_weights,
+    run_weights,
+)
 from richkd.pipeline.views import (
     ViewPolicy,
     image_for_views,
@@ -45,8 +64,8 @@ from richkd.pipeline.views import (
     with_partner_indices,
 )
 
-FEATURE_ARRAYS = ("teacher/features", "clip/image_embeds")
-# The fusion weights `richkd inspect` and `report` evaluate the fused targets at.
+# The weights of the teacher, alpha, at which `richkd inspect` and `report` evaluate the fused targets of a store of
+# the teacher and CLIP.
 ALPHAS = tuple(round(0.1 * step, 1) for step in range(11))
 
 
@@ -139,22 +158,36 @@ class CachedTargets(Dataset):
       store records the teacher's input (or as `normalize` says: see `richkd distill --help`), float (3, H, W);
     - `label`: its class id (a store made with `--mix`: its mixed label, lambda of its class and 1 - lambda of its
       partner's, a float vector over the classes); `row`: its store row (CRD's memory index);
-    - `fused_logits`: z_F of `variant` (L: alpha z_T + (1 - alpha) z_C, shrink: alpha z_T, clip: z_C) with CLIP's
-      cosines times `clip_scale` (raw, clip or a number), each source z-scored first when `standardize`;
-    - with `features`, the cached `teacher/features` and `clip/image_embeds`.
+    - `fused_logits`: z_F of `variant` (L: the sources' weighted sum, alpha z_T + (1 - alpha) z_C or as `fuse`
+      weighs the store's sources by name; shrink: the classifier sources alone, alpha z_T; clip: the CLIP sources
+      alone, their weights scaled to sum 1, z_C) with each CLIP's cosines times `clip_scale` (raw, clip: its own
+      logit scale, or a number), each source z-scored first when `standardize`;
+    - with `features`, each source's cached features by their array's name (`teacher/features`,
+      `clip/image_embeds`, `<source>/image_embeds`): the teacher's and CLIP's, or with `fuse` those of the sources
+      it gives a weight above 0.
 
     The arrays of the current view are held in memory (float16, as stored): samples x (classes + feature sizes).
     """
 
     def __init__(self, store: str, dataset: str, data_root: str, split: str = "train", *, variant: str = "L",
-                 alpha: float = DEFAULT_ALPHA, clip_scale: str = "raw", standardize: bool = False,
-                 features: bool = False, normalize: str = "auto"):
+                 alpha: float = DEFAULT_ALPHA, fuse: dict[str, float] | None = None, clip_scale: str = "raw",
+                 standardize: bool = False, features: bool = False, normalize: str = "auto"):
         require(variant in VARIANTS and VARIANTS[variant].logits,
                 f"variant must be one with fused logits ({', '.join(n for n, v in VARIANTS.items() if v.logits)}), "
                 f"got '{variant}'")
         require(0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha}")
+        if fuse is not None:
+            require_weights(fuse, "fuse")
         self.reader = CacheReader(store)
-        self.reader.require_complete()
+        self.fusion = Fusion.of(self.reader, variant, run_weights(variant, fuse, alpha), clip_scale, standardize,
+                                "fuse")
+        featured = []
+        if features:  # the teacher's and CLIP's, whatever alpha, as before a store named its sources
+            weights = {TEACHER: 1.0, CLIP: 1.0} if fuse is None else store_weights(self.reader, fuse, "fuse")
+            featured = [name for name, weight in weights.items() if weight > 0]
+        require_features(self.reader, featured, "CachedTargets(features=True)",
+                         "pass features=False, or precompute with --outputs all")
+        self.reader.require_complete(tuple(dict.fromkeys([*self.fusion.weights, *featured])))
         self.dataset = open_dataset(dataset, data_root, split)
         rows = self.reader.rows_of(self.dataset)
         self.rows = np.arange(len(self.dataset)) if rows is None else rows
@@ -162,12 +195,20 @@ class CachedTargets(Dataset):
         self.policy = policy_from_description(self.reader.attrs["views"])
         self.normalization = choose_normalization(normalize, self.dataset,
                                                   self.reader.teacher_input_transform, f"the store {store}")
-        layout = self.reader.layout
-        self.fusion = Fusion.of(variant, alpha, clip_scale, self.reader.source_records["clip"]["logit_scale"],
-                                standardize, layout.topk, layout.classes)
-        self.names = self.fusion.arrays + FEATURE_ARRAYS * features
+        self.features = tuple(self.reader.sources[name].features for name in featured)
+        self.names = self.fusion.arrays + self.features
         self.view, self.arrays = None, {}
         self.set_epoch(0)
+
+    @property
+    def sources(self) -> dict[str, Source]:
+        """The store's sources by name, in store order (each one's kind, feature size and outputs)."""
+        return self.reader.sources
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weight of each source `fused_logits` is made of, by name."""
+        return self.fusion.weights
 
     @property
     def class_names(self) -> list[str]:
@@ -201,22 +242,42 @@ class CachedTargets(Dataset):
             label = mixed_label(self.policy, params, label, int(self.reader.read("labels", partner, partner + 1)[0]),
                                 len(self.dataset.class_names))
         item = {"image": image, "label": label, "row": row, "fused_logits": fused}
-        item.update({name: cached[name][0] for name in FEATURE_ARRAYS if name in cached})
+        item.update({name: cached[name][0] for name in self.features})
         return item
 
 
 # The sweep's name of the fusion that z-scores each source first (its CLIP scale cancels out).
 STANDARDIZED = "standardized"
-# The fusions the alpha sweep evaluates: each named CLIP scale, and both sources z-scored.
+# The fusions the sweeps evaluate: each named CLIP scale (every CLIP at it), and every source z-scored.
 SWEEP_FUSIONS = (*CLIP_SCALES, STANDARDIZED)
+# The weight sweep of a store of other sources than the teacher and CLIP alone: every weighting of the sources in
+# steps of 1 / SWEEP_STEPS that sums to 1.
+SWEEP_STEPS = 10
 # Where the teacher's and CLIP's errors fall, with how each is said.
 ERROR_OVERLAP = {"both_right": "both right", "only_teacher_wrong": "only the teacher wrong",
                  "only_clip_wrong": "only CLIP wrong", "both_wrong": "both wrong"}
 
 
-def sweep_fusions(logit_scale: float) -> dict[str, tuple[float, bool]]:
-    """Each of SWEEP_FUSIONS as (CLIP scale, standardized)."""
-    return {**{name: (clip_scale_value(name, logit_scale), False) for name in CLIP_SCALES}, STANDARDIZED: (1.0, True)}
+def sweep_fusions(reader: CacheReader) -> dict[str, tuple[dict[str, float], bool]]:
+    """Each of SWEEP_FUSIONS as (each source's scale, standardized)."""
+    return {**{name: ({source: source_scale(reader, source, name) for source in reader.sources}, False)
+               for name in CLIP_SCALES},
+            STANDARDIZED: (dict.fromkeys(reader.sources, 1.0), True)}
+
+
+def simplex_weights(names: list[str], steps: int = SWEEP_STEPS) -> list[dict[str, float]]:
+    """Every weighting of `names` in steps of 1 / `steps` that sums to 1."""
+    weightings = []
+    for bars in itertools.combinations(range(steps + len(names) - 1), len(names) - 1):
+        edges = (-1, *bars, steps + len(names) - 1)
+        counts = [right - left - 1 for left, right in itertools.pairwise(edges)]
+        weightings.append({name: round(count / steps, 6) for name, count in zip(names, counts)})
+    return weightings
+
+
+def is_teacher_and_clip(reader: CacheReader) -> bool:
+    """Whether the store holds the teacher and CLIP alone, whose fusion one weight, alpha, sweeps."""
+    return list(reader.sources) == [TEACHER, CLIP]
 
 
 def describe_overlap(overlap: dict[str, float]) -> str:
@@ -224,22 +285,45 @@ def describe_overlap(overlap: dict[str, float]) -> str:
     return ", ".join(f"{words} {percent(overlap[name])}" for name, words in ERROR_OVERLAP.items())
 
 
+def describe_fused(quality: dict) -> str:
+    """The fusion target_quality's `fused` row is of: "alpha 0.7, raw" or "teacher 0.5, clip 0.5, raw"."""
+    weights = (f"alpha {quality['fused_alpha']}" if "fused_alpha" in quality
+               else describe_weights({name: w for name, w in quality["fused_weights"].items() if w > 0}))
+    return f"{weights}, {quality['fused_clip_scale']}"
+
+
+def best_weightings(sweep: list[dict], count: int = 3) -> list[dict]:
+    """The `count` best weightings of each fusion of a weight sweep, by top-1 then NLL."""
+    best = []
+    for name in SWEEP_FUSIONS:
+        rows = [row for row in sweep if row["clip_scale"] == name]
+        best += sorted(rows, key=lambda row: (-row["top1"], row["nll"]))[:count]
+    return best
+
+
 def target_quality(reader: CacheReader, max_views: int | None = None, alpha: float = DEFAULT_ALPHA,
                    clip_scale: str = "raw", standardized: bool = False,
                    confidence_threshold: float = CONFIDENCE_THRESHOLD,
-                   superclasses: list[int] | None = None) -> dict:
-    """Metrics of the cached targets against `labels`, over every written block: the teacher, CLIP (at its own
-    scale, so that NLL and ECE mean something), the fused targets at (alpha, clip_scale, standardized), the alpha
-    sweep, and how the teacher's and CLIP's errors overlap (shares of the (view, sample) pairs). With `superclasses`
-    (each class's superclass number) the teacher, CLIP and fused rows give their superclass share."""
+                   superclasses: list[int] | None = None, fuse: dict[str, float] | None = None) -> dict:
+    """Metrics of the cached targets against `labels`, over every written block: each source (a CLIP at its own
+    scale, so that NLL and ECE mean something) under `sources`, the teacher and CLIP also by their names, the fused
+    targets at (alpha or `fuse`, clip_scale, standardized), how the teacher's and CLIP's errors overlap (shares of
+    the (view, sample) pairs), and a sweep of the weights: of alpha (`alpha_sweep`) for a store of the teacher and
+    CLIP alone, else over every weighting in steps of 1 / SWEEP_STEPS (`weight_sweep`). With `superclasses` (each
+    class's superclass number) the sources' and fused rows give their superclass share."""
     layout = reader.layout
-    logit_scale = reader.source_records["clip"]["logit_scale"]
-    fusions = sweep_fusions(logit_scale)
-    fused_scale = clip_scale_value(clip_scale, logit_scale)
-    meters = {name: ClassificationMeter(confidence_threshold=confidence_threshold, num_classes=layout.classes,
-                                        superclasses=superclasses) for name in ("teacher", "clip", "fused")}
-    sweep = {(name, a): ClassificationMeter(confidence_threshold=confidence_threshold)
-             for name in fusions for a in ALPHAS}
+    names = list(reader.sources)
+    pair = is_teacher_and_clip(reader)
+    fusions = sweep_fusions(reader)
+    weights = store_weights(reader, run_weights("L", fuse, alpha), "--fuse")
+    fused_scales = {name: source_scale(reader, name, clip_scale) for name in names}
+    meter = functools.partial(ClassificationMeter, confidence_threshold=confidence_threshold,
+                              num_classes=layout.classes, superclasses=superclasses)
+    meters = {name: meter() for name in names}
+    fused_meter = meter()
+    points = ([{TEACHER: a, CLIP: 1 - a} for a in ALPHAS] if pair else simplex_weights(names))
+    sweep = {(name, index): ClassificationMeter(confidence_threshold=confidence_threshold)
+             for name in fusions for index in range(len(points))}
     overlap = dict.fromkeys(ERROR_OVERLAP, 0)
     labels_all = reader.read("labels", 0, layout.samples)
     done = reader.done()
@@ -249,26 +333,44 @@ def target_quality(reader: CacheReader, max_views: int | None = None, alpha: flo
         for view, shard in progress.track(blocks, description="reading blocks"):
             start, stop = layout.shard_range(shard)
             labels = torch.from_numpy(labels_all[start:stop])
-            z_teacher = reader.dense_logits("teacher", start, stop, view)
-            s_clip = reader.dense_logits("clip", start, stop, view)
-            meters["teacher"].update(z_teacher, labels)
-            meters["clip"].update(fusions["clip"][0] * s_clip, labels)
-            meters["fused"].update(fuse_logits(z_teacher, s_clip, alpha, fused_scale, standardized), labels)
-            for (name, a), meter in sweep.items():
-                meter.update(fuse_logits(z_teacher, s_clip, a, *fusions[name]), labels)
-            teacher_wrong, clip_wrong = z_teacher.argmax(-1) != labels, s_clip.argmax(-1) != labels
-            for name, count in zip(ERROR_OVERLAP, (~teacher_wrong & ~clip_wrong, teacher_wrong & ~clip_wrong,
-                                                   ~teacher_wrong & clip_wrong, teacher_wrong & clip_wrong)):
-                overlap[name] += int(count.sum())
+            logits = {name: reader.dense_logits(name, start, stop, view) for name in names}
+            for name in names:
+                meters[name].update(scaled_logits(logits[name], fusions["clip"][0][name]), labels)
+            fused_meter.update(fuse_logits([(logits[name], weights[name], fused_scales[name]) for name in names],
+                                           standardized), labels)
+            for name, (scales, standardize_each) in fusions.items():
+                # Each source scaled (and z-scored) once a block: fusing it at weight w is w times it, as fuse_logits.
+                prepared = {source: scaled_logits(logits[source], scales[source], standardize_each)
+                            for source in names}
+                for index, point in enumerate(points):
+                    sweep[name, index].update(fuse_logits([(prepared[source], point[source], 1.0)
+                                                           for source in names]), labels)
+            if TEACHER in logits and CLIP in logits:
+                teacher_wrong, clip_wrong = logits[TEACHER].argmax(-1) != labels, logits[CLIP].argmax(-1) != labels
+                for key, count in zip(ERROR_OVERLAP, (~teacher_wrong & ~clip_wrong, teacher_wrong & ~clip_wrong,
+                                                      ~teacher_wrong & clip_wrong, teacher_wrong & clip_wrong)):
+                    overlap[key] += int(count.sum())
+    sweep_key = "alpha_sweep" if pair else "weight_sweep"
     if not blocks:
-        return {"samples_evaluated": 0, "views_evaluated": len(views), "alpha_sweep": []}
-    evaluated = meters["teacher"].count
+        return {"samples_evaluated": 0, "views_evaluated": len(views), sweep_key: []}
+    evaluated = fused_meter.count
+    sources = {name: {**meter.result(), "reliability": meter.reliability()} for name, meter in meters.items()}
+    if pair:
+        swept = [{"clip_scale": name, "alpha": points[index][TEACHER], **meter.result()}
+                 for (name, index), meter in sweep.items()]
+    else:
+        swept = [{"clip_scale": name, "weights": points[index], **meter.result()}
+                 for (name, index), meter in sweep.items()]
     return {
         "samples_evaluated": evaluated,
         "views_evaluated": len(views),
-        **{name: {**meter.result(), "reliability": meter.reliability()} for name, meter in meters.items()},
-        "fused_alpha": alpha,
+        **{name: sources[name] for name in (TEACHER, CLIP) if name in sources},
+        "sources": sources,
+        "fused": {**fused_meter.result(), "reliability": fused_meter.reliability()},
+        **({"fused_alpha": alpha} if fuse is None else {}),
+        "fused_weights": weights,
         "fused_clip_scale": STANDARDIZED if standardized else clip_scale,
-        "error_overlap": {name: count / evaluated for name, count in overlap.items()},
-        "alpha_sweep": [{"clip_scale": name, "alpha": a, **meter.result()} for (name, a), meter in sweep.items()],
+        **({"error_overlap": {name: count / evaluated for name, count in overlap.items()}}
+           if TEACHER in sources and CLIP in sources else {}),
+        sweep_key: swept,
     }

@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from richkd.cache.reader import CacheReader
-from richkd.cache.schema import stored_arrays
 from richkd.pipeline.config import parse_size, require
 from richkd.pipeline.data import require_labelled
 from richkd.pipeline.datasets import open_dataset
-from richkd.pipeline.fusion import Fusion
+from richkd.pipeline.fusion import Fusion, require_features, store_weights
 from richkd.pipeline.losses import FusedCRD, dkd_loss, kd_loss
 from richkd.pipeline.normalization import choose_normalization, normalized
 from richkd.pipeline.runtime import Part, console
@@ -28,6 +27,7 @@ from richkd.pipeline.streaming import ShardStream
 from richkd.pipeline.targets import EpochTargets
 from richkd.pipeline.topk import SparseLogits, as_dense, sparse_kd_loss
 from richkd.pipeline.training import Trainer, run_per_seed
+from richkd.pipeline.variants import feature_weights, run_weights
 from richkd.pipeline.views import mixing, policy_from_description
 from richkd.stages.options import DistillConfig, LossOptions
 
@@ -69,9 +69,11 @@ class DistillObjective(nn.Module):
     and `crd` contrasts the features with `nce_k` negatives of other classes per sample (None: no feature loss)."""
 
     def __init__(self, losses: LossOptions, targets: EpochTargets, fusion: Fusion | None, crd: FusedCRD | None,
-                 nce_k: int, seed: int):
+                 nce_k: int, seed: int, feature_arrays: dict[str, str] | None = None):
+        """`feature_arrays`: the cached features of each source CRD fuses, by source."""
         super().__init__()
         self.options, self.targets, self.fusion, self.crd = losses, targets, fusion, crd
+        self.feature_arrays = feature_arrays or {}
         self.nce_k, self.seed = nce_k, seed
         self.training_labels = targets.labels[targets.training_rows]
         self.negatives: np.random.Generator | None = None
@@ -97,13 +99,38 @@ class DistillObjective(nn.Module):
             negatives = sample_negatives(self.targets.labels[rows.numpy()], self.targets.training_rows,
                                          self.training_labels, self.nce_k, self.negatives)
             contrast_index = torch.cat([rows[:, None], negatives], dim=1).to(device)
+            source_features = {name: targets[self.feature_arrays[name]] for name in self.crd.weights}
             terms["feature"] = options.feature_weight * options.feature_schedule(epoch) * self.crd(
-                features, targets.get("teacher/features"), targets.get("clip/image_embeds"), rows.to(device),
-                contrast_index)
+                features, source_features, rows.to(device), contrast_index)
         return terms
 
     def end_epoch(self) -> None:
         self.targets.end_epoch()
+
+
+def logit_fusion(config: DistillConfig, reader: CacheReader) -> Fusion | None:
+    """How `config`'s run fuses `reader`'s logits into z_F; None without a logit loss."""
+    if not config.uses_logits:
+        return None
+    weights = run_weights(config.variant, config.fuse_weights, config.alpha)
+    return Fusion.of(reader, config.variant, weights, config.clip_scale, config.standardize)
+
+
+def crd_weights(config: DistillConfig, reader: CacheReader) -> dict[str, float]:
+    """Each source's weight in CRD's fused embedding, in store order, those of weight 0 left out; empty without a
+    feature loss. A source of weight that stores no features is an error."""
+    if not config.uses_features:
+        return {}
+    weights = store_weights(reader, feature_weights(config.fuse_weights, config.feature_lam))
+    weights = {name: weight for name, weight in weights.items() if weight > 0}
+    require_features(reader, weights, f"variant {config.variant}", "use variant L, or precompute with --outputs all")
+    return weights
+
+
+def cached_arrays(fusion: Fusion | None, features: dict[str, float], reader: CacheReader) -> tuple[str, ...]:
+    """The per-view arrays a run reads, as the store holds them: z_F's logits (a top-k store's pairs), then the
+    features CRD fuses; nothing a zero weight makes irrelevant."""
+    return (fusion.arrays if fusion is not None else ()) + tuple(reader.sources[name].features for name in features)
 
 
 def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int,
@@ -111,17 +138,16 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
     """The objective of `config`'s run on `reader`'s targets; `rows`, `training_rows`, `shards` and `policy` as
     EpochTargets takes them."""
     layout = reader.layout
-    targets = EpochTargets(reader, stored_arrays(config.cached_arrays(), layout.topk), rows, training_rows,
+    fusion, features = logit_fusion(config, reader), crd_weights(config, reader)
+    targets = EpochTargets(reader, cached_arrays(fusion, features, reader), rows, training_rows,
                            parse_size(config.cache_memory), config.seed, config.epochs, shards, policy,
                            config.num_workers, config.shuffle_buffer)
-    fusion = (Fusion.of(config.variant, config.alpha, config.clip_scale, reader.source_records["clip"]["logit_scale"],
-                        config.standardize, layout.topk, layout.classes) if config.uses_logits else None)
     if fusion is not None and layout.topk and config.temperature != layout.topk_temperature:
         console.print(f"the store holds the top {layout.topk} logits, the other classes' mass kept exact at "
                       f"T = {layout.topk_temperature:g}: at --temperature {config.temperature:g} it is approximate "
                       "(benchmarks/topk_targets.py measures how much)", soft_wrap=True)
     crd, nce_k = None, config.nce_k
-    if config.uses_features:
+    if features:
         training_labels = targets.labels[training_rows]
         require(len(np.unique(training_labels)) > 1, "CRD needs at least two classes to draw negatives from")
         # Negatives are the other training samples: more of them than there are only repeats the same rows.
@@ -129,10 +155,11 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
             nce_k = len(training_rows) - 1
             console.print(f"--nce-k {config.nce_k} is not below the {len(training_rows)} training samples: "
                           f"CRD draws {nce_k} negatives per sample")
-        crd = FusedCRD(student_dim, reader.source("teacher").dim, reader.source("clip").dim, num_data=layout.samples,
-                       lam=config.feature_lam, embed_dim=config.embed_dim, nce_temperature=config.nce_temperature,
+        crd = FusedCRD(student_dim, {name: reader.sources[name].dim for name in features}, features,
+                       num_data=layout.samples, embed_dim=config.embed_dim, nce_temperature=config.nce_temperature,
                        momentum=config.nce_momentum, generator=seeded_generator(config.seed, 0, CRD_MEMORY))
-    return DistillObjective(config, targets, fusion, crd, nce_k, config.seed)
+    return DistillObjective(config, targets, fusion, crd, nce_k, config.seed,
+                            {name: reader.sources[name].features for name in features})
 
 
 def run(config: DistillConfig) -> dict:
@@ -141,7 +168,9 @@ def run(config: DistillConfig) -> dict:
 
 def distill_one(config: DistillConfig) -> dict:
     reader = CacheReader(config.cache)
-    reader.require_complete()
+    fusion, features = logit_fusion(config, reader), crd_weights(config, reader)
+    # Only what the run reads: a source being added to the store meanwhile may be unfinished.
+    reader.require_complete(tuple(dict.fromkeys([*(fusion.weights if fusion else ()), *features])))
     policy = policy_from_description(reader.attrs["views"])
     if mixing(policy) is not None:
         require(not config.stream, "the store mixes each view with another sample's, whose image a stream cannot "

@@ -25,7 +25,7 @@ from richkd.pipeline.config import (
 )
 from richkd.pipeline.runtime import parse_part, torchrun_part
 from richkd.pipeline.training_options import TrainingOptions
-from richkd.pipeline.variants import DEFAULT_ALPHA, VARIANTS, clip_scale_value
+from richkd.pipeline.variants import DEFAULT_ALPHA, VARIANTS, clip_scale_value, parse_fuse
 
 # A source's kinds, and what a source stores per view (`richkd.cache.schema` holds the same lists).
 SOURCE_KINDS = ("classifier", "clip")
@@ -319,9 +319,14 @@ class DistillConfig(LossOptions, TrainingOptions):
     alpha: float = option(DEFAULT_ALPHA, "Logit fusion weight: z_F = alpha z_T + (1 - alpha) z_C; 1 is plain KD.",
                           "Distillation")
     lam: float | None = option(None, "Feature fusion weight of the teacher (default: alpha).", "Distillation")
+    fuse: str | None = option(
+        None, "Weights of the store's sources by name, e.g. teacher=0.5,clip=0.3,clip_b16=0.2: z_F is their weighted "
+        "sum, and CRD fuses their features at these weights scaled to sum 1 (replaces --alpha and --lam; a source "
+        "of weight 0, or not named, is never read).", "Distillation")
     clip_scale: str = option(
-        "raw", "CLIP logits z_C = scale * cosine: raw (1), clip (exp(logit_scale)) or a number.", "Distillation")
-    standardize: bool = option(False, "z-score each sample's teacher and CLIP logits before fusing.",
+        "raw", "CLIP logits z_C = scale * cosine: raw (1), clip (exp(logit_scale) of each CLIP's own) or a number.",
+        "Distillation")
+    standardize: bool = option(False, "z-score each sample's logits of every source before fusing.",
                                "Distillation")
     nce_k: int = option(16384, "CRD: negatives per sample (clamped below the number of training samples).", "CRD")
     nce_temperature: float = option(0.07, "CRD: NCE temperature.", "CRD")
@@ -339,6 +344,10 @@ class DistillConfig(LossOptions, TrainingOptions):
         require(self.variant in VARIANTS, f"--variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
         require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
         require(self.lam is None or 0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
+        if self.fuse is not None:
+            parse_fuse(self.fuse)
+            require(self.lam is None, "--lam weighs the teacher's features against CLIP's; with --fuse, CRD fuses "
+                    "the sources' features at the --fuse weights: leave --lam out")
         require(self.nce_k >= 1, f"--nce-k must be at least 1, got {self.nce_k}")
         require_positive(self.nce_temperature, "--nce-temperature")
         require(0 <= self.nce_momentum < 1, f"--nce-momentum must be in [0, 1), got {self.nce_momentum}")
@@ -358,13 +367,10 @@ class DistillConfig(LossOptions, TrainingOptions):
     def uses_features(self) -> bool:
         return VARIANTS[self.variant].features and self.feature_weight > 0
 
-    def cached_arrays(self) -> tuple[str, ...]:
-        """The per-view arrays this run reads, nothing a zero weight makes irrelevant (a top-k store holds each
-        logit array as its top-k pair: `richkd.cache.schema.stored_arrays`)."""
-        names = VARIANTS[self.variant].logit_arrays(self.alpha) if self.uses_logits else ()
-        if self.uses_features:
-            names += ("teacher/features",) * (self.feature_lam > 0) + ("clip/image_embeds",) * (self.feature_lam < 1)
-        return names
+    @property
+    def fuse_weights(self) -> dict[str, float] | None:
+        """--fuse as {source: weight}, None without it."""
+        return None if self.fuse is None else parse_fuse(self.fuse)
 
 
 @dataclass

@@ -22,7 +22,8 @@ def tensor(values, dtype=torch.float32) -> torch.Tensor:
 def test_cross_entropy_and_kd_on_fused_logits():
     r = REFERENCE
     student, labels = tensor(r["student_logits"]), tensor(r["target"], torch.long)
-    fused = fuse_logits(tensor(r["teacher_logits"]), tensor(r["clip_cosine_logits"]), r["alpha"], scale=1.0)
+    fused = fuse_logits([(tensor(r["teacher_logits"]), r["alpha"], 1.0),
+                         (tensor(r["clip_cosine_logits"]), 1 - r["alpha"], 1.0)])
     assert F.cross_entropy(student, labels).item() == pytest.approx(r["expected"]["loss_ce"], rel=1e-6)
     loss = r["logit_weight"] * kd_loss(student, fused, r["temperature"])
     assert loss.item() == pytest.approx(r["expected"]["loss_logit"], rel=1e-6)
@@ -31,17 +32,19 @@ def test_cross_entropy_and_kd_on_fused_logits():
 def test_two_crd_steps_on_fused_features():
     r = REFERENCE
     dims = {name: len(r["embed"][name]["weight"][0]) for name in ("student", "teacher", "clip")}
-    crd = FusedCRD(dims["student"], dims["teacher"], dims["clip"], num_data=r["num_data"], lam=r["alpha"],
-                   embed_dim=r["feat_dim"], nce_temperature=r["nce_temperature"], momentum=r["nce_momentum"])
+    crd = FusedCRD(dims["student"], {"teacher": dims["teacher"], "clip": dims["clip"]},
+                   {"teacher": r["alpha"], "clip": 1 - r["alpha"]}, num_data=r["num_data"], embed_dim=r["feat_dim"],
+                   nce_temperature=r["nce_temperature"], momentum=r["nce_momentum"])
     with torch.no_grad():
-        for name, embed in (("student", crd.embed_student), ("teacher", crd.embed_teacher), ("clip", crd.embed_clip)):
+        for name, embed in (("student", crd.embed_student), *crd.embeds.items()):
             embed.linear.weight.copy_(tensor(r["embed"][name]["weight"]))
             embed.linear.bias.copy_(tensor(r["embed"][name]["bias"]))
         crd.memory.memory_v1.copy_(tensor(r["memory_init"]["memory_v1"]))
         crd.memory.memory_v2.copy_(tensor(r["memory_init"]["memory_v2"]))
     for step in r["crd_steps"]:
-        loss = r["feature_weight"] * crd(tensor(step["f_s"]), tensor(step["f_t"]), tensor(step["f_c"]),
-                                         tensor(step["index"], torch.long), tensor(step["contrast_index"], torch.long))
+        features = {"teacher": tensor(step["f_t"]), "clip": tensor(step["f_c"])}
+        loss = r["feature_weight"] * crd(tensor(step["f_s"]), features, tensor(step["index"], torch.long),
+                                         tensor(step["contrast_index"], torch.long))
         assert loss.item() == pytest.approx(step["loss_feature"], rel=1e-5)
         assert crd.memory.Z_v1.item() == pytest.approx(step["Z_v1"], rel=1e-5)
         assert crd.memory.Z_v2.item() == pytest.approx(step["Z_v2"], rel=1e-5)

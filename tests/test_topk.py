@@ -11,10 +11,12 @@ import torch
 import zarr
 
 from richkd.cache.reader import CacheReader
+from richkd.cache.schema import Source
 from richkd.cli import run_cli
 from richkd.pipeline.fusion import Fusion, fuse_logits, standardize
 from richkd.pipeline.losses import kd_loss
 from richkd.pipeline.topk import SparseLogits, sparse_kd_loss, top_k_logits
+from richkd.pipeline.variants import VARIANTS, run_weights
 
 K, T_REST = 5, 2.0
 
@@ -58,7 +60,7 @@ def test_a_top_k_store_holds_the_dense_stores_top_k_and_the_rest_spread_evenly(s
             np.testing.assert_allclose(values[view, :, K], rest_by_hand(z[view], top, temperature), rtol=1e-5,
                                        atol=1e-6)
             # Rebuilt, softmax at T keeps every top-k probability and the others' total mass.
-            rebuilt = reader.dense_logits(f"{source}/logits", 0, z.shape[1], view).double()
+            rebuilt = reader.dense_logits(source, 0, z.shape[1], view).double()
             p_rebuilt, p_dense = (torch.softmax(x / temperature, dim=1)
                                   for x in (rebuilt, torch.from_numpy(z[view]).double()))
             rows = np.arange(z.shape[1])[:, None]
@@ -98,26 +100,43 @@ def test_bad_top_k_options_are_refused(flags, message, tiny_world, tmp_path, cap
     assert not (tmp_path / "s.zarr").exists()
 
 
-def sparse_sources(batch: int = 6, classes: int = 30, k: int = 4) -> tuple[SparseLogits, SparseLogits]:
-    """A teacher and a CLIP whose top-k overlap in some rows (CLIP shares the teacher's best class half the time)."""
+def sparse_sources(batch: int = 6, classes: int = 30, k: int = 4) -> dict[str, SparseLogits]:
+    """A teacher and two CLIPs whose top-k overlap in some rows (each CLIP shares the teacher's best class half the
+    time, in other rows)."""
     generator = torch.Generator().manual_seed(0)
     teacher = 3 * torch.randn(batch, classes, generator=generator)
     clip = 0.1 * torch.randn(batch, classes, generator=generator)
     clip[::2] += 0.5 * torch.nn.functional.one_hot(teacher[::2].argmax(dim=1), classes)
-    return tuple(SparseLogits.from_stored(*top_k_logits(z, k, 1.0), classes) for z in (teacher, clip))
+    clip_b16 = 0.1 * torch.randn(batch, classes, generator=generator)
+    clip_b16[:3] += 0.5 * torch.nn.functional.one_hot(teacher[:3].argmax(dim=1), classes)
+    return {name: SparseLogits.from_stored(*top_k_logits(z, k, 1.0), classes)
+            for name, z in (("teacher", teacher), ("clip", clip), ("clip_b16", clip_b16))}
+
+
+SOURCES = {"teacher": Source("teacher", "classifier", 8), "clip": Source("clip", "clip", 8, 1),
+           "clip_b16": Source("clip_b16", "clip", 8, 1)}
+SCALES = {"teacher": 1.0, "clip": 30.0, "clip_b16": 50.0}
 
 
 @pytest.mark.parametrize("standardized", [False, True])
 @pytest.mark.parametrize("variant", ["L", "shrink", "clip"])
-def test_sparse_fusion_and_kd_equal_the_dense_computation(variant, standardized):
-    teacher, clip = sparse_sources()
+@pytest.mark.parametrize("fuse", [None, {"teacher": 0.5, "clip": 0.3, "clip_b16": 0.2}])
+def test_sparse_fusion_and_kd_equal_the_dense_computation(variant, standardized, fuse):
+    """Over the union of the sources' listed classes, two sources (alpha) or three (--fuse)."""
+    sources = sparse_sources()
+    teacher, clip = sources["teacher"], sources["clip"]
     assert (teacher.classes[::2, :1] == clip.classes[::2, :1]).all()  # the overlap the union must count once
-    fusion = Fusion.of(variant, 0.7, "clip", 30.0, standardized, topk=4, classes=30)
-    fused = fusion.fuse({"teacher/topk_logits": torch.cat([teacher.values, teacher.rest], dim=1),
-                         "teacher/topk_classes": teacher.classes,
-                         "clip/topk_logits": torch.cat([clip.values, clip.rest], dim=1),
-                         "clip/topk_classes": clip.classes})
-    dense = fuse_logits(teacher.dense(), clip.dense(), fusion.teacher_weight, 30.0, standardized, fusion.clip_weight)
+    weights = VARIANTS[variant].logit_weights(run_weights(variant, fuse, 0.7),
+                                              {name: source.kind for name, source in SOURCES.items()})
+    fusion = Fusion(tuple((SOURCES[name], weight, SCALES[name]) for name, weight in weights.items() if weight > 0),
+                    standardized, topk=4, classes=30)
+    stored = {}
+    for name, logits in sources.items():
+        stored |= {f"{name}/topk_logits": torch.cat([logits.values, logits.rest], dim=1),
+                   f"{name}/topk_classes": logits.classes}
+    fused = fusion.fuse(stored)
+    dense = fuse_logits([(sources[name].dense(), weight, SCALES[name]) for name, weight in weights.items()],
+                        standardized)
     torch.testing.assert_close(fused.dense(), dense)
     student = torch.randn(6, 30, generator=torch.Generator().manual_seed(1), requires_grad=True)
     sparse_loss = sparse_kd_loss(student, fused, 3.0)
@@ -129,5 +148,5 @@ def test_sparse_fusion_and_kd_equal_the_dense_computation(variant, standardized)
 
 
 def test_sparse_standardize_is_the_dense_z_score():
-    teacher, _ = sparse_sources()
+    teacher = sparse_sources()["teacher"]
     torch.testing.assert_close(teacher.standardized().dense(), standardize(teacher.dense()))
