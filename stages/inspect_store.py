@@ -19,7 +19,15 @@ from richkd.pipeline.execution import progress_bar, resolve_device
 from richkd.pipeline.metrics import percent
 from richkd.pipeline.models import file_sha256
 from richkd.pipeline.runtime import print_json, results
-from richkd.pipeline.targets import ALPHAS, SWEEP_FUSIONS, describe_overlap, target_quality
+from richkd.pipeline.targets import (
+    ALPHAS,
+    SWEEP_FUSIONS,
+    best_weightings,
+    describe_fused,
+    describe_overlap,
+    target_quality,
+)
+from richkd.pipeline.variants import describe_weights
 from richkd.pipeline.views import augmentation_summary, image_for_views, policy_from_description, rebuild_view
 from richkd.stages.options import VIEW_TOLERANCE
 from richkd.stages.precompute import load_teacher
@@ -89,7 +97,7 @@ def verify_views(reader: CacheReader, count: int, data_root: str | None, teacher
         raise UserError(f"the store's teacher checkpoint {checkpoint} does not exist: pass --teacher-checkpoint")
     if file_sha256(checkpoint) != reader.source_records["teacher"]["checkpoint_sha256"]:
         raise UserError(f"teacher checkpoint {checkpoint} is not the one the store was made with (its sha256 differs)")
-    reader.require_complete()
+    reader.require_complete(("teacher",))
     dataset = open_dataset(config["dataset"], data_root or config["data_root"], attrs["dataset"]["split"])
     rows = reader.rows_of(dataset)
     rows = np.arange(len(dataset)) if rows is None else rows
@@ -135,7 +143,10 @@ def inspect_store(url: str, max_views: int | None = None) -> dict:
     attrs = reader.attrs
     return {
         "store": url,
-        "provenance": {**reader.provenance(), **{key: attrs[key] for key in ("software", "created") if key in attrs}},
+        "provenance": {**reader.provenance(), **{key: attrs[key] for key in ("software", "created") if key in attrs},
+                       # each source's kind, feature size and outputs beside its record
+                       "sources": {name: {**source.describe(), **reader.source_records[name]}
+                                   for name, source in reader.sources.items()}},
         "complete": bool(done.all()),
         "blocks_done": int(done.sum()),
         "blocks_total": int(done.size),
@@ -157,17 +168,15 @@ def size(nbytes: int) -> str:
 
 def print_report(report: dict, console: Console) -> None:
     p = report["provenance"]
-    dataset, views, teacher, clip = p["dataset"], p["views"], p["sources"]["teacher"], p["sources"]["clip"]
+    dataset, views = p["dataset"], p["views"]
     console.print(f"[bold]{report['store']}[/]")
     console.print(f"dataset   {dataset['name']} / {dataset['split']}: {dataset['num_samples']} samples, "
                   f"{len(dataset['class_names'])} classes")
     stored = augmentation_summary(policy_from_description(views))
     console.print(f"views     {views['count']} x {views['policy']} (size {views['size']}), seed {views['seed']}"
                   + (f"; then {', '.join(stored)}" if stored else ""), soft_wrap=True)
-    console.print(f"teacher   {teacher['arch']}, checkpoint sha256 {teacher['checkpoint_sha256'][:16]}")
-    weights = clip["pretrained"] or (clip["checkpoint_sha256"] or "")[:16]
-    console.print(f"clip      {clip['model']} ({weights}), {len(clip['templates'])} templates, "
-                  f"logit_scale {clip['logit_scale']:.2f}")
+    for name, source in p["sources"].items():
+        console.print(f"{name:<9} {describe_source(source)}", soft_wrap=True)
     layout = p["layout"]
     logits = (f"top-{layout['topk']} logits per source (the rest's mass exact at T = {layout['topk_temperature']:g})"
               if layout.get("topk") else "dense logits")
@@ -198,25 +207,55 @@ def print_report(report: dict, console: Console) -> None:
     if not quality["samples_evaluated"]:
         console.print("no block is written yet: nothing to evaluate")
         return
+    rates = ", ".join(f"{name} {percent(metrics['top1'], 2)} (NLL {metrics['nll']:.3f})"
+                      for name, metrics in quality["sources"].items())
     console.print(f"top-1 over {quality['samples_evaluated']} (view, sample) pairs of {quality['views_evaluated']} "
-                  f"views: teacher {percent(quality['teacher']['top1'], 2)}, "
-                  f"CLIP {percent(quality['clip']['top1'], 2)}, "
-                  f"fused (alpha {quality['fused_alpha']}, {quality['fused_clip_scale']}) "
-                  f"{percent(quality['fused']['top1'], 2)}")
-    console.print(f"errors    {describe_overlap(quality['error_overlap'])}")
-    sweep = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C; standardized: each z-scored)",
+                  f"views: {rates}; fused ({describe_fused(quality)}) {percent(quality['fused']['top1'], 2)} "
+                  f"(NLL {quality['fused']['nll']:.3f})", soft_wrap=True)
+    if "error_overlap" in quality:
+        console.print(f"errors    {describe_overlap(quality['error_overlap'])}")
+    console.print(alpha_table(quality["alpha_sweep"]) if "alpha_sweep" in quality
+                  else weightings_table(quality["weight_sweep"]))
+
+
+def describe_source(source: dict) -> str:
+    """A source's kind, model and outputs, from its provenance: `clip ViT-L-14 (openai), 12 templates, ...`."""
+    if source["kind"] == "clip":
+        weights = source["pretrained"] or (source["checkpoint_sha256"] or "")[:16]
+        model = (f"{source['model']} ({weights}), {len(source['templates'])} templates, "
+                 f"logit_scale {source['logit_scale']:.2f}")
+    else:
+        model = f"{source['arch']}, checkpoint sha256 {source['checkpoint_sha256'][:16]}"
+    return f"{source['kind']} {model}; stores {'logits only' if source['outputs'] == 'logits' else 'all outputs'}"
+
+
+def alpha_table(sweep: list[dict]) -> Table:
+    """The alpha sweep of a store of the teacher and CLIP: each alpha's top-1, NLL and ECE, by fusion."""
+    table = Table(title="fused targets by alpha (z_F = alpha z_T + (1 - alpha) scale s_C; standardized: each z-scored)",
                   title_justify="left")
-    sweep.add_column("alpha", justify="right")
+    table.add_column("alpha", justify="right")
     for name in SWEEP_FUSIONS:
         for metric in ("top-1", "NLL", "ECE"):
-            sweep.add_column(f"{name} {metric}", justify="right")
+            table.add_column(f"{name} {metric}", justify="right")
     for alpha in ALPHAS:
         row = [f"{alpha:.1f}"]
         for name in SWEEP_FUSIONS:
-            r = next(x for x in quality["alpha_sweep"] if x["clip_scale"] == name and x["alpha"] == alpha)
+            r = next(x for x in sweep if x["clip_scale"] == name and x["alpha"] == alpha)
             row += [percent(r["top1"], 2), f"{r['nll']:.3f}", percent(r["ece"], 2)]
-        sweep.add_row(*row)
-    console.print(sweep)
+        table.add_row(*row)
+    return table
+
+
+def weightings_table(sweep: list[dict]) -> Table:
+    """The best weightings of the sources, by fusion, of a sweep over every weighting in steps of 0.1."""
+    table = Table(title="best fused targets by weights (sum of weight x source, each CLIP at the fusion's scale; "
+                  "standardized: each z-scored)", title_justify="left")
+    for column in ("fusion", "weights", "top-1", "NLL", "ECE"):
+        table.add_column(column, justify="left" if column in ("fusion", "weights") else "right")
+    for row in best_weightings(sweep):
+        table.add_row(row["clip_scale"], describe_weights({name: w for name, w in row["weights"].items() if w > 0}),
+                      percent(row["top1"], 2), f"{row['nll']:.3f}", percent(row["ece"], 2))
+    return table
 
 
 def run(store: str, json_output: bool, views: int | None, verify_chunks: bool, verify_view_count: int | None,
