@@ -451,6 +451,9 @@ class ReportConfig:
         None, "JSON file mapping each class name to its superclass's name: the target rows' superclass share (the "
         "students' comes from `richkd evaluate --superclasses`).", "Inputs")
     alpha: float = option(DEFAULT_ALPHA, "alpha of the fused-target row.", "Targets")
+    fuse: str | None = option(
+        None, "Weights of the fused-target row by source, as distill --fuse takes them (replaces --alpha).",
+        "Targets")
     clip_scale: str = option("raw", "CLIP scale of the fused-target row: raw, clip or a number.", "Targets")
     standardize: bool = option(False, "The fused-target row z-scores each source first (distill --standardize).",
                                "Targets")
@@ -483,8 +486,15 @@ class ReportConfig:
 
     def validate(self) -> None:
         require(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.fuse is not None:
+            parse_fuse(self.fuse)
         clip_scale_value(self.clip_scale, logit_scale=1.0)
         require((self.shifted_split is None) == (self.label_only is None),
                 "--shifted-split and --label-only go together: the preconditions need both")
         require(not (self.require_preconditions or self.preconditions_only) or self.shifted_split is not None,
                 "--require-preconditions and --preconditions-only need --shifted-split and --label-only")
+
+    @property
+    def fuse_weights(self) -> dict[str, float] | None:
+        """--fuse as {source: weight}, None without it."""
+        return None if self.fuse is None else parse_fuse(self.fuse)

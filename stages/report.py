@@ -32,7 +32,14 @@ from richkd.pipeline.corruptions import CATEGORIES, CORRUPTIONS
 from richkd.pipeline.errors import UserError, read_json
 from richkd.pipeline.metrics import percent, read_superclasses
 from richkd.pipeline.runtime import console, print_json
-from richkd.pipeline.targets import STANDARDIZED, SWEEP_FUSIONS, describe_overlap, target_quality
+from richkd.pipeline.targets import (
+    STANDARDIZED,
+    SWEEP_FUSIONS,
+    best_weightings,
+    describe_overlap,
+    target_quality,
+)
+from richkd.pipeline.variants import CLIP, TEACHER, describe_weights
 from richkd.stages.options import ReportConfig
 
 COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
@@ -103,20 +110,27 @@ def open_test_caches(config: ReportConfig) -> dict[str, CacheReader]:
 
 
 def fused_row_name(config: ReportConfig) -> str:
-    return f"fused targets (alpha {config.alpha}, {STANDARDIZED if config.standardize else config.clip_scale})"
+    weights = f"alpha {config.alpha}" if config.fuse is None else describe_weights(config.fuse_weights)
+    return f"fused targets ({weights}, {STANDARDIZED if config.standardize else config.clip_scale})"
+
+
+def source_row_name(reader: CacheReader, name: str) -> str:
+    """A cached source's row: `CLIP zero-shot (12 prompts)`, `clip_b16 zero-shot (12 prompts)`, `teacher2 (cached)`."""
+    if reader.sources[name].kind != "clip":
+        return f"{name} (cached)"
+    return f"{'CLIP' if name == CLIP else name} zero-shot ({len(reader.source_records[name]['templates'])} prompts)"
 
 
 def target_rows(config: ReportConfig, reader: CacheReader) -> tuple[dict[str, dict], dict]:
-    """CLIP and fused-target rows from a held-out cache, and everything measured on its targets."""
+    """A row for each cached source but the teacher (whose evaluation is its row) and the fused-target row, from a
+    held-out cache, and everything measured on its targets."""
     class_names = reader.attrs["dataset"]["class_names"]
     superclasses = read_superclasses(config.superclasses, class_names) if config.superclasses else None
     quality = target_quality(reader, alpha=config.alpha, clip_scale=config.clip_scale,
                              standardized=config.standardize, confidence_threshold=config.confidence_threshold,
-                             superclasses=superclasses)
-    rows = {
-        f"CLIP zero-shot ({len(reader.source_records['clip']['templates'])} prompts)": quality["clip"],
-        fused_row_name(config): quality["fused"],
-    }
+                             superclasses=superclasses, fuse=config.fuse_weights)
+    rows = {source_row_name(reader, name): metrics for name, metrics in quality["sources"].items() if name != TEACHER}
+    rows[fused_row_name(config)] = quality["fused"]
     return rows, quality
 
 
@@ -536,6 +550,19 @@ def overlap_text(quality: dict) -> str:
             f"{describe_overlap(quality['error_overlap'])}.")
 
 
+def weightings_section(sweep: list[dict], heading: str) -> str:
+    """The best weightings of a store's sources, by fusion, from target_quality's weight sweep."""
+    lines = ["| fusion | weights | top-1 | NLL | ECE |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {row['clip_scale']} | {describe_weights({n: w for n, w in row['weights'].items() if w > 0})} | "
+              f"{percent(row['top1'])} | {row['nll']:.3f} | {percent(row['ece'])} |" for row in best_weightings(sweep)]
+    return "\n\n".join([
+        f"{heading} Fused targets by weights",
+        "The best weightings of the cache's sources for each fusion (raw cosines, each CLIP at its own scale, every "
+        "source z-scored), of every weighting in steps of 0.1 that sums to 1, by top-1 then NLL.",
+        "\n".join(lines),
+    ])
+
+
 def split_sections(config: ReportConfig, report: SplitReport, out: Path, heading: str, suffix: str) -> list[str]:
     """The markdown of one split: its table, its paired differences and its figures (drawn into `out`, their file
     names ending in `suffix`)."""
@@ -551,12 +578,14 @@ def split_sections(config: ReportConfig, report: SplitReport, out: Path, heading
         plot_reliability(binned, estimates, out / figures["reliability"])
     figures["confidence"] = f"confidence{suffix}.png"
     plot_confidence(estimates, targets, config.confidence_threshold, out / figures["confidence"])
-    if report.quality is not None and report.quality["alpha_sweep"]:
+    if report.quality is not None and report.quality.get("alpha_sweep"):
         figures["alpha sweep"] = f"alpha_sweep{suffix}.png"
         plot_alpha_sweep(report.quality["alpha_sweep"], split, out / figures["alpha sweep"])
     sections = [markdown_table(estimates, targets)]
-    if report.quality is not None:
+    if report.quality is not None and "error_overlap" in report.quality:
         sections.append(overlap_text(report.quality))
+    if report.quality is not None and report.quality.get("weight_sweep"):
+        sections.append(weightings_section(report.quality["weight_sweep"], heading))
     if report.paired:
         sections.append(paired_section(report.pairs, report.paired, heading))
     sections += [f"![{name}]({file})" for name, file in figures.items()]
@@ -665,7 +694,8 @@ def run(config: ReportConfig) -> dict:
         sections += split_sections(config, report, out, heading, "" if number == 0 else f"_{split}")
     (out / "report.md").write_text("\n\n".join(sections) + "\n")
     summary = {"splits": {split: {"runs": report.estimates, "paired": report.paired,
-                                  **({"error_overlap": report.quality["error_overlap"]} if report.quality else {})}
+                                  **({"error_overlap": report.quality["error_overlap"]}
+                                     if report.quality and "error_overlap" in report.quality else {})}
                           for split, report in reports.items()}}
     if checks is not None:
         summary["preconditions"] = checks
