@@ -228,7 +228,7 @@ def test_a_torchrun_distill_step_has_the_gradients_of_one_process(tiny_world, tm
                  "--batch-size", "16"]
         assert torchrun(fused).returncode == 0
         objective = read_checkpoint(tmp_path / f"{variant}-{lam}" / "checkpoints" / "last.pt")[1]["objective"]
-        unused = "crd.embed_clip" if lam == "1" else "crd.embed_teacher"
+        unused = "crd.embeds.clip" if lam == "1" else "crd.embeds.teacher"
         assert not any(name.startswith(unused) for name in objective), variant
 
     # Resuming under torchrun ends where an uninterrupted torchrun run ends.

@@ -159,6 +159,13 @@ def test_every_row_names_tests_that_trigger_its_messages():
     (["train-clip", "--lr", "0"], "--lr must be positive, got 0.0"),
     (["train-clip", "--epochs", "1", "--warmup-epochs", "1"], "--warmup-epochs must be in [0, epochs), got 1"),
     (["report", "--alpha", "2"], "--alpha must be in [0, 1], got 2.0"),
+    (["distill", "--fuse", "teacher:0.5"],
+     "--fuse must be SOURCE=WEIGHT pairs separated by commas, such as teacher=0.5,clip=0.5; got 'teacher:0.5'"),
+    (["distill", "--fuse", "clip=0.5,clip=0.2"], "--fuse weighs source clip twice: give each source once"),
+    (["distill", "--fuse", "teacher=1,clip=-1"], "--fuse weights must be finite numbers of 0 or more, got clip=-1.0"),
+    (["report", "--fuse", "teacher=0,clip=0"], "--fuse needs a source with a weight above 0, got teacher 0, clip 0"),
+    (["distill", "--fuse", "teacher=1", "--lam", "0.5"], "--lam weighs the teacher's features against CLIP's; with "
+     "--fuse, CRD fuses the sources' features at the --fuse weights: leave --lam out"),
 ])
 def test_option_checks(argv, message, capsys):
     assert_user_error(argv, capsys, message)
