@@ -63,7 +63,8 @@ def online_epoch_seconds(root: Path, args) -> float:
     models = precompute.Models(teacher, dataset, clip, class_embeds, device)
     torch.manual_seed(0)
     student = create_model("resnet8x4", 100).to(memory_format=torch.channels_last)
-    crd = FusedCRD(student.feature_dim, teacher.feature_dim, class_embeds.shape[1], num_data=len(dataset), lam=0.7)
+    crd = FusedCRD(student.feature_dim, {"teacher": teacher.feature_dim, "clip": class_embeds.shape[1]},
+                   {"teacher": 0.7, "clip": 1 - 0.7}, num_data=len(dataset))
     optimizer = torch.optim.SGD([*student.parameters(), *crd.parameters()], lr=0.05, momentum=0.9,
                                 weight_decay=5e-4)
     params = reader.read("views/params", 0, reader.layout.samples, view=0)
@@ -79,12 +80,13 @@ def online_epoch_seconds(root: Path, args) -> float:
         targets = {name: values.clone() for name, values in models(views).items()}
         logits, features = student(normalize(views, dataset.mean, dataset.std).contiguous(
             memory_format=torch.channels_last))
-        fused = fuse_logits(targets["teacher/logits"], targets["clip/logits"], 0.7, 1.0)
+        fused = fuse_logits([(targets["teacher/logits"], 0.7, 1.0), (targets["clip/logits"], 1 - 0.7, 1.0)])
         negative = sample_negatives(labels.numpy(), np.arange(len(dataset)), dataset.labels, args.nce_k,
                                     negatives)
         contrast = torch.cat([indices[:, None], negative], dim=1)
         loss = (F.cross_entropy(logits, labels) + 3.0 * kd_loss(logits, fused, 3.0)
-                + 0.8 * crd(features, targets["teacher/features"], targets["clip/image_embeds"], indices, contrast))
+                + 0.8 * crd(features, {"teacher": targets["teacher/features"], "clip": targets["clip/image_embeds"]},
+                            indices, contrast))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -46,7 +46,7 @@ from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.streaming import HELD_CHUNKS, ShardStream, StoreRows
 from richkd.pipeline.training import make_optimizer
 from richkd.pipeline.training_options import TrainingOptions
-from richkd.stages.distill import DistillConfig
+from richkd.stages.distill import DistillConfig, cached_arrays
 
 PARAMS = 5
 CLASSES, SOURCES = IMAGENET_CLASSES, IMAGENET_SOURCES
@@ -214,7 +214,6 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=4096, help="distill --stream's shuffle buffer")
     args = parser.parse_args()
 
-    names = DistillConfig(variant="LF").cached_arrays()
     layouts = [imagenet_layout(samples, args.shard_size) for samples in args.sizes]
     workdir = Path(tempfile.mkdtemp(prefix="stream_scale_", dir=args.workdir))
     needed = [raw_nbytes(layout, tuple(store_arrays(layout, SOURCES))) for layout in layouts]
@@ -240,6 +239,7 @@ def main() -> None:
         for layout in layouts:
             store = workdir / f"imagenet_{layout.samples}.zarr"
             write_seconds = build_store(store, layout)
+            names = cached_arrays(DistillConfig(variant="LF"), CacheReader(str(store)))
             compression = store_nbytes(store) / raw_nbytes(layout, tuple(store_arrays(layout, SOURCES)))
             print(f"{layout.samples} samples: {layout.num_shards} shards, {store_nbytes(store) / GB:.2f} GB on disk "
                   f"({compression:.0%} of raw), written in {write_seconds:.0f} s; {load()}")

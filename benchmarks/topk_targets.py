@@ -88,9 +88,11 @@ def kl(reference: torch.Tensor, rebuilt: torch.Tensor, temperature: float) -> fl
 
 
 def fusion_and_targets(reader: CacheReader, samples: int) -> tuple[Fusion, dict[str, torch.Tensor]]:
-    """The fusion the table measures, and the stored arrays it reads of the first `samples` samples."""
+    """The fusion the table measures (alpha 0.7, CLIP at LOGIT_SCALE), and the stored arrays it reads of the first
+    `samples` samples."""
     layout = reader.layout
-    fusion = Fusion.of("L", 0.7, "clip", LOGIT_SCALE, topk=layout.topk, classes=layout.classes)
+    fusion = Fusion(((reader.source("teacher"), 0.7, 1.0), (reader.source("clip"), 1 - 0.7, LOGIT_SCALE)),
+                    topk=layout.topk, classes=layout.classes)
     return fusion, {name: as_tensor(reader.read(name, 0, samples, 0)) for name in fusion.arrays}
 
 

@@ -73,7 +73,7 @@ def test_every_variant_learns_from_the_cache(demo_cache, variant, capsys):
     logged = (run / "dvclive" / "plots" / "metrics" / "validation" / "top1.tsv").read_text().splitlines()
     assert len(logged) == 1 + 6
     run_info = json.loads((run / "run.json").read_text())
-    assert run_info["cache"]["teacher"]["arch"] == "wrn_16_1" and run_info["kind"] == "distill"
+    assert run_info["cache"]["sources"]["teacher"]["arch"] == "wrn_16_1" and run_info["kind"] == "distill"
 
 
 def test_report_compares_targets_and_students(demo_cache, tiny_world):
@@ -120,8 +120,8 @@ def test_teacher_shrink_is_kd_on_the_shrunk_teacher_logits_exactly(demo_cache):
     reader = CacheReader(str(root / "cache.zarr"))
     config = build_config(DistillConfig, "distill", overrides={
         "variant": "shrink", "alpha": 0.7, "temperature": 3.0, "cache": str(root / "cache.zarr")})
-    assert config.cached_arrays() == ("teacher/logits",)  # CLIP is never read
     objective = distill_objective(config, reader, None, 64, training_rows=np.arange(reader.layout.samples))
+    assert objective.targets.names == ("teacher/logits",)  # CLIP is never read
     _, order = objective.epoch_data(0, Part())
     indices = torch.from_numpy(order[:32])
     labels = torch.from_numpy(objective.targets.labels[order[:32]])
