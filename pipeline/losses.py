@@ -135,6 +135,16 @@ def contrast_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> tor
     return -(log_d1.sum() + log_d0) / batch
 
 
+def rename_source_embeddings(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints of richkd before its stores named their sources hold the teacher's and CLIP's embeddings as
+    `embed_teacher` and `embed_clip`: a run checkpointed then resumes with them as `embeds.teacher` and
+    `embeds.clip`."""
+    for source in ("teacher", "clip"):
+        old, new = f"{prefix}embed_{source}.", f"{prefix}embeds.{source}."
+        for key in [key for key in state_dict if key.startswith(old)]:
+            state_dict[new + key.removeprefix(old)] = state_dict.pop(key)
+
+
 class FusedCRD(nn.Module):
     """CRD between the student's embedding and the fused embedding of the sources' features of the same sample.
 
@@ -153,6 +163,7 @@ class FusedCRD(nn.Module):
         self.embed_student = Embed(student_dim, embed_dim)
         self.embeds = nn.ModuleDict({name: Embed(source_dims[name], embed_dim) for name in self.weights})
         self.memory = ContrastMemory(embed_dim, num_data, nce_temperature, momentum, generator)
+        self.register_load_state_dict_pre_hook(rename_source_embeddings)
 
     def fused_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """f_F of each source's features by name (those of sources whose weight is zero need not be given)."""

@@ -80,3 +80,17 @@ def test_memory_similarities_either_way(bank_size):
     contrast_index = torch.randint(0, bank_size, (8, 33), generator=generator)
     expected = torch.einsum("bkd,bd->bk", memory[contrast_index], values)
     torch.testing.assert_close(ContrastMemory._similarities(memory, values, contrast_index), expected)
+
+
+def test_crd_loads_the_embeddings_of_a_checkpoint_from_before_sources_had_names():
+    """Runs checkpointed when the embeddings were `embed_teacher` and `embed_clip` resume with them."""
+    def crd(seed: int) -> FusedCRD:
+        torch.manual_seed(seed)
+        return FusedCRD(6, {"teacher": 5, "clip": 4}, {"teacher": 0.7, "clip": 0.3}, num_data=10, embed_dim=3)
+
+    saved = {key.replace("embeds.", "embed_"): value for key, value in crd(0).state_dict().items()}
+    assert "embed_teacher.linear.weight" in saved
+    resumed = crd(1)
+    resumed.load_state_dict(saved)
+    for key, value in crd(0).state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
