@@ -277,7 +277,7 @@ def simplex_weights(names: list[str], steps: int = SWEEP_STEPS) -> list[dict[str
 
 def is_teacher_and_clip(reader: CacheReader) -> bool:
     """Whether the store holds the teacher and CLIP alone, whose fusion one weight, alpha, sweeps."""
-    return list(reader.sources) == [TEACHER, CLIP]
+    return set(reader.sources) == {TEACHER, CLIP}
 
 
 def describe_overlap(overlap: dict[str, float]) -> str:
