@@ -118,7 +118,7 @@ def logit_fusion(config: DistillConfig, reader: CacheReader) -> Fusion | None:
 
 def crd_weights(config: DistillConfig, reader: CacheReader) -> dict[str, float]:
     """Each source's weight in CRD's fused embedding, in store order, those of weight 0 left out; empty without a
-    feature loss. A source of weight that stores no features is an error."""
+    feature loss. A weighted source that stores no features is an error."""
     if not config.uses_features:
         return {}
     weights = store_weights(reader, feature_weights(config.fuse_weights, config.feature_lam))
