@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from synthetic import write_synthetic_cifar100, write_teacher
 
 from richkd.cache.reader import CacheReader
-from richkd.pipeline.clip import load_clip
 from richkd.pipeline.config import build_config
 from richkd.pipeline.data import normalize
 from richkd.pipeline.datasets import open_dataset
@@ -34,7 +33,6 @@ from richkd.pipeline.fusion import fuse_logits
 from richkd.pipeline.loading import LabelledViews, data_loader
 from richkd.pipeline.losses import FusedCRD, kd_loss
 from richkd.pipeline.models import create_model
-from richkd.pipeline.prompts import zero_shot_classifier
 from richkd.pipeline.views import policy_from_description
 from richkd.stages import distill, precompute, train
 from richkd.stages.distill import sample_negatives
@@ -57,13 +55,16 @@ def online_epoch_seconds(root: Path, args) -> float:
     device = torch.device("cpu")
     dataset = open_dataset("cifar100", root / "data", "train")
     reader = CacheReader(str(root / "cache.zarr"))
-    teacher = create_model("resnet32x4", 100).eval()
-    clip = load_clip(args.clip, "random")
-    class_embeds, _ = zero_shot_classifier(clip, [f"class {i}" for i in range(100)], ["a photo of a {}"])
-    models = precompute.Models(teacher, dataset, clip, class_embeds, device)
+    # Loaded as precompute loads them (the one-template file precompute used).
+    config = build_config(precompute.PrecomputeConfig, "precompute", overrides={
+        "templates": str(root / "templates.txt"), "teacher_checkpoint": str(root / "teacher.pth")})
+    teacher = precompute.classifier_model("teacher", "resnet32x4", str(root / "teacher.pth"), "auto", dataset, "all",
+                                          device)
+    clip = precompute.clip_model("clip", args.clip, "random", config, dataset, device)
+    models = precompute.Models([teacher, clip], device)
     torch.manual_seed(0)
     student = create_model("resnet8x4", 100).to(memory_format=torch.channels_last)
-    crd = FusedCRD(student.feature_dim, {"teacher": teacher.feature_dim, "clip": class_embeds.shape[1]},
+    crd = FusedCRD(student.feature_dim, {"teacher": teacher.source.dim, "clip": clip.source.dim},
                    {"teacher": 0.7, "clip": 1 - 0.7}, num_data=len(dataset))
     optimizer = torch.optim.SGD([*student.parameters(), *crd.parameters()], lr=0.05, momentum=0.9,
                                 weight_decay=5e-4)
