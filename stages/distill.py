@@ -116,15 +116,23 @@ def logit_fusion(config: DistillConfig, reader: CacheReader) -> Fusion | None:
     return Fusion.of(reader, config.variant, weights, config.clip_scale, config.standardize)
 
 
-def crd_weights(config: DistillConfig, reader: CacheReader) -> dict[str, float]:
-    """Each source's weight in CRD's fused embedding, in store order, those of weight 0 left out; empty without a
-    feature loss. A weighted source that stores no features is an error."""
+def crd_weights(config: DistillConfig, reader: CacheReader, announce: bool = False) -> dict[str, float]:
+    """Each source's weight in CRD's fused embedding, in store order: the weighted sources that store features (the
+    others are left out, said when `announce`); empty without a feature loss. None of them storing features is an
+    error."""
     if not config.uses_features:
         return {}
     weights = store_weights(reader, feature_weights(config.fuse_weights, config.feature_lam))
-    weights = {name: weight for name, weight in weights.items() if weight > 0}
-    require_features(reader, weights, f"variant {config.variant}", "use variant L, or precompute with --outputs all")
-    return weights
+    weighted = [name for name, weight in weights.items() if weight > 0]
+    featured = {name: weights[name] for name in weighted if reader.sources[name].features}
+    if not featured:
+        require_features(reader, weighted, f"variant {config.variant}",
+                         "use variant L, or precompute with --outputs all")
+    if announce and len(featured) < len(weighted):
+        logits_only = [name for name in weighted if name not in featured]
+        console.print(f"CRD fuses the features of {', '.join(featured)}: {', '.join(logits_only)} "
+                      f"{'stores' if len(logits_only) == 1 else 'store'} logits only (precompute --outputs logits)")
+    return featured
 
 
 def cached_arrays(config: DistillConfig, reader: CacheReader) -> tuple[str, ...]:
@@ -140,7 +148,7 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
     """The objective of `config`'s run on `reader`'s targets; `rows`, `training_rows`, `shards` and `policy` as
     EpochTargets takes them."""
     layout = reader.layout
-    fusion, features = logit_fusion(config, reader), crd_weights(config, reader)
+    fusion, features = logit_fusion(config, reader), crd_weights(config, reader, announce=True)
     targets = EpochTargets(reader, cached_arrays(config, reader), rows, training_rows,
                            parse_size(config.cache_memory), config.seed, config.epochs, shards, policy,
                            config.num_workers, config.shuffle_buffer)

@@ -146,16 +146,18 @@ def test_the_api_fuses_by_name_and_serves_the_weighted_sources_features(tiny_wor
 
 def test_what_a_logits_only_source_lacks_is_refused(tiny_world, stores, tmp_path, capsys):
     _, logits_only = stores
-    assert_user_error(distill_args(tiny_world, logits_only, tmp_path / "f", "--variant", "F", "--fuse", FUSE), capsys,
-                      "variant F needs the features of clip_b16, but cache",
-                      "stores its logits only (precompute --outputs logits): use variant L, or precompute with "
-                      "--outputs all")
-    # A store of logits alone: the teacher's features are what CRD at alpha weighs first.
+    # CRD fuses the features of the sources that have them.
+    assert run_cli(distill_args(tiny_world, logits_only, tmp_path / "f", "--variant", "F", "--fuse", FUSE)) == 0
+    assert ("CRD fuses the features of teacher, clip: clip_b16 stores logits only (precompute --outputs logits)"
+            in " ".join(capsys.readouterr().err.split()))
+    # A store of logits alone: none has features, the teacher's are what CRD at alpha weighs first.
     logits_alone = tmp_path / "logits_alone.zarr"
     assert run_cli(tiny_world.precompute_args(logits_alone, "--outputs", "logits")) == 0
     capsys.readouterr()
     assert_user_error(distill_args(tiny_world, logits_alone, tmp_path / "alone", "--variant", "LF"), capsys,
-                      "variant LF needs the features of teacher, but cache")
+                      "variant LF needs the features of teacher, but cache",
+                      "stores its logits only (precompute --outputs logits): use variant L, or precompute with "
+                      "--outputs all")
     with pytest.raises(UserError, match=re.escape("CachedTargets(features=True) needs the features of clip_b16")):
         CachedTargets(str(logits_only), "cifar100", str(tiny_world.data_root), fuse=WEIGHTS, features=True)
     # Its logits fuse; the features of the sources that have them serve CRD.
