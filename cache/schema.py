@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,14 +28,6 @@ VIEW_PARAMS = "views/params"
 DONE = "progress/done"
 
 PRECISIONS = ("float16", "float32")
-# A conventional classifier (logits, pooled features) or a CLIP (zero-shot cosines over its prompt ensemble, image
-# embeddings, class and prompt embeddings).
-SOURCE_KINDS = ("classifier", "clip")
-# What a source stores per view: `all` its logits and features, `logits` its logits alone.
-OUTPUTS = ("all", "logits")
-SOURCE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
-# Names taken by the store's own arrays and groups.
-RESERVED_NAMES = ("labels", "keys", "views", "progress", "sources")
 
 # Provenance sections that must agree for a run to continue an existing store (each written source's record, too).
 IDENTITY_SECTIONS = ("layout", "dataset", "views")
@@ -54,14 +45,6 @@ def stored_arrays(names: tuple[str, ...], topk: int) -> tuple[str, ...]:
     """The arrays that hold the per-view arrays `names` in a store of `topk` (a logit array's top-k pair if > 0)."""
     return tuple(stored for name in names
                  for stored in (topk_arrays(name) if topk and name.endswith("/logits") else (name,)))
-
-
-def require_source_name(name: str) -> None:
-    from richkd.pipeline.errors import UserError
-
-    if not SOURCE_NAME.fullmatch(name) or name in RESERVED_NAMES:
-        raise UserError(f"source name '{name}' must be lower-case letters, digits and _, starting with a letter (at "
-                        f"most 40), and none of {', '.join(RESERVED_NAMES)}")
 
 
 @dataclass(frozen=True)
@@ -135,10 +118,10 @@ class Source:
     schema-1 store's two sources share `progress/done`)."""
 
     name: str
-    kind: str
+    kind: str  # classifier or clip
     dim: int  # features' (embeddings') size
     prompts: int = 0  # a CLIP's prompt templates
-    outputs: str = "all"
+    outputs: str = "all"  # all: logits and features; logits: logits alone
     done: str = ""  # its flags' array, when not `<name>/done`
 
     FIELDS = ("kind", "dim", "prompts", "outputs")

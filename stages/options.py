@@ -6,6 +6,7 @@ only the code it runs); a check that needs the code behind an option imports it 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from richkd.pipeline.config import (
@@ -25,13 +26,15 @@ from richkd.pipeline.config import (
 )
 from richkd.pipeline.runtime import parse_part, torchrun_part
 from richkd.pipeline.training_options import TrainingOptions
-from richkd.pipeline.variants import DEFAULT_ALPHA, VARIANTS, clip_scale_value, parse_fuse
+from richkd.pipeline.variants import CLIP, DEFAULT_ALPHA, TEACHER, VARIANTS, clip_scale_value, parse_fuse
 
-# A source's kinds, and what a source stores per view (`richkd.cache.schema` holds the same lists).
+# A source of a store: a conventional classifier (logits, pooled features) or a CLIP (zero-shot cosines over its
+# prompt ensemble, image embeddings, class and prompt embeddings); what it stores per view, all or its logits alone.
 SOURCE_KINDS = ("classifier", "clip")
 OUTPUTS = ("all", "logits")
-# The names precompute gives its own teacher and CLIP.
-BASE_SOURCES = ("teacher", "clip")
+SOURCE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+# Names taken by the store's own arrays and groups.
+RESERVED_NAMES = ("labels", "keys", "views", "progress", "sources")
 # pack's image encodings.
 PACK_FORMATS = ("png", "original")
 # Each --logit-loss's weight unless --logit-weight is given: DKD carries its own alpha and beta, so it is weighted 1
@@ -151,9 +154,9 @@ class SourceSpec:
                 f"{flag} takes NAME=clip:MODEL[@WEIGHTS] or NAME=classifier:ARCH@CHECKPOINT, got '{text}'")
         require(kind == "clip" or weights is not None,
                 f"{flag} {text}: a classifier needs its checkpoint, as {name}=classifier:{model}@CHECKPOINT")
-        from richkd.cache.schema import require_source_name  # with the store's code, which the command runs
-
-        require_source_name(name)
+        require(SOURCE_NAME.fullmatch(name) is not None and name not in RESERVED_NAMES,
+                f"source name '{name}' must be lower-case letters, digits and _, starting with a letter (at most 40), "
+                f"and none of {', '.join(RESERVED_NAMES)}")
         return cls(name, kind, model, weights)
 
 
@@ -241,7 +244,7 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
         names = [spec.name for spec in self.source_specs()]
         repeated = next((name for name in names if names.count(name) > 1), None)
         require(repeated is None, f"source name {repeated} is given twice: each source needs a name of its own")
-        taken = next((name for name in names if name in BASE_SOURCES and not self.add_source), None)
+        taken = next((name for name in names if name in (TEACHER, CLIP) and not self.add_source), None)
         require(taken is None, f"--source {taken}: teacher and clip name precompute's own teacher and CLIP; give "
                 "the source another name")
         require_positive(self.lock_timeout, "--lock-timeout")
