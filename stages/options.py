@@ -187,7 +187,7 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
     out: str = option("cache/teachers.zarr", "The store to write (a path or fsspec URL).", "Store")
     dtype: str = option("float16", "Precision of stored logits and features: float16 or float32.", "Store")
     topk: int = option(
-        0, "Store only the K largest logits of the teacher and of CLIP per view, with their class ids and one value "
+        0, "Store only the K largest logits of each source per view, with their class ids and one value "
         "for every other class (their mass spread evenly): about C/K times smaller logits (0: every logit).",
         "Store")
     topk_temperature: float = option(
@@ -197,7 +197,7 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
     overwrite: bool = option(False, "Replace an existing store made with another configuration.", "Store")
     outputs: str = option(
         "all", "What each source written stores per view: all (logits and features) or logits (all the L, shrink "
-        "and clip variants read: a fraction of the size; F and LF then cannot use the source).", "Store")
+        "and clip variants read: a fraction of the size; F and LF leave the source out of CRD).", "Store")
     source: list[str] = option(
         [], "More sources to write beside the teacher and CLIP, in one pass over the images: NAME=clip:MODEL[@WEIGHTS] "
         "(an open_clip model and its pretrained tag or checkpoint, prompted as --templates and --class-names say) or "

@@ -299,6 +299,7 @@ class Job:
     announce: tuple[str, ...]
     lock_scope: str = ""
     tar_urls: list[str] | None = None
+    adds_sources: bool = False
 
 
 def run(config: PrecomputeConfig) -> PrecomputeResult:
@@ -338,6 +339,10 @@ def run(config: PrecomputeConfig) -> PrecomputeResult:
             locks.close()
         barrier()
         main = is_main_process()  # asked while the process group still exists
+        if job.adds_sources and main:
+            # Commands adding other sources at the same time each rewrite the root attributes, and one may have
+            # lost another's record: each records its sources again once its blocks are written.
+            job.open_then()
     done = writer.done()
     unwritten = [(view, shard) for view, shard in owned if not done[view, shard]]
     if unwritten:
@@ -432,7 +437,7 @@ def added_sources_job(config: PrecomputeConfig, device: torch.device) -> Job:
     sample_views = StoredViews(dataset, policy, config.out, layout, None if rows is None else np.argsort(rows))
     return Job(layout, Models(models, device), sample_views, open_writer, lambda: CacheWriter.add(
         config.out, sources, records), (policy_summary(policy, dataset.native_size),),
-        lock_scope="+".join(spec.name for spec in specs))
+        lock_scope="+".join(spec.name for spec in specs), adds_sources=True)
 
 
 def run_record(config: PrecomputeConfig) -> dict:

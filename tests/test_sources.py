@@ -25,6 +25,8 @@ from richkd.cache.reader import CacheReader
 from richkd.cli import run_cli
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.models import create_model
+from richkd.stages import precompute
+from richkd.stages.precompute import write_shards
 
 SCHEMA_ONE = FIXTURES / "schema1"
 
@@ -175,7 +177,7 @@ def test_bad_sources_are_refused(tiny_world, tmp_path, capsys, extra, message):
     assert_user_error(tiny_world.precompute_args(tmp_path / "cache.zarr", *extra), capsys, message)
 
 
-def test_sources_are_added_only_to_a_finished_store(tiny_world, tmp_path, capsys):
+def test_sources_are_added_only_to_a_finished_store(tiny_world, tmp_path, capsys, monkeypatch):
     store = tmp_path / "cache.zarr"
     add = ["--add-source", f"b=clip:{TINY_CLIP}@{tiny_world.clip_checkpoint}"]
     assert_user_error(tiny_world.precompute_args(store, *add), capsys, f"no cache store at {store} to add sources to: "
@@ -186,6 +188,18 @@ def test_sources_are_added_only_to_a_finished_store(tiny_world, tmp_path, capsys
     capsys.readouterr()
     assert_user_error(tiny_world.precompute_args(store, "--source", add[1]), capsys, f"cache {store} has no source b: "
                       "add it to the finished store with --add-source")
+
+    # Another command adding another source at the same time rewrites the root attributes without this one's record:
+    # the record is written again once the blocks are.
+    def write_shards_then_lose_the_record(*args):
+        write_shards(*args)
+        group = zarr.open_group(store, mode="r+")
+        group.attrs["sources"] = {name: record for name, record in group.attrs["sources"].items() if name != "b"}
+
+    monkeypatch.setattr(precompute, "write_shards", write_shards_then_lose_the_record)
+    assert run_cli(tiny_world.precompute_args(store, *add)) == 0
+    assert list(CacheReader(str(store)).sources) == ["teacher", "clip", "b"]
+    monkeypatch.undo()
     zarr.open_group(store, mode="r+")["progress/done"][1, 2] = False
     capsys.readouterr()
     assert_user_error(tiny_world.precompute_args(store, *add), capsys, f"cache {store} is unfinished: finish it with "
