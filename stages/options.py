@@ -241,6 +241,8 @@ class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOp
         require(not (self.add_source and self.source), "--source writes sources into a new store and --add-source "
                 "into a finished one: give one of them")
         require(not (self.add_source and self.stream), "--add-source reads the images by index: leave out --stream")
+        require(not (self.add_source and self.overwrite), "--overwrite replaces a whole store, and --add-source keeps "
+                "it: add a source made otherwise under another name")
         names = [spec.name for spec in self.source_specs()]
         repeated = next((name for name in names if names.count(name) > 1), None)
         require(repeated is None, f"source name {repeated} is given twice: each source needs a name of its own")

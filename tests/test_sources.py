@@ -169,6 +169,9 @@ def test_a_logits_only_store_holds_no_features(tiny_world, tmp_path):
     (["--add-source", "b=clip:ViT-B-16@openai", "--stream", "--dataset", "webdataset"],
      "--add-source reads the images by index: leave out --stream"),
     (["--outputs", "some"], "--outputs must be all or logits, got 'some'"),
+    (["--add-source", "b=clip:ViT-B-16@openai", "--overwrite"], "--overwrite replaces a whole store, and --add-source "
+                                                                "keeps it: add a source made otherwise under another "
+                                                                "name"),
     (["--source", f"b=clip:{TINY_CLIP}"], "source b: give the weights of CLIP richkd-test-tiny, as "
                                           "b=clip:richkd-test-tiny@TAG"),
     (["--source", "b=classifier:resnet8@missing.pth"], "source b's checkpoint missing.pth does not exist"),
