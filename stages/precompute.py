@@ -112,7 +112,7 @@ class StoredViews(SampleViews):
     samples in the order `sample_of_row` (None: the store's). Each process reads one shard's parameters at a time."""
 
     def __init__(self, dataset: ImageDataset, policy, url: str, layout: Layout, sample_of_row: np.ndarray | None):
-        super().__init__(dataset, policy, seed=0, views=layout.views)
+        super().__init__(dataset, policy, seed=0, views=layout.views)  # no seed: the parameters are read, not drawn
         self.url, self.layout, self.sample_of_row = url, layout, sample_of_row
         self.reader: CacheReader | None = None  # opened in the process that reads (a loader worker)
         self.shard, self.shard_params = -1, None
