@@ -46,7 +46,7 @@ from richkd.pipeline.seeding import ORDER, seeded_generator
 from richkd.pipeline.streaming import HELD_CHUNKS, ShardStream, StoreRows
 from richkd.pipeline.training import make_optimizer
 from richkd.pipeline.training_options import TrainingOptions
-from richkd.stages.distill import DistillConfig, cached_arrays
+from richkd.stages.distill import DistillConfig, cached_arrays, crd_weights, logit_fusion
 
 PARAMS = 5
 CLASSES, SOURCES = IMAGENET_CLASSES, IMAGENET_SOURCES
@@ -239,7 +239,8 @@ def main() -> None:
         for layout in layouts:
             store = workdir / f"imagenet_{layout.samples}.zarr"
             write_seconds = build_store(store, layout)
-            names = cached_arrays(DistillConfig(variant="LF"), CacheReader(str(store)))
+            config, reader = DistillConfig(variant="LF"), CacheReader(str(store))
+            names = cached_arrays(logit_fusion(config, reader), crd_weights(config, reader), reader)
             compression = store_nbytes(store) / raw_nbytes(layout, tuple(store_arrays(layout, SOURCES)))
             print(f"{layout.samples} samples: {layout.num_shards} shards, {store_nbytes(store) / GB:.2f} GB on disk "
                   f"({compression:.0%} of raw), written in {write_seconds:.0f} s; {load()}")

@@ -23,7 +23,7 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 
 # Arrays every store holds beside its sources; `progress/done` flags the views' parameters (in schema 1, everything).
-STATIC_ARRAYS = ("labels", "keys")
+PER_SAMPLE_ARRAYS = ("labels", "keys")
 VIEW_PARAMS = "views/params"
 DONE = "progress/done"
 

@@ -33,6 +33,7 @@ import webdataset
 from torch.utils.data import IterableDataset, get_worker_info
 
 from richkd.cache.reader import CacheReader, KeyIndex, as_tensor
+from richkd.cache.schema import PER_SAMPLE_ARRAYS, VIEW_PARAMS
 from richkd.pipeline.data import ImageDataset
 from richkd.pipeline.errors import UserError
 from richkd.pipeline.runtime import Part
@@ -40,8 +41,6 @@ from richkd.pipeline.seeding import ORDER, SHUFFLE, seeded_generator
 from richkd.pipeline.shards import decode_image, shard_starts, stream_shard
 from richkd.pipeline.views import image_for_views, sample_view
 
-PER_SAMPLE_ARRAYS = ("labels", "keys")
-VIEW_PARAMS = "views/params"
 # Store chunks a loader process keeps: the one being read and a few behind it, which the samples still
 # in flight from a shard boundary may need.
 HELD_CHUNKS = 4

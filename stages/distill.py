@@ -135,12 +135,11 @@ def crd_weights(config: DistillConfig, reader: CacheReader, announce: bool = Fal
     return featured
 
 
-def cached_arrays(config: DistillConfig, reader: CacheReader) -> tuple[str, ...]:
-    """The per-view arrays `config`'s run reads from `reader`'s store, as the store holds them: z_F's logits (a top-k
-    store's pairs), then the features CRD fuses; nothing a zero weight makes irrelevant."""
-    fusion = logit_fusion(config, reader)
-    features = tuple(reader.sources[name].features for name in crd_weights(config, reader))
-    return (fusion.arrays if fusion is not None else ()) + features
+def cached_arrays(fusion: Fusion | None, crd_sources: dict[str, float], reader: CacheReader) -> tuple[str, ...]:
+    """The per-view arrays a run of `fusion` (`logit_fusion`) and CRD over `crd_sources` (`crd_weights`) reads from
+    `reader`'s store, as the store holds them: z_F's logits (a top-k store's pairs), then the features CRD fuses;
+    nothing a zero weight makes irrelevant."""
+    return (fusion.arrays if fusion is not None else ()) + tuple(reader.sources[name].features for name in crd_sources)
 
 
 def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarray | None, student_dim: int,
@@ -149,7 +148,7 @@ def distill_objective(config: DistillConfig, reader: CacheReader, rows: np.ndarr
     EpochTargets takes them."""
     layout = reader.layout
     fusion, features = logit_fusion(config, reader), crd_weights(config, reader, announce=True)
-    targets = EpochTargets(reader, cached_arrays(config, reader), rows, training_rows,
+    targets = EpochTargets(reader, cached_arrays(fusion, features, reader), rows, training_rows,
                            parse_size(config.cache_memory), config.seed, config.epochs, shards, policy,
                            config.num_workers, config.shuffle_buffer)
     if fusion is not None and layout.topk and config.temperature != layout.topk_temperature:

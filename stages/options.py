@@ -160,6 +160,17 @@ class SourceSpec:
         return cls(name, kind, model, weights)
 
 
+class FuseWeights:
+    """A command whose `fuse` option weighs the store's sources by name (distill, report)."""
+
+    fuse: str | None
+
+    @property
+    def fuse_weights(self) -> dict[str, float] | None:
+        """--fuse as {source: weight}, None without it."""
+        return None if self.fuse is None else parse_fuse(self.fuse)
+
+
 @dataclass
 class PrecomputeConfig(StreamOptions, NormalizeOptions, ViewOptions, ExecutionOptions):
     stream: bool = option(
@@ -314,7 +325,7 @@ class LossOptions(Options):
 
 
 @dataclass
-class DistillConfig(LossOptions, TrainingOptions):
+class DistillConfig(LossOptions, TrainingOptions, FuseWeights):
     cache: str = option("cache/teachers.zarr", "The cache store written by `richkd precompute`.", "Cache")
     cache_memory: str = option(
         "4GiB", "Memory for cached targets: views that fit are read whole, larger ones streamed.", "Cache")
@@ -371,12 +382,6 @@ class DistillConfig(LossOptions, TrainingOptions):
     @property
     def uses_features(self) -> bool:
         return VARIANTS[self.variant].features and self.feature_weight > 0
-
-    @property
-    def fuse_weights(self) -> dict[str, float] | None:
-        """--fuse as {source: weight}, None without it."""
-        return None if self.fuse is None else parse_fuse(self.fuse)
-
 
 @dataclass
 class EvaluateConfig(StreamOptions, NormalizeOptions, ExecutionOptions):
@@ -444,7 +449,7 @@ class EvaluateConfig(StreamOptions, NormalizeOptions, ExecutionOptions):
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(FuseWeights):
     evals: list[str] = option(
         ["evals"], "Folders of `richkd evaluate --output` JSON files, one per run; each file goes to the tables of the "
         "split it records, so one folder a split (e.g. evals/test and evals/shifted).", "Inputs")
@@ -498,8 +503,3 @@ class ReportConfig:
                 "--shifted-split and --label-only go together: the preconditions need both")
         require(not (self.require_preconditions or self.preconditions_only) or self.shifted_split is not None,
                 "--require-preconditions and --preconditions-only need --shifted-split and --label-only")
-
-    @property
-    def fuse_weights(self) -> dict[str, float] | None:
-        """--fuse as {source: weight}, None without it."""
-        return None if self.fuse is None else parse_fuse(self.fuse)

@@ -245,7 +245,7 @@ class ClipModel:
         with autocast(device):
             image_embeds = self.clip.encode_images(inputs)
         image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-        return image_embeds @ self.class_embeds.to(device).T, image_embeds
+        return image_embeds @ self.class_embeds.T, image_embeds  # the class embeddings were made on the device
 
 
 class Models:
